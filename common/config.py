@@ -1,0 +1,170 @@
+"""Typed configuration for every service: defaults <- YAML file <- environment (LLMSERVE_<SECTION>__<FIELD>).
+
+Read only at entry points (`python -m llmserve.<service>`, the launcher, the CLI); services receive the dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+ENV_PREFIX = "LLMSERVE_"
+
+
+@dataclass
+class EtcdConfig:
+    host: str = "127.0.0.1"  # etcd client host
+    port: int = 2379  # etcd client port
+    prefix: str = "/llmserve"  # every key of this mesh lives under it
+    timeout_s: float = 3.0  # per-call timeout
+
+
+@dataclass
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"  # response cache and usage counters; losing it never stops serving
+    timeout_s: float = 0.25  # per-call timeout; past it the call counts as a Redis failure
+    max_connections: int = 64  # connection pool size (a blocking pool: callers wait, never fail)
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"  # listen address of the public gRPC API
+    port: int = 50051  # public gRPC port
+    metrics_port: int = 9400  # Prometheus /metrics (0 disables it)
+    scheduler_address: str = "127.0.0.1:50052"  # where the scheduler listens
+    response_cache_ttl_s: int = 3600  # lifetime of a cached deterministic response
+    default_completion_max_tokens: int = 16  # max_tokens when a completion request has none (as OpenAI)
+    default_chat_max_tokens: int = 256  # max_tokens when a chat request has none
+    max_n: int = 16  # largest `n`
+    max_prompts: int = 64  # largest batch of prompts in one completion request
+    max_embedding_inputs: int = 2048  # largest batch of texts in one embeddings request
+    max_stop: int = 4  # most stop strings
+
+
+@dataclass
+class SchedulerConfig:
+    host: str = "127.0.0.1"  # listen address
+    port: int = 50052  # gRPC port
+    metrics_port: int = 9401  # Prometheus /metrics (0 disables it)
+    max_queue_per_model: int = 4096  # queued tasks per model beyond which new ones get RESOURCE_EXHAUSTED
+    aging_s: float = 2.0  # a waiting task climbs one priority class per this many seconds, so none starves
+
+
+@dataclass
+class WorkerConfig:
+    host: str = "127.0.0.1"  # listen address
+    port: int = 50061  # gRPC port
+    metrics_port: int = 9402  # Prometheus /metrics (0 disables it)
+    worker_id: str = ""  # unique id; default "<hostname>-<port>"
+    advertise_address: str = ""  # address the scheduler dials; default host:port
+    models: list[str] = field(default_factory=list)  # registry versions this worker serves
+    model_cache_dir: str = ".llmserve/models"  # de-quantized weights are cached here
+    device: str = "cpu"  # torch device ("cpu", "cuda", "cuda:1")
+    dtype: str = "float32"  # torch dtype of generation models
+    max_num_seqs: int = 16  # sequences batched together per generation model
+    num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    lease_ttl_s: int = 5  # registration lease in etcd; refreshed every third of it
+    load_report_interval_s: float = 1.0  # periodic load report on each scheduler stream
+
+
+@dataclass
+class RegistryConfig:
+    host: str = "127.0.0.1"  # listen address of the admin service
+    port: int = 50053  # gRPC port
+    metrics_port: int = 9403  # Prometheus /metrics (0 disables it)
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"  # debug, info, warning, error
+    json: bool = True  # JSON lines (false: human-readable console)
+
+
+@dataclass
+class TelemetryConfig:
+    otlp_endpoint: str = ""  # OTLP/gRPC collector for traces; empty disables tracing export
+
+
+@dataclass
+class MeshConfig:
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def validate(self) -> "MeshConfig":
+        for section in ("gateway", "scheduler", "worker", "registry"):
+            cfg = getattr(self, section)
+            if not 0 <= cfg.port <= 65535:
+                raise ValueError(f"{section}.port={cfg.port} must be in [0, 65535]")
+        if self.worker.max_num_seqs < 1:
+            raise ValueError(f"worker.max_num_seqs={self.worker.max_num_seqs} must be >= 1")
+        if self.worker.lease_ttl_s < 2:
+            raise ValueError(f"worker.lease_ttl_s={self.worker.lease_ttl_s} must be >= 2")
+        if self.gateway.response_cache_ttl_s < 0:
+            raise ValueError(f"gateway.response_cache_ttl_s={self.gateway.response_cache_ttl_s} must be >= 0")
+        return self
+
+
+def _coerce(value: typing.Any, annotation: str, where: str) -> typing.Any:
+    try:
+        if annotation == "bool":
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation == "int":
+            return int(value)
+        if annotation == "float":
+            return float(value)
+        if annotation.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return [str(v) for v in value]
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: cannot read {value!r} as {annotation}") from None
+
+
+def _apply(section: typing.Any, values: dict[str, typing.Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"{where}.{key}: unknown setting; known: {', '.join(sorted(fields))}")
+        setattr(section, key, _coerce(value, str(fields[key].type), f"{where}.{key}"))
+
+
+def load_config(path: str | os.PathLike | None = None, env: typing.Mapping[str, str] | None = None) -> MeshConfig:
+    """Defaults, then the YAML file (if any), then LLMSERVE_<SECTION>__<FIELD> variables."""
+    env = os.environ if env is None else env
+    config = MeshConfig()
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections")
+        for name, values in data.items():
+            if not hasattr(config, name) or not dataclasses.is_dataclass(getattr(config, name)):
+                raise ValueError(f"{path}: unknown section {name!r}")
+            _apply(getattr(config, name), values or {}, f"{path}:{name}")
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section_name, _, field_name = key[len(ENV_PREFIX):].lower().partition("__")
+        section = getattr(config, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ValueError(f"{key}: unknown section {section_name!r}")
+        _apply(section, {field_name: value}, key)
+    return config.validate()

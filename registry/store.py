@@ -1,0 +1,192 @@
+"""The etcd-backed registry: model versions, aliases with traffic splits, API keys and worker membership.
+
+Layout under the configured prefix (values are protobuf JSON, readable with etcdctl):
+  registry/versions/<version>  ModelVersion
+  registry/aliases/<name>      Alias
+  keys/<sha256 of key>         ApiKey
+  workers/<worker_id>          WorkerInfo (attached to the worker's lease)
+The registry service writes versions and aliases; everyone else reads through watchers (RegistryView).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import secrets
+import time
+import typing
+import zlib
+
+import aetcd
+from google.protobuf import json_format
+
+from llmserve.admin.v1 import keys_pb2, registry_pb2
+from llmserve.common.etcd import PrefixWatcher
+from llmserve.dispatch.v1 import worker_pb2
+
+M = typing.TypeVar("M")
+
+KEY_PREFIX = "lls_"
+
+
+def encode(message) -> bytes:
+    return json_format.MessageToJson(message, indent=None, sort_keys=True).encode()
+
+
+def decoder(cls: type[M]) -> typing.Callable[[bytes], M]:
+    def decode(data: bytes) -> M:
+        return json_format.Parse(data, cls(), ignore_unknown_fields=True)
+    return decode
+
+
+def hash_key(key: str) -> str:
+    # Keys are 256 bits of randomness, so a fast unsalted hash is safe to store (as GitHub/Stripe tokens are).
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Paths:
+    def __init__(self, prefix: str):
+        root = prefix.rstrip("/")
+        self.versions = f"{root}/registry/versions/"
+        self.aliases = f"{root}/registry/aliases/"
+        self.keys = f"{root}/keys/"
+        self.workers = f"{root}/workers/"
+
+
+class RegistryStore:
+    """Reads and writes of registry records. Validation is the registry service's job."""
+
+    def __init__(self, client: aetcd.Client, prefix: str):
+        self.client = client
+        self.paths = Paths(prefix)
+
+    async def get_version(self, version: str) -> registry_pb2.ModelVersion | None:
+        kv = await self.client.get((self.paths.versions + version).encode())
+        return decoder(registry_pb2.ModelVersion)(kv.value) if kv else None
+
+    async def list_versions(self) -> list[registry_pb2.ModelVersion]:
+        decode = decoder(registry_pb2.ModelVersion)
+        return sorted((decode(kv.value) for kv in await self.client.get_prefix(self.paths.versions.encode())),
+                      key=lambda v: v.version)
+
+    async def put_version(self, version: registry_pb2.ModelVersion) -> None:
+        await self.client.put((self.paths.versions + version.version).encode(), encode(version))
+
+    async def create_version(self, version: registry_pb2.ModelVersion) -> bool:
+        """Writes the version only if absent (atomic). Returns False when it already exists."""
+        key = (self.paths.versions + version.version).encode()
+        txn = self.client.transactions
+        ok, _ = await self.client.transaction(
+            compare=[txn.version(key) == 0], success=[txn.put(key, encode(version))], failure=[])
+        return ok
+
+    async def delete_version(self, version: str) -> None:
+        await self.client.delete((self.paths.versions + version).encode())
+
+    async def get_alias(self, name: str) -> registry_pb2.Alias | None:
+        kv = await self.client.get((self.paths.aliases + name).encode())
+        return decoder(registry_pb2.Alias)(kv.value) if kv else None
+
+    async def list_aliases(self) -> list[registry_pb2.Alias]:
+        decode = decoder(registry_pb2.Alias)
+        return sorted((decode(kv.value) for kv in await self.client.get_prefix(self.paths.aliases.encode())),
+                      key=lambda a: a.name)
+
+    async def put_alias(self, alias: registry_pb2.Alias) -> None:
+        await self.client.put((self.paths.aliases + alias.name).encode(), encode(alias))
+
+    async def delete_alias(self, name: str) -> None:
+        await self.client.delete((self.paths.aliases + name).encode())
+
+
+class KeyStore:
+    """API keys: only their SHA-256 is stored; the key is shown once, at creation."""
+
+    def __init__(self, client: aetcd.Client, prefix: str):
+        self.client = client
+        self.paths = Paths(prefix)
+
+    async def create(self, tenant: str, description: str = "") -> tuple[str, keys_pb2.ApiKey]:
+        if not tenant or len(tenant) > 128:
+            raise ValueError("tenant must be 1-128 characters")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        digest = hash_key(key)
+        record = keys_pb2.ApiKey(key_id="key_" + digest[:12], tenant=tenant, key_hash=digest,
+                                 created=int(time.time()), description=description)
+        await self.client.put((self.paths.keys + digest).encode(), encode(record))
+        return key, record
+
+    async def list(self) -> list[keys_pb2.ApiKey]:
+        decode = decoder(keys_pb2.ApiKey)
+        return sorted((decode(kv.value) for kv in await self.client.get_prefix(self.paths.keys.encode())),
+                      key=lambda k: (k.tenant, k.created))
+
+    async def lookup(self, key: str) -> keys_pb2.ApiKey | None:
+        kv = await self.client.get((self.paths.keys + hash_key(key)).encode())
+        return decoder(keys_pb2.ApiKey)(kv.value) if kv else None
+
+    async def revoke(self, key_id: str) -> keys_pb2.ApiKey | None:
+        for record in await self.list():
+            if record.key_id == key_id:
+                record.revoked = True
+                await self.client.put((self.paths.keys + record.key_hash).encode(), encode(record))
+                return record
+        return None
+
+
+class Resolution(typing.NamedTuple):
+    version: registry_pb2.ModelVersion
+    alias: str  # "" when the caller named a version
+
+
+class RegistryView:
+    """A live, read-only view of versions, aliases and keys, kept current by etcd watches (never polling)."""
+
+    def __init__(self, client: aetcd.Client, prefix: str, *, watch_keys: bool = False,
+                 watch_workers: bool = False, on_workers_change: typing.Callable[[], None] | None = None):
+        paths = Paths(prefix)
+        self.versions = PrefixWatcher(client, paths.versions, decoder(registry_pb2.ModelVersion))
+        self.aliases = PrefixWatcher(client, paths.aliases, decoder(registry_pb2.Alias))
+        self.keys = PrefixWatcher(client, paths.keys, decoder(keys_pb2.ApiKey)) if watch_keys else None
+        self.workers = (PrefixWatcher(client, paths.workers, decoder(worker_pb2.WorkerInfo), on_workers_change)
+                        if watch_workers else None)
+        self._watchers = [w for w in (self.versions, self.aliases, self.keys, self.workers) if w]
+
+    async def start(self, timeout_s: float = 5.0) -> bool:
+        """Starts the watches; returns whether all loaded within timeout_s (they keep trying otherwise)."""
+        for watcher in self._watchers:
+            watcher.start()
+        ready = [await w.wait_ready(timeout_s) for w in self._watchers]
+        return all(ready)
+
+    async def stop(self) -> None:
+        for watcher in self._watchers:
+            await watcher.stop()
+
+    def api_key(self, key: str) -> keys_pb2.ApiKey | None:
+        assert self.keys is not None, "RegistryView built without watch_keys"
+        record = self.keys.snapshot.get(hash_key(key))
+        return None if record is None or record.revoked else record
+
+    def resolve(self, name: str, user: str = "") -> Resolution | None:
+        """Model name -> concrete version: a version id as is; an alias by its traffic split.
+
+        With a `user`, the pick is a stable hash of (alias, user), so a user stays on one side of an A/B split
+        for as long as the weights do not change; without one it is random by weight.
+        """
+        version = self.versions.snapshot.get(name)
+        if version is not None:
+            return Resolution(version, "")
+        alias = self.aliases.snapshot.get(name)
+        if alias is None or not alias.targets:
+            return None
+        total = sum(t.weight for t in alias.targets)
+        if total <= 0:
+            return None
+        point = (zlib.crc32(f"{name}\0{user}".encode()) % total) if user else random.randrange(total)
+        for target in alias.targets:
+            point -= target.weight
+            if point < 0:
+                found = self.versions.snapshot.get(target.version)
+                return Resolution(found, name) if found is not None else None
+        return None

@@ -1,0 +1,49 @@
+"""Session-wide real dependencies: etcd and Redis processes on free ports (each test uses its own etcd prefix)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+
+import pytest
+
+from llmserve.common.config import MeshConfig
+from tests.helpers.servers import etcd_server, redis_server, running
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    with running(etcd_server()) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_srv():
+    with running(redis_server()) as server:
+        yield server
+
+
+@pytest.fixture
+def mesh_config(etcd, redis_srv) -> MeshConfig:
+    """A config pointing at the real test servers, a fresh etcd prefix and Redis db, every service on port 0."""
+    config = MeshConfig()
+    config.etcd.port = etcd.port
+    config.etcd.prefix = f"/test{next(_prefixes)}"
+    config.redis.url = f"redis://127.0.0.1:{redis_srv.port}/0"
+    for section in (config.gateway, config.scheduler, config.worker, config.registry):
+        section.port = 0
+        section.metrics_port = 0
+    config.worker.model_cache_dir = str(model_cache_dir())
+    config.worker.lease_ttl_s = 2
+    return config
+
+
+def model_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("LLMSERVE_MODEL_CACHE", REPO / ".llmserve" / "models"))

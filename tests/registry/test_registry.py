@@ -1,0 +1,128 @@
+import grpc
+import pytest
+
+from llmserve.admin.v1 import registry_pb2 as pb
+from llmserve.admin.v1 import registry_pb2_grpc
+from llmserve.common import etcd as etcd_mod
+from llmserve.registry.app import RegistryApp
+from llmserve.registry.store import RegistryView
+
+
+@pytest.fixture
+async def registry(mesh_config):
+    app = RegistryApp(mesh_config)
+    port = await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield registry_pb2_grpc.RegistryServiceStub(channel)
+    await channel.close()
+    await app.stop(0)
+
+
+def version(vid="m-v1", kind=pb.MODEL_KIND_GENERATE, **kw):
+    fields = dict(version=vid, family="m", kind=kind, weights_source="file:/nowhere", context_length=2048)
+    return pb.ModelVersion(**{**fields, **kw})
+
+
+async def test_create_get_list_and_defaults(registry):
+    created = (await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version()))).model_version
+    assert created.engine == "torch" and created.state == pb.MODEL_STATE_ACTIVE and created.created > 0
+    got = (await registry.GetModelVersion(pb.GetModelVersionRequest(version="m-v1"))).model_version
+    assert got == created
+    listed = (await registry.ListModelVersions(pb.ListModelVersionsRequest())).model_versions
+    assert [v.version for v in listed] == ["m-v1"]
+
+
+async def test_versions_are_immutable_but_idempotent_create_is_allowed(registry):
+    await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version()))
+    again = await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version(),
+                                                                           allow_existing=True))
+    assert again.model_version.version == "m-v1"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version()))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    changed = version(context_length=4096)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=changed, allow_existing=True))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("bad, field", [
+    (dict(vid="Bad Name"), "model_version.version"),
+    (dict(kind=pb.MODEL_KIND_UNSPECIFIED), "model_version.kind"),
+    (dict(engine="onnx"), "model_version.engine"),
+    (dict(context_length=0), "context_length"),
+    (dict(price_per_1k_prompt_tokens=-1.0), "price_per_1k_prompt_tokens"),
+])
+async def test_invalid_versions_name_the_field(registry, bad, field):
+    v = version(**bad)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=v))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details()
+
+
+async def test_alias_validation_and_delete_protection(registry):
+    await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version("m-v1")))
+    await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version("e-v1", pb.MODEL_KIND_EMBED)))
+    for targets, needle in [
+        ([], "at least one"),
+        ([pb.TrafficSplit(version="nope", weight=1)], "does not exist"),
+        ([pb.TrafficSplit(version="m-v1", weight=0)], "weight"),
+        ([pb.TrafficSplit(version="m-v1", weight=1), pb.TrafficSplit(version="e-v1", weight=1)], "mix"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await registry.SetAlias(pb.SetAliasRequest(alias=pb.Alias(name="m", targets=targets)))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+    await registry.SetAlias(pb.SetAliasRequest(alias=pb.Alias(name="m", targets=[pb.TrafficSplit(version="m-v1",
+                                                                                                  weight=1)])))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.DeleteModelVersion(pb.DeleteModelVersionRequest(version="m-v1"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.GetAlias(pb.GetAliasRequest(name="missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_view_follows_changes_by_watch_and_splits_traffic(registry, mesh_config):
+    client = etcd_mod.connect(mesh_config.etcd)
+    view = RegistryView(client, mesh_config.etcd.prefix)
+    assert await view.start()
+    try:
+        for vid in ("m-v1", "m-v2"):
+            await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version(vid)))
+        await registry.SetAlias(pb.SetAliasRequest(alias=pb.Alias(name="m", targets=[
+            pb.TrafficSplit(version="m-v1", weight=3), pb.TrafficSplit(version="m-v2", weight=1)])))
+        assert await view.aliases.wait_for(lambda s: "m" in s, 5)
+        assert await view.versions.wait_for(lambda s: len(s) == 2, 5)
+        picks = [view.resolve("m").version.version for _ in range(2000)]
+        assert 0.70 < picks.count("m-v1") / len(picks) < 0.80
+        # Sticky per user: the same user always lands on the same version.
+        assert len({view.resolve("m", user="alice").version.version for _ in range(50)}) == 1
+        users = {view.resolve("m", user=f"u{i}").version.version for i in range(200)}
+        assert users == {"m-v1", "m-v2"}
+        assert view.resolve("m-v2").version.version == "m-v2" and view.resolve("m-v2").alias == ""
+        assert view.resolve("unknown") is None
+        # A live change of the split reaches the view without polling.
+        await registry.SetAlias(pb.SetAliasRequest(alias=pb.Alias(name="m", targets=[
+            pb.TrafficSplit(version="m-v2", weight=1)])))
+        assert await view.aliases.wait_for(lambda s: len(s["m"].targets) == 1, 5)
+        assert {view.resolve("m").version.version for _ in range(50)} == {"m-v2"}
+    finally:
+        await view.stop()
+        await client.close()
+
+
+async def test_view_keeps_last_snapshot_when_etcd_is_down(registry, mesh_config, etcd):
+    await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version("m-v1")))
+    client = etcd_mod.connect(mesh_config.etcd)
+    view = RegistryView(client, mesh_config.etcd.prefix)
+    assert await view.start()
+    try:
+        etcd.pause()
+        import asyncio
+        await asyncio.sleep(0.5)
+        assert view.resolve("m-v1").version.version == "m-v1"
+    finally:
+        etcd.resume()
+        await view.stop()
+        await client.close()
