@@ -32,7 +32,11 @@ def redis_srv():
 
 @pytest.fixture
 def mesh_config(etcd, redis_srv) -> MeshConfig:
-    """A config pointing at the real test servers, a fresh etcd prefix and Redis db, every service on port 0."""
+    return make_config(etcd, redis_srv)
+
+
+def make_config(etcd, redis_srv) -> MeshConfig:
+    """A config pointing at the real test servers, a fresh etcd prefix, every service on port 0."""
     config = MeshConfig()
     config.etcd.port = etcd.port
     config.etcd.prefix = f"/test{next(_prefixes)}"

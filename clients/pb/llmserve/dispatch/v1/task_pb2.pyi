@@ -33,6 +33,7 @@ class SamplingParams(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_IS_DEFAULT_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Temperature; 0 is greedy."""
     top_p: _builtins.float
@@ -47,6 +48,8 @@ class SamplingParams(_message.Message):
     """Maximum tokens to generate, >= 1."""
     ignore_eos: _builtins.bool
     """Generate past end-of-sequence."""
+    max_tokens_is_default: _builtins.bool
+    """max_tokens is the gateway's default, not the caller's: lower it to fit the context instead of failing."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings."""
@@ -62,10 +65,11 @@ class SamplingParams(_message.Message):
         max_tokens: _builtins.int = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         ignore_eos: _builtins.bool = ...,
+        max_tokens_is_default: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_is_default", b"max_tokens_is_default", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,52 @@
+"""Gateway process: the public InferenceService in front of the scheduler."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from llmserve.common import etcd
+from llmserve.common.config import MeshConfig
+from llmserve.common.server import CHANNEL_OPTIONS, Service
+from llmserve.dispatch.v1 import scheduler_pb2_grpc
+from llmserve.gateway.cache import ResponseCache
+from llmserve.gateway.service import InferenceServicer, inference_service_name
+from llmserve.gateway.usage import UsageCounter
+from llmserve.inference.v1 import inference_pb2_grpc
+from llmserve.registry.store import RegistryView
+
+import grpc
+
+
+def redis_client(url: str, timeout_s: float, max_connections: int) -> aioredis.Redis:
+    # A blocking pool makes callers wait for a connection instead of failing past the pool size.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s)
+    return aioredis.Redis(connection_pool=pool)
+
+
+class GatewayApp:
+    def __init__(self, config: MeshConfig):
+        self.config = config
+        cfg = config.gateway
+        self.client = etcd.connect(config.etcd)
+        self.view = RegistryView(self.client, config.etcd.prefix, watch_keys=True)
+        self.redis = redis_client(config.redis.url, config.redis.timeout_s, config.redis.max_connections)
+        self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
+        self.usage = UsageCounter(self.redis)
+        self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()])
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(cfg, self.view, scheduler_pb2_grpc.SchedulerServiceStub(self.channel),
+                              ResponseCache(self.redis, cfg.response_cache_ttl_s), self.usage),
+            self.service.server)
+
+    async def start(self) -> int:
+        await self.view.start()
+        return await self.service.start()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.service.stop(grace_s)
+        await self.view.stop()
+        await self.channel.close()
+        await self.redis.aclose()
+        await self.client.close()

@@ -1,0 +1,54 @@
+"""The response cache (Redis): exact match on (tenant, concrete version, normalized request) for deterministic
+requests. Redis trouble never fails a request: the cache then simply misses, and a warning is logged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import redis.asyncio as aioredis
+
+from llmserve.common.logs import get_logger
+from llmserve.gateway import metrics
+
+log = get_logger(__name__)
+
+WARN_INTERVAL_S = 30.0
+
+
+def cache_key(tenant: str, version: str, fields: dict) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(f"{tenant}\0{version}\0{canonical}".encode()).hexdigest()
+    return f"llmserve:cache:v1:{digest}"
+
+
+class ResponseCache:
+    def __init__(self, client: aioredis.Redis, ttl_s: int):
+        self.client = client
+        self.ttl_s = ttl_s
+        self._last_warning = 0.0
+
+    def _warn(self, op: str, exc: Exception) -> None:
+        metrics.REDIS_ERRORS.labels(op).inc()
+        if time.monotonic() - self._last_warning > WARN_INTERVAL_S:
+            self._last_warning = time.monotonic()
+            log.warning("redis unavailable; serving without the response cache", op=op, error=type(exc).__name__)
+
+    async def get(self, key: str) -> dict | None:
+        if self.ttl_s <= 0:
+            return None
+        try:
+            raw = await self.client.get(key)
+        except Exception as exc:  # noqa: BLE001 - fail open
+            self._warn("cache_get", exc)
+            return None
+        return json.loads(raw) if raw else None
+
+    async def put(self, key: str, value: dict) -> None:
+        if self.ttl_s <= 0:
+            return
+        try:
+            await self.client.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_s)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("cache_put", exc)

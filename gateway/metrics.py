@@ -1,0 +1,16 @@
+"""Prometheus metrics of the gateway."""
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
+
+REQUESTS = Counter("llmserve_gateway_requests", "Requests by method and status code", ["method", "code"])
+LATENCY = Histogram("llmserve_gateway_request_seconds", "End-to-end request latency", ["method"],
+                    buckets=LATENCY_BUCKETS)
+TTFT = Histogram("llmserve_gateway_time_to_first_token_seconds", "Time to first token of streamed requests",
+                 ["model_version"], buckets=LATENCY_BUCKETS)
+TOKENS = Counter("llmserve_gateway_tokens", "Tokens by model version and direction (prompt, completion)",
+                 ["model_version", "direction"])
+CACHE = Counter("llmserve_gateway_response_cache", "Response cache lookups by result (hit, miss, bypass)",
+                ["result"])
+REDIS_ERRORS = Counter("llmserve_gateway_redis_errors", "Redis operations that failed (served anyway)", ["op"])

@@ -1,0 +1,154 @@
+"""Public requests -> validated plain records (from_pb), with messages that name the field and the allowed range."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmserve.common.config import GatewayConfig
+from llmserve.common.errors import invalid_argument
+from llmserve.inference.v1 import inference_pb2 as pb
+
+ROLES = ("system", "user", "assistant")
+INT64_MASK = (1 << 63) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    max_tokens: int
+    max_tokens_is_default: bool
+    stop: tuple[str, ...]
+    ignore_eos: bool
+
+    @property
+    def is_deterministic(self) -> bool:
+        return self.temperature == 0 or self.seed is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationCall:
+    kind: str  # "completion" or "chat"
+    model: str
+    prompts: tuple[str, ...]  # completion: one or more prompts
+    messages: tuple[tuple[str, str], ...]  # chat: (role, content)
+    sampling: Sampling
+    n: int
+    user: str
+    priority: int  # 1..3
+    skip_cache: bool
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.prompts) if self.kind == "completion" else 1
+
+    def cache_fields(self) -> dict:
+        """What decides the output: everything but user, priority and cache control."""
+        return {"kind": self.kind, "prompts": self.prompts, "messages": self.messages, "n": self.n,
+                "sampling": dataclasses.asdict(self.sampling)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingCall:
+    model: str
+    inputs: tuple[str, ...]
+    user: str
+    priority: int
+    skip_cache: bool
+
+    def cache_fields(self) -> dict:
+        return {"kind": "embedding", "inputs": self.inputs}
+
+
+def _priority(value: int) -> int:
+    if value not in pb.Priority.values():
+        raise invalid_argument(f"priority={value} is unknown; use PRIORITY_INTERACTIVE, PRIORITY_STANDARD or "
+                               "PRIORITY_BATCH")
+    return value or pb.PRIORITY_STANDARD
+
+
+def _model(name: str) -> str:
+    if not name:
+        raise invalid_argument("model is required: a model alias or version (ListModels shows them)")
+    return name
+
+
+def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
+    if request.HasField("max_tokens"):
+        max_tokens = request.max_tokens.value
+        if max_tokens < 1:
+            raise invalid_argument(f"max_tokens={max_tokens} is out of range: it must be >= 1")
+    else:
+        max_tokens = default_max_tokens
+    temperature = request.temperature.value if request.HasField("temperature") else 1.0
+    if not 0.0 <= temperature <= 2.0:
+        raise invalid_argument(f"temperature={temperature:g} is out of range: it must be in [0, 2]")
+    top_p = request.top_p.value if request.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:
+        raise invalid_argument(f"top_p={top_p:g} is out of range: it must be in (0, 1]")
+    if request.top_k < 0:
+        raise invalid_argument(f"top_k={request.top_k} is out of range: it must be >= 0 (0 disables it)")
+    if len(request.stop) > cfg.max_stop:
+        raise invalid_argument(f"stop has {len(request.stop)} strings; at most {cfg.max_stop} are allowed")
+    if any(not s for s in request.stop):
+        raise invalid_argument("stop strings must not be empty")
+    return Sampling(temperature=temperature, top_p=top_p, top_k=request.top_k,
+                    seed=request.seed.value & INT64_MASK if request.HasField("seed") else None,
+                    max_tokens=max_tokens, max_tokens_is_default=not request.HasField("max_tokens"),
+                    stop=tuple(request.stop), ignore_eos=request.ignore_eos)
+
+
+def _n(request, cfg: GatewayConfig) -> int:
+    n = request.n.value if request.HasField("n") else 1
+    if not 1 <= n <= cfg.max_n:
+        raise invalid_argument(f"n={n} is out of range: it must be in [1, {cfg.max_n}]")
+    return n
+
+
+def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
+    model = _model(request.model)
+    if request.prompt and request.prompts:
+        raise invalid_argument("set either prompt or prompts, not both")
+    prompts = (request.prompt,) if request.prompt else tuple(request.prompts)
+    if not prompts:
+        raise invalid_argument("prompt is required and must not be empty")
+    if len(prompts) > cfg.max_prompts:
+        raise invalid_argument(f"prompts has {len(prompts)} entries; at most {cfg.max_prompts} are allowed")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise invalid_argument(f"prompts[{i}] must not be empty")
+    return GenerationCall("completion", model, prompts, (), _sampling(request, cfg, cfg.default_completion_max_tokens),
+                          _n(request, cfg), request.user, _priority(request.priority), request.skip_cache)
+
+
+def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
+    model = _model(request.model)
+    if not request.messages:
+        raise invalid_argument("messages is required: at least one {role, content}")
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise invalid_argument(f"messages[{i}].role={message.role!r} is invalid; use one of {', '.join(ROLES)}")
+    if not any(m.content for m in request.messages):
+        raise invalid_argument("messages must not all be empty: give at least one message some content")
+    messages = tuple((m.role, m.content) for m in request.messages)
+    return GenerationCall("chat", model, (), messages, _sampling(request, cfg, cfg.default_chat_max_tokens),
+                          _n(request, cfg), request.user, _priority(request.priority), request.skip_cache)
+
+
+def embeddings_from_pb(request: pb.CreateEmbeddingsRequest, cfg: GatewayConfig) -> EmbeddingCall:
+    model = _model(request.model)
+    if request.input and request.inputs:
+        raise invalid_argument("set either input or inputs, not both")
+    inputs = (request.input,) if request.input else tuple(request.inputs)
+    if not inputs:
+        raise invalid_argument("input is required and must not be empty")
+    if len(inputs) > cfg.max_embedding_inputs:
+        raise invalid_argument(f"inputs has {len(inputs)} entries; at most {cfg.max_embedding_inputs} are allowed")
+    for i, text in enumerate(inputs):
+        if not text:
+            raise invalid_argument(f"inputs[{i}] must not be empty")
+    if request.encoding_format not in ("", "float"):
+        raise invalid_argument(f"encoding_format={request.encoding_format!r} is not supported; use \"float\"")
+    return EmbeddingCall(model, inputs, request.user, _priority(request.priority), request.skip_cache)

@@ -1,0 +1,37 @@
+"""Scheduler process: watches worker membership in etcd and serves SchedulerService."""
+
+from __future__ import annotations
+
+from llmserve.common import etcd
+from llmserve.common.config import MeshConfig
+from llmserve.common.server import Service
+from llmserve.dispatch.v1 import scheduler_pb2_grpc
+from llmserve.registry.store import RegistryView
+from llmserve.scheduler.service import Dispatcher, SchedulerServicer, scheduler_service_name
+
+
+class SchedulerApp:
+    def __init__(self, config: MeshConfig):
+        self.config = config
+        cfg = config.scheduler
+        self.client = etcd.connect(config.etcd)
+        self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s)
+        self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,
+                                 on_workers_change=self._members_changed)
+        self.service = Service("scheduler", cfg.host, cfg.port, [scheduler_service_name()])
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(self.dispatcher),
+                                                                  self.service.server)
+
+    def _members_changed(self) -> None:
+        self.dispatcher.sync_members(self.view.workers.snapshot)
+
+    async def start(self) -> int:
+        self.dispatcher.start()
+        await self.view.start()
+        return await self.service.start()
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.service.stop(grace_s)
+        await self.view.stop()
+        await self.dispatcher.stop()
+        await self.client.close()

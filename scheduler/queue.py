@@ -1,0 +1,74 @@
+"""Per-model priority queues with aging.
+
+Each model has one FIFO per priority class. The next task is the head whose effective class is best, where a
+task climbs one class for every `aging_s` seconds it has waited (ties go to the higher class, then the older task):
+interactive traffic goes first, yet a batch task can never wait forever behind a stream of interactive ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+
+from llmserve.dispatch.v1 import task_pb2
+
+NUM_CLASSES = 3  # 1 interactive, 2 standard, 3 batch (Priority enum values)
+
+
+@dataclasses.dataclass(eq=False)
+class Entry:
+    task: task_pb2.Task
+    priority: int  # 1..3
+    enqueued: float = dataclasses.field(default_factory=time.monotonic)
+    # What the submitter receives: TaskDispatched, TaskOutput, or an exception to raise.
+    outbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    worker: object | None = None  # the WorkerConnection once dispatched
+    is_done: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.task.request_id
+
+
+class ModelQueue:
+    def __init__(self, aging_s: float):
+        self.aging_s = aging_s
+        self.fifos: list[collections.deque[Entry]] = [collections.deque() for _ in range(NUM_CLASSES)]
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self.fifos)
+
+    def push(self, entry: Entry) -> None:
+        self.fifos[entry.priority - 1].append(entry)
+
+    def _effective(self, entry: Entry, now: float) -> float:
+        climbed = int((now - entry.enqueued) / self.aging_s) if self.aging_s > 0 else 0
+        return entry.priority - climbed
+
+    def peek(self) -> Entry | None:
+        now = time.monotonic()
+        heads = [f[0] for f in self.fifos if f]
+        if not heads:
+            return None
+        return min(heads, key=lambda e: (self._effective(e, now), e.priority, e.enqueued))
+
+    def pop(self) -> Entry | None:
+        entry = self.peek()
+        if entry is not None:
+            self.fifos[entry.priority - 1].popleft()
+        return entry
+
+    def remove(self, entry: Entry) -> bool:
+        try:
+            self.fifos[entry.priority - 1].remove(entry)
+            return True
+        except ValueError:
+            return False
+
+    def drain(self) -> list[Entry]:
+        entries = [e for f in self.fifos for e in f]
+        for f in self.fifos:
+            f.clear()
+        return entries

@@ -1,0 +1,105 @@
+"""Connections to workers: one bidirectional Serve stream per worker, multiplexed by request_id."""
+
+from __future__ import annotations
+
+import asyncio
+import typing
+
+import grpc
+
+from llmserve.common.errors import ServiceError
+from llmserve.common.logs import get_logger
+from llmserve.common.server import CHANNEL_OPTIONS
+from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
+from llmserve.scheduler.queue import Entry
+
+log = get_logger(__name__)
+
+
+class WorkerConnection:
+    """The scheduler's side of one worker. Counts its own in-flight tasks per model to decide room at once,
+    and keeps the worker's last load report for everything else."""
+
+    def __init__(self, info: worker_pb2.WorkerInfo, on_change: typing.Callable[[], None]):
+        self.info = info
+        self.worker_id = info.worker_id
+        self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
+        self.num_inflight = {m.model_version: 0 for m in info.models}
+        self.load: dict[str, task_pb2.ModelLoad] = {}
+        self.entries: dict[str, Entry] = {}
+        self.is_alive = True
+        self._on_change = on_change
+        self._outbox: asyncio.Queue[worker_pb2.ServeRequest | None] = asyncio.Queue()
+        self._channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        self._task = asyncio.create_task(self._run(), name=f"worker {self.worker_id}")
+
+    def serves(self, version: str) -> bool:
+        return version in self.capacity
+
+    def room(self, version: str) -> int:
+        return self.capacity.get(version, 0) - self.num_inflight.get(version, 0) if self.is_alive else 0
+
+    def utilization(self, version: str) -> float:
+        return self.num_inflight.get(version, 0) / max(1, self.capacity.get(version, 1))
+
+    def dispatch(self, entry: Entry) -> None:
+        entry.worker = self
+        self.entries[entry.request_id] = entry
+        self.num_inflight[entry.task.model_version] += 1
+        self._outbox.put_nowait(worker_pb2.ServeRequest(task=entry.task))
+
+    def cancel(self, entry: Entry) -> None:
+        if self.entries.get(entry.request_id) is entry:
+            self._outbox.put_nowait(worker_pb2.ServeRequest(cancel=task_pb2.CancelTask(request_id=entry.request_id)))
+            self._finish(entry)
+
+    def _finish(self, entry: Entry) -> None:
+        if self.entries.pop(entry.request_id, None) is not None:
+            self.num_inflight[entry.task.model_version] -= 1
+            entry.is_done = True
+            self._on_change()
+
+    async def _requests(self) -> typing.AsyncIterator[worker_pb2.ServeRequest]:
+        while (message := await self._outbox.get()) is not None:
+            yield message
+
+    async def _run(self) -> None:
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
+        reason = "stream ended"
+        try:
+            call = stub.Serve(self._requests())
+            async for message in call:
+                if message.HasField("output"):
+                    output = message.output
+                    entry = self.entries.get(output.request_id)
+                    if entry is None:
+                        continue  # cancelled here already
+                    entry.outbox.put_nowait(output)
+                    if output.finished:
+                        self._finish(entry)
+                else:
+                    self.load = {m.model_version: m for m in message.load.models}
+        except asyncio.CancelledError:
+            reason = "worker left the registry"
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        finally:
+            self.is_alive = False
+            lost = list(self.entries.values())
+            for entry in lost:
+                entry.outbox.put_nowait(ServiceError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"worker {self.worker_id} went away while running the request ({reason}); retry it"))
+                self._finish(entry)
+            if lost:
+                log.warning("worker lost with tasks in flight", worker_id=self.worker_id, num_tasks=len(lost))
+            self._on_change()
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        await self._channel.close(grace=None)

@@ -1,0 +1,262 @@
+"""The whole mesh on a tiny random Llama (real SmolLM2 tokenizer) and MiniLM: statuses, streaming, cancellation,
+cache, failover of a vanished worker. Everything runs for real: etcd, Redis, gRPC between the services."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2 as w
+
+from llmserve.inference.v1 import inference_pb2 as pb
+from tests.conftest import make_config
+from tests.helpers.mesh import embed_version, generate_version, start_mesh
+from tests.helpers.tiny_models import MINILM_SOURCE, build_tiny_llama
+
+TINY = "tiny-llama-v1"
+EMBED = "minilm-v1"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+async def mesh(etcd, redis_srv, tiny_model_dir):
+    config = make_config(etcd, redis_srv)
+    mesh = await start_mesh(
+        config,
+        versions=[generate_version(TINY, f"file:{tiny_model_dir}", context_length=512),
+                  generate_version("tiny-llama-v2", f"file:{tiny_model_dir}", context_length=512),
+                  embed_version(EMBED, MINILM_SOURCE)],
+        aliases={"tiny": [(TINY, 1)], "embed": [(EMBED, 1)], "orphan": [("tiny-llama-v2", 1)]},
+        worker_models=[[TINY, EMBED]])
+    yield mesh
+    await mesh.stop()
+
+
+def completion(**kw) -> pb.CreateCompletionRequest:
+    fields = dict(model="tiny", prompt="Hello there", max_tokens=w.Int32Value(value=8),
+                  temperature=w.FloatValue(value=0.0))
+    fields.update(kw)
+    return pb.CreateCompletionRequest(**fields)
+
+
+async def test_completion_names_the_concrete_version(mesh):
+    response = await mesh.stub.CreateCompletion(completion(skip_cache=True), metadata=mesh.auth)
+    assert response.model == TINY and response.object == "text_completion"
+    assert response.id.startswith("cmpl-") and response.created > 0
+    (choice,) = response.choices
+    assert choice.finish_reason in ("stop", "length") and choice.text
+    assert response.usage.completion_tokens >= 1
+    assert response.usage.prompt_tokens == 2  # "Hello there" is two tokens in SmolLM2's vocabulary
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+async def test_stream_equals_unary_and_ends_with_usage(mesh):
+    request = completion(max_tokens=w.Int32Value(value=20), ignore_eos=True, skip_cache=True)
+    unary = await mesh.stub.CreateCompletion(request, metadata=mesh.auth)
+    chunks = [c async for c in mesh.stub.StreamCompletion(pb.StreamCompletionRequest.FromString(
+        request.SerializeToString()), metadata=mesh.auth)]
+    text = "".join(ch.text for c in chunks for ch in c.choices)
+    assert text == unary.choices[0].text
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_batch_prompts_and_n(mesh):
+    request = completion(prompt="", prompts=["One", "Two words"], n=w.Int32Value(value=2),
+                         temperature=w.FloatValue(value=1.0), seed=w.Int64Value(value=7), skip_cache=True)
+    response = await mesh.stub.CreateCompletion(request, metadata=mesh.auth)
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert response.usage.prompt_tokens == 1 + 2  # each prompt counted once, not once per choice
+    again = await mesh.stub.CreateCompletion(request, metadata=mesh.auth)
+    assert [c.text for c in again.choices] == [c.text for c in response.choices]  # the seed reproduces
+
+
+async def test_chat_stream_deltas(mesh):
+    request = pb.StreamChatCompletionRequest(model="tiny", messages=[pb.ChatMessage(role="user", content="Hi")],
+                                             max_tokens=w.Int32Value(value=5), ignore_eos=True, skip_cache=True)
+    chunks = [c async for c in mesh.stub.StreamChatCompletion(request, metadata=mesh.auth)]
+    roles = [ch.delta.role for c in chunks for ch in c.choices]
+    assert roles[0] == "assistant" and set(roles[1:]) <= {""}
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+async def call_with_cache_header(method, request, metadata):
+    call = method(request, metadata=metadata)
+    response = await call
+    return response, dict(await call.initial_metadata())["x-llmserve-cache"]
+
+
+async def test_deterministic_request_is_a_cache_hit(mesh):
+    request = completion(prompt="cache me", max_tokens=w.Int32Value(value=6))
+    first, cache1 = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
+    second, cache2 = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
+    assert (cache1, cache2) == ("miss", "hit")
+    assert second.choices == first.choices and second.usage == first.usage
+    _, cache3 = await call_with_cache_header(
+        mesh.stub.CreateCompletion, completion(prompt="cache me", max_tokens=w.Int32Value(value=6), skip_cache=True),
+        mesh.auth)
+    assert cache3 == "bypass"
+    # A cached answer replays on the streaming RPC too.
+    stream = mesh.stub.StreamCompletion(pb.StreamCompletionRequest.FromString(request.SerializeToString()),
+                                        metadata=mesh.auth)
+    text = "".join([ch.text async for c in stream for ch in c.choices])
+    assert text == first.choices[0].text
+    # Sampled requests without a seed are never cached.
+    sampled = completion(prompt="cache me", temperature=w.FloatValue(value=0.9))
+    _, cache4 = await call_with_cache_header(mesh.stub.CreateCompletion, sampled, mesh.auth)
+    assert cache4 == "bypass"
+
+
+async def test_embeddings(mesh):
+    response = await mesh.stub.CreateEmbeddings(pb.CreateEmbeddingsRequest(
+        model="embed", inputs=["a cat sat on the mat", "a kitten sat on a rug", "stock markets fell sharply"]),
+        metadata=mesh.auth)
+    assert response.model == EMBED and [d.index for d in response.data] == [0, 1, 2]
+    vectors = [list(d.embedding) for d in response.data]
+    assert all(len(v) == 384 for v in vectors)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731 - unit vectors: dot is cosine
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
+    assert response.usage.prompt_tokens > 0
+
+
+async def test_list_models(mesh):
+    response = await mesh.stub.ListModels(pb.ListModelsRequest(), metadata=mesh.auth)
+    ids = [m.id for m in response.data]
+    assert ids[:3] == ["embed", "orphan", "tiny"] and TINY in ids and EMBED in ids
+    tiny = next(m for m in response.data if m.id == "tiny")
+    assert tiny.kind == "generate" and [t.version for t in tiny.targets] == [TINY]
+
+
+# ---- bad input: precise statuses, and the service keeps serving ----
+
+BAD_COMPLETIONS = [
+    (dict(model=""), grpc.StatusCode.INVALID_ARGUMENT, "model is required"),
+    (dict(model="nope"), grpc.StatusCode.NOT_FOUND, "'nope'"),
+    (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (dict(max_tokens=w.Int32Value(value=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens=0"),
+    (dict(max_tokens=w.Int32Value(value=-3)), grpc.StatusCode.INVALID_ARGUMENT, ">= 1"),
+    (dict(max_tokens=w.Int32Value(value=5000)), grpc.StatusCode.INVALID_ARGUMENT, "context length"),
+    (dict(temperature=w.FloatValue(value=2.5)), grpc.StatusCode.INVALID_ARGUMENT, "[0, 2]"),
+    (dict(temperature=w.FloatValue(value=-0.1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(top_p=w.FloatValue(value=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "(0, 1]"),
+    (dict(top_p=w.FloatValue(value=1.5)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (dict(top_k=-1), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
+    (dict(n=w.Int32Value(value=0)), grpc.StatusCode.INVALID_ARGUMENT, "n=0"),
+    (dict(stop=["a", "b", "c", "d", "e"]), grpc.StatusCode.INVALID_ARGUMENT, "stop"),
+    (dict(priority=9), grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+    (dict(prompt="word " * 600), grpc.StatusCode.INVALID_ARGUMENT, "context length of 512"),
+    (dict(model="embed"), grpc.StatusCode.INVALID_ARGUMENT, "embed model"),
+    (dict(model="orphan"), grpc.StatusCode.UNAVAILABLE, "no worker serves"),
+]
+
+
+@pytest.mark.parametrize("fields, code, needle", BAD_COMPLETIONS)
+async def test_bad_completion_gets_precise_status(mesh, fields, code, needle):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateCompletion(completion(skip_cache=True, **fields), metadata=mesh.auth, timeout=10)
+    assert err.value.code() == code
+    assert needle in err.value.details()
+    ok = await mesh.stub.CreateCompletion(completion(skip_cache=True), metadata=mesh.auth)  # still serving
+    assert ok.choices
+
+
+async def test_bad_chat_and_embeddings(mesh):
+    cases = [
+        (mesh.stub.CreateChatCompletion, pb.CreateChatCompletionRequest(model="tiny"), "messages"),
+        (mesh.stub.CreateChatCompletion, pb.CreateChatCompletionRequest(
+            model="tiny", messages=[pb.ChatMessage(role="robot", content="x")]), "role"),
+        (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed"), "input"),
+        (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="tiny", input="x"), "generate model"),
+        (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed", input="x", encoding_format="base64"),
+         "encoding_format"),
+        (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed", input="long " * 400), "input[0]"),
+    ]
+    for method, request, needle in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await method(request, metadata=mesh.auth)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, needle
+        assert needle in err.value.details()
+
+
+async def test_no_or_unknown_key_is_unauthenticated(mesh):
+    for metadata in [(), (("authorization", "Bearer lls_wrong"),), (("authorization", "Basic abc"),)]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.stub.CreateCompletion(completion(), metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.ListModels(pb.ListModelsRequest())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_unknown_model_version_without_worker_is_unavailable_fast(mesh):
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateCompletion(completion(model="tiny-llama-v2"), metadata=mesh.auth, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert loop.time() - started < 1.0
+
+
+async def test_client_deadline_is_deadline_exceeded(mesh):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateCompletion(completion(max_tokens=w.Int32Value(value=400), ignore_eos=True,
+                                                    skip_cache=True), metadata=mesh.auth, timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _wait_running(mesh, TINY, 0)
+
+
+async def _wait_running(mesh, version, expected, timeout_s=5.0):
+    engine = mesh.workers[0].models[version].engine
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while engine.load().num_running != expected:
+        assert loop.time() < deadline, f"running={engine.load().num_running}, expected {expected}"
+        await asyncio.sleep(0.02)
+
+
+async def test_cancel_mid_stream_stops_the_sequence(mesh):
+    request = pb.StreamCompletionRequest(model="tiny", prompt="go on", max_tokens=w.Int32Value(value=400),
+                                         ignore_eos=True, skip_cache=True)
+    call = mesh.stub.StreamCompletion(request, metadata=mesh.auth)
+    async for chunk in call:
+        if chunk.choices and chunk.choices[0].text:
+            break
+    await _wait_running(mesh, TINY, 1)
+    call.cancel()
+    await _wait_running(mesh, TINY, 0)
+
+
+async def test_vanished_worker_fails_in_flight_requests_and_leaves_routing(mesh):
+    worker = await mesh.add_worker(["tiny-llama-v2"])
+    request = pb.StreamCompletionRequest(model="orphan", prompt="go on", max_tokens=w.Int32Value(value=400),
+                                         ignore_eos=True, skip_cache=True)
+    call = mesh.stub.StreamCompletion(request, metadata=mesh.auth, timeout=30)
+    async for chunk in call:
+        if chunk.choices and chunk.choices[0].text:
+            break
+    # The worker dies abruptly: no lease revoke, its streams just break.
+    worker._keepalive.cancel()
+    await worker.service.server.stop(None)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in call:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "went away" in err.value.details()
+    assert loop.time() - started < 2.0
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateCompletion(completion(model="orphan", skip_cache=True), metadata=mesh.auth, timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Its lease expires and it leaves the membership for good.
+    assert await mesh.scheduler.view.workers.wait_for(lambda s: worker.worker_id not in s, 10)
+    for served in worker.models.values():
+        await served.engine.stop()
+    mesh.workers.remove(worker)
+    await worker.client.close()

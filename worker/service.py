@@ -1,0 +1,214 @@
+"""WorkerService: the scheduler's bidirectional stream into this worker's engines.
+
+Each Serve stream multiplexes tasks by request_id. A task runs as its own asyncio task; a CancelTask, or the
+stream breaking, cancels it, which aborts the sequence in the engine (its slot is freed within one step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import typing
+
+import grpc
+
+from llmserve.admin.v1 import registry_pb2
+from llmserve.common.errors import ServiceError
+from llmserve.common.logs import get_logger
+from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
+from llmserve.worker import metrics
+from llmserve.worker.engine import EmbeddingEngine, GenerationRequest, SamplingParams, TextGenerationEngine
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class ServedModel:
+    version: registry_pb2.ModelVersion
+    engine: TextGenerationEngine | EmbeddingEngine
+    num_inflight: int = 0  # tasks of this model in flight on this worker (all streams)
+
+    @property
+    def is_embedding(self) -> bool:
+        return isinstance(self.engine, EmbeddingEngine)
+
+    @property
+    def context_length(self) -> int:
+        limit = int(self.engine.max_length) if self.is_embedding else self.engine.context_length
+        return min(self.version.context_length or limit, limit)
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.max_batch_size if self.is_embedding else self.engine.max_num_seqs
+
+    def load(self) -> task_pb2.ModelLoad:
+        if self.is_embedding:
+            running, waiting = min(self.num_inflight, self.max_num_seqs), max(0, self.num_inflight - self.max_num_seqs)
+        else:
+            load = self.engine.load()
+            running, waiting = load.num_running, load.num_waiting
+        return task_pb2.ModelLoad(model_version=self.version.version, num_running=running, num_waiting=waiting,
+                                  max_num_seqs=self.max_num_seqs)
+
+
+def _error(request_id: str, code: grpc.StatusCode, message: str) -> task_pb2.TaskOutput:
+    return task_pb2.TaskOutput(request_id=request_id, finished=True,
+                               error=task_pb2.TaskError(code=code.value[0], message=message))
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, worker_id: str, models: dict[str, ServedModel], load_report_interval_s: float = 1.0):
+        self.worker_id = worker_id
+        self.models = models
+        self.load_report_interval_s = load_report_interval_s
+
+    def load_report(self) -> task_pb2.LoadReport:
+        return task_pb2.LoadReport(worker_id=self.worker_id, models=[m.load() for m in self.models.values()])
+
+    async def Serve(self, request_iterator, context):
+        outbox: asyncio.Queue[worker_pb2.ServeResponse | None] = asyncio.Queue()
+        running: dict[str, asyncio.Task] = {}
+        load_changed = asyncio.Event()
+
+        async def run_task(task: task_pb2.Task) -> None:
+            try:
+                async for output in self.execute(task):
+                    outbox.put_nowait(worker_pb2.ServeResponse(output=output))
+            finally:
+                running.pop(task.request_id, None)
+                load_changed.set()
+
+        async def read() -> None:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "task":
+                    request_id = message.task.request_id
+                    if request_id in running:
+                        outbox.put_nowait(worker_pb2.ServeResponse(output=_error(
+                            request_id, grpc.StatusCode.ALREADY_EXISTS, f"task {request_id} is already running")))
+                        continue
+                    running[request_id] = asyncio.create_task(run_task(message.task))
+                    load_changed.set()
+                elif kind == "cancel":
+                    task = running.get(message.cancel.request_id)
+                    if task is not None:
+                        task.cancel()
+            # The scheduler closed its side: finish what runs, then end the stream.
+            await asyncio.gather(*running.values(), return_exceptions=True)
+            outbox.put_nowait(None)
+
+        async def report() -> None:
+            while True:
+                outbox.put_nowait(worker_pb2.ServeResponse(load=self.load_report()))
+                load_changed.clear()
+                try:
+                    await asyncio.wait_for(load_changed.wait(), self.load_report_interval_s)
+                    await asyncio.sleep(0.01)  # coalesce bursts of starts and finishes into one report
+                except asyncio.TimeoutError:
+                    pass
+
+        reader = asyncio.create_task(read())
+        reporter = asyncio.create_task(report())
+        log.info("scheduler stream opened", peer=context.peer())
+        try:
+            while True:
+                item = await outbox.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            reporter.cancel()
+            for task in list(running.values()):
+                task.cancel()
+            if running:
+                log.warning("scheduler stream closed; cancelled its tasks", num_tasks=len(running))
+            log.info("scheduler stream closed", peer=context.peer())
+
+    async def execute(self, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
+        """Runs one task; every failure becomes a final TaskOutput with a status code (never a broken stream)."""
+        model = self.models.get(task.model_version)
+        if model is None:
+            yield _error(task.request_id, grpc.StatusCode.UNAVAILABLE,
+                         f"worker {self.worker_id} does not serve model version {task.model_version!r}")
+            return
+        if task.deadline_unix_ms and time.time() * 1000 > task.deadline_unix_ms:
+            yield _error(task.request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the task started")
+            return
+        model.num_inflight += 1
+        try:
+            kind = task.WhichOneof("input")
+            if kind == "generate" and not model.is_embedding:
+                async for output in self._generate(model, task):
+                    yield output
+            elif kind == "embed" and model.is_embedding:
+                yield await self._embed(model, task)
+            else:
+                yield _error(task.request_id, grpc.StatusCode.INVALID_ARGUMENT,
+                             f"model {model.version.version!r} cannot run a {kind!r} task")
+        except ServiceError as exc:
+            yield _error(task.request_id, exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 - a failing task must not take the stream down
+            log.exception("task failed", request_id=task.request_id)
+            yield _error(task.request_id, grpc.StatusCode.INTERNAL, f"worker error: {type(exc).__name__}: {exc}")
+        finally:
+            model.num_inflight -= 1
+
+    async def _generate(self, model: ServedModel, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
+        engine: TextGenerationEngine = model.engine
+        gen = task.generate
+        if gen.messages:
+            messages = [{"role": m.role, "content": m.content} for m in gen.messages]
+            prompt_ids = await asyncio.to_thread(engine.apply_chat_template, messages)
+            field = "messages"
+        else:
+            prompt_ids = await asyncio.to_thread(engine.encode, gen.prompt)
+            field = "prompt"
+        num_prompt, context, s = len(prompt_ids), model.context_length, gen.sampling
+        max_tokens = s.max_tokens
+        if num_prompt >= context:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{field} is {num_prompt} tokens, but model {model.version.version!r} has a context "
+                               f"length of {context} tokens: shorten the {field}")
+        if num_prompt + max_tokens > context:
+            if not s.max_tokens_is_default:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"{field} ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
+                                   f"length of {context} tokens of model {model.version.version!r}: set max_tokens "
+                                   f"to at most {context - num_prompt} or shorten the {field}")
+            max_tokens = context - num_prompt
+        params = SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+                                seed=s.seed if s.has_seed else None, max_tokens=max_tokens, stop=list(s.stop),
+                                ignore_eos=s.ignore_eos)
+        request = GenerationRequest(task.request_id, prompt_ids, params, priority=int(task.priority) or 2)
+        labels = (model.version.version,)
+        metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
+        async for out in engine.generate(request):
+            if out.finish_reason == "error":
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+            if out.finish_reason == "abort":
+                return
+            if out.finished:
+                metrics.COMPLETION_TOKENS.labels(*labels).inc(out.completion_tokens)
+            yield task_pb2.TaskOutput(request_id=task.request_id, text_delta=out.text_delta,
+                                      prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                      finished=out.finished, finish_reason=out.finish_reason or "")
+
+    async def _embed(self, model: ServedModel, task: task_pb2.Task) -> task_pb2.TaskOutput:
+        engine: EmbeddingEngine = model.engine
+        texts = list(task.embed.texts)
+        lengths = await asyncio.to_thread(lambda: [len(ids) for ids in engine.tokenizer(texts)["input_ids"]])
+        for i, n in enumerate(lengths):
+            if n > model.context_length:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"input[{i}] is {n} tokens, but model {model.version.version!r} accepts at most "
+                                   f"{model.context_length}: shorten or split it")
+        vectors, num_tokens = await engine.embed(texts)
+        metrics.PROMPT_TOKENS.labels(model.version.version).inc(num_tokens)
+        return task_pb2.TaskOutput(request_id=task.request_id, finished=True, prompt_tokens=num_tokens,
+                                   finish_reason="stop", embeddings=[task_pb2.Vector(values=v) for v in vectors])
+
+
+def worker_service_name() -> str:
+    return worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
