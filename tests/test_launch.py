@@ -1,0 +1,202 @@
+"""`llmserve run` as a user runs it: real processes, real SmolLM2 and MiniLM, buf curl, Ctrl-C.
+
+One launch serves every check of this module (startup takes a few seconds once the converted weights are cached).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+import yaml
+
+from llmserve.clients.client import Client
+from tests.conftest import REPO, model_cache_dir
+from tests.helpers.servers import free_port
+
+QUESTION = "What is the capital of France?"
+
+
+def _pids_with(marker: str) -> list[int]:
+    pids = []
+    for proc in pathlib.Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+class Launched:
+    def __init__(self, tmp: pathlib.Path):
+        self.tmp = tmp
+        self.state = tmp / "state"
+        self.ports = {name: free_port() for name in
+                      ("etcd", "redis", "gateway", "scheduler", "worker", "registry", "m1", "m2", "m3", "m4")}
+        p = self.ports
+        self.config_path = tmp / "llmserve-test.yaml"
+        self.config_path.write_text(yaml.safe_dump({
+            "etcd": {"port": p["etcd"]},
+            "redis": {"url": f"redis://127.0.0.1:{p['redis']}/0"},
+            "gateway": {"port": p["gateway"], "metrics_port": p["m1"],
+                        "scheduler_address": f"127.0.0.1:{p['scheduler']}"},
+            "scheduler": {"port": p["scheduler"], "metrics_port": p["m2"]},
+            "worker": {"port": p["worker"], "metrics_port": p["m3"], "model_cache_dir": str(model_cache_dir()),
+                       "models": ["smollm2-135m-instruct-v1", "all-minilm-l6-v2-v1"], "lease_ttl_s": 3},
+            "registry": {"port": p["registry"], "metrics_port": p["m4"]},
+        }))
+        self.output: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmserve.clients.cli", "--config", str(self.config_path), "run",
+             "--models", str(REPO / "deploy" / "local" / "models.yaml"), "--state-dir", str(self.state)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if "llmserve is up" in line:
+                self.ready.set()
+
+    @property
+    def key(self) -> str:
+        return (self.state / "dev-api-key").read_text().strip()
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.ports['gateway']}"
+
+    def stop(self) -> float:
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    mesh = Launched(tmp_path_factory.mktemp("launch"))
+    if not mesh.ready.wait(600):
+        mesh.proc.kill()
+        pytest.fail("llmserve run did not come up:\n" + "".join(mesh.output))
+    yield mesh
+    if mesh.proc.poll() is None:
+        mesh.stop()
+
+
+@pytest.fixture(scope="module")
+def client(launched):
+    with Client(launched.gateway, launched.key, timeout_s=120) as c:
+        yield c
+
+
+def test_dev_key_file_is_private(launched):
+    assert (launched.state / "dev-api-key").stat().st_mode & 0o777 == 0o600
+    assert launched.key.startswith("lls_")
+
+
+def test_greedy_chat_answers_paris_and_stream_equals_unary(client):
+    unary = client.chat("smollm2", [("user", QUESTION)], temperature=0, max_tokens=32)
+    text = unary.choices[0].message.content
+    assert "Paris" in text
+    assert unary.model == "smollm2-135m-instruct-v1"
+    streamed = "".join(c.choices[0].delta.content for c in client.stream_chat(
+        "smollm2", [("user", QUESTION)], temperature=0, max_tokens=32, skip_cache=True) if c.choices)
+    assert streamed == text
+
+
+def test_repeated_deterministic_request_is_a_cache_hit(client):
+    request = dict(temperature=0, max_tokens=12)
+    first, call1 = client.stub.CreateCompletion.with_call(_completion("The sky is", **request),
+                                                          metadata=client.metadata)
+    second, call2 = client.stub.CreateCompletion.with_call(_completion("The sky is", **request),
+                                                           metadata=client.metadata)
+    caches = [dict(c.initial_metadata())["x-llmserve-cache"] for c in (call1, call2)]
+    assert caches == ["miss", "hit"] and first.choices == second.choices
+
+
+def _completion(prompt, **params):
+    from llmserve.clients.client import _params
+    from llmserve.inference.v1 import inference_pb2 as pb
+    return pb.CreateCompletionRequest(model="smollm2", prompt=prompt, **_params(**params))
+
+
+def test_embeddings_of_similar_sentences_are_closer(client):
+    response = client.embed("all-minilm-l6-v2", ["The cat sits on the mat.", "A kitten is sitting on a rug.",
+                                                 "Quarterly revenue grew by eight percent."], skip_cache=True)
+    a, b, c = (list(d.embedding) for d in response.data)
+    cos = lambda x, y: sum(i * j for i, j in zip(x, y))  # noqa: E731 - unit vectors
+    assert len(a) == 384 and cos(a, b) > cos(a, c) + 0.2
+
+
+def test_buf_curl_with_reflection(launched):
+    buf = shutil.which("buf") or REPO / ".llmserve" / "tools" / "node_modules" / ".bin" / "buf"
+    if not pathlib.Path(buf).exists():
+        pytest.skip("buf not installed (make test installs it)")
+    base = [str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+    listed = subprocess.run([*base, "--list-methods", f"http://{launched.gateway}"], capture_output=True, text=True,
+                            timeout=60)
+    assert "llmserve.inference.v1.InferenceService/CreateCompletion" in listed.stdout
+    body = '{"model": "smollm2", "prompt": "What is AI?", "max_tokens": 5, "temperature": 0.7}'
+    called = subprocess.run([*base, "-H", f"authorization: Bearer {launched.key}", "-d", body,
+                             f"http://{launched.gateway}/llmserve.inference.v1.InferenceService/CreateCompletion"],
+                            capture_output=True, text=True, timeout=120)
+    assert called.returncode == 0, called.stderr
+    assert '"model": "smollm2-135m-instruct-v1"' in called.stdout and '"completionTokens": 5' in called.stdout
+    denied = subprocess.run([*base, "-d", body,
+                             f"http://{launched.gateway}/llmserve.inference.v1.InferenceService/CreateCompletion"],
+                            capture_output=True, text=True, timeout=60)
+    assert '"code": "unauthenticated"' in denied.stdout + denied.stderr
+
+
+def test_killed_worker_is_restarted_and_serving_resumes(launched, client):
+    (worker_pid,) = [pid for pid in _pids_with("llmserve.worker") if pid in _pids_with(str(launched.tmp))]
+    os.kill(worker_pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        while time.monotonic() - started < 10:  # until the scheduler notices (stream breaks at once)
+            client.complete("smollm2", "Hi", max_tokens=2, skip_cache=True)
+            time.sleep(0.05)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - started < 5
+    while True:
+        try:
+            response = client.complete("smollm2", "Hi", max_tokens=2, skip_cache=True)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 120, "the worker was not restarted"
+            time.sleep(0.5)
+    assert response.usage.completion_tokens == 2
+
+
+def test_logs_hold_no_prompts_or_keys(launched, client):
+    client.chat("smollm2", [("user", "my secret email is alice@example.com")], max_tokens=2, skip_cache=True)
+    logs = "".join(p.read_text(errors="replace") for p in (launched.state / "logs").glob("*.log"))
+    assert '"event": "request"' in logs
+    for secret in (QUESTION, "alice@example.com", launched.key):
+        assert secret not in logs
+
+
+def test_ctrl_c_stops_everything_and_frees_the_ports(launched):
+    marker = str(launched.tmp)  # in the command line of every process it started, etcd and Redis included
+    assert len(_pids_with(marker)) >= 6
+    assert launched.stop() < 15
+    assert launched.proc.returncode == 0
+    time.sleep(0.3)
+    assert _pids_with(marker) == []
+    import socket
+    for name in ("gateway", "scheduler", "worker", "registry", "etcd", "redis"):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", launched.ports[name])) != 0, f"{name} still listens"
