@@ -86,11 +86,6 @@ class LogConfig:
 
 
 @dataclass
-class TelemetryConfig:
-    otlp_endpoint: str = ""  # OTLP/gRPC collector for traces; empty disables tracing export
-
-
-@dataclass
 class MeshConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -99,7 +94,6 @@ class MeshConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def validate(self) -> "MeshConfig":
         for section in ("gateway", "scheduler", "worker", "registry"):

@@ -276,6 +276,7 @@ def run(config_path: str, models_path: str, state_dir: str) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    code = 0
     try:
         launcher.start()
         launcher.supervise()
@@ -283,10 +284,12 @@ def run(config_path: str, models_path: str, state_dir: str) -> int:
         pass
     except SystemExit as exc:
         print(f"[llmserve] {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - whatever failed at start, stop what was started
+        print(f"[llmserve] start failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         launcher.stop()
-        return 1
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    launcher.stop()
-    return 0
+    return code

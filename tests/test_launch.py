@@ -11,16 +11,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
-import yaml
 
 from llmserve.clients.client import Client
-from tests.conftest import REPO, model_cache_dir
-from tests.helpers.servers import free_port
+from llmserve.clients.local import LocalMesh
+from tests.conftest import REPO
 
 QUESTION = "What is the capital of France?"
 
@@ -37,73 +35,22 @@ def _pids_with(marker: str) -> list[int]:
     return pids
 
 
-class Launched:
-    def __init__(self, tmp: pathlib.Path):
-        self.tmp = tmp
-        self.state = tmp / "state"
-        self.ports = {name: free_port() for name in
-                      ("etcd", "redis", "gateway", "scheduler", "worker", "registry", "m1", "m2", "m3", "m4")}
-        p = self.ports
-        self.config_path = tmp / "llmserve-test.yaml"
-        self.config_path.write_text(yaml.safe_dump({
-            "etcd": {"port": p["etcd"]},
-            "redis": {"url": f"redis://127.0.0.1:{p['redis']}/0"},
-            "gateway": {"port": p["gateway"], "metrics_port": p["m1"],
-                        "scheduler_address": f"127.0.0.1:{p['scheduler']}"},
-            "scheduler": {"port": p["scheduler"], "metrics_port": p["m2"]},
-            "worker": {"port": p["worker"], "metrics_port": p["m3"], "model_cache_dir": str(model_cache_dir()),
-                       "models": ["smollm2-135m-instruct-v1", "all-minilm-l6-v2-v1"], "lease_ttl_s": 3},
-            "registry": {"port": p["registry"], "metrics_port": p["m4"]},
-        }))
-        self.output: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmserve.clients.cli", "--config", str(self.config_path), "run",
-             "--models", str(REPO / "deploy" / "local" / "models.yaml"), "--state-dir", str(self.state)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.output.append(line)
-            if "llmserve is up" in line:
-                self.ready.set()
-
-    @property
-    def key(self) -> str:
-        return (self.state / "dev-api-key").read_text().strip()
-
-    @property
-    def gateway(self) -> str:
-        return f"127.0.0.1:{self.ports['gateway']}"
-
-    def stop(self) -> float:
-        started = time.monotonic()
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(30)
-        return time.monotonic() - started
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    mesh = Launched(tmp_path_factory.mktemp("launch"))
-    if not mesh.ready.wait(600):
-        mesh.proc.kill()
-        pytest.fail("llmserve run did not come up:\n" + "".join(mesh.output))
+    mesh = LocalMesh(tmp_path_factory.mktemp("launch"), worker={"lease_ttl_s": 3}).start()
     yield mesh
-    if mesh.proc.poll() is None:
-        mesh.stop()
+    mesh.stop()
 
 
 @pytest.fixture(scope="module")
 def client(launched):
-    with Client(launched.gateway, launched.key, timeout_s=120) as c:
+    with Client(launched.gateway, launched.api_key, timeout_s=120) as c:
         yield c
 
 
 def test_dev_key_file_is_private(launched):
     assert (launched.state / "dev-api-key").stat().st_mode & 0o777 == 0o600
-    assert launched.key.startswith("lls_")
+    assert launched.api_key.startswith("lls_")
 
 
 def test_greedy_chat_answers_paris_and_stream_equals_unary(client):
@@ -149,7 +96,7 @@ def test_buf_curl_with_reflection(launched):
                             timeout=60)
     assert "llmserve.inference.v1.InferenceService/CreateCompletion" in listed.stdout
     body = '{"model": "smollm2", "prompt": "What is AI?", "max_tokens": 5, "temperature": 0.7}'
-    called = subprocess.run([*base, "-H", f"authorization: Bearer {launched.key}", "-d", body,
+    called = subprocess.run([*base, "-H", f"authorization: Bearer {launched.api_key}", "-d", body,
                              f"http://{launched.gateway}/llmserve.inference.v1.InferenceService/CreateCompletion"],
                             capture_output=True, text=True, timeout=120)
     assert called.returncode == 0, called.stderr
@@ -161,7 +108,7 @@ def test_buf_curl_with_reflection(launched):
 
 
 def test_killed_worker_is_restarted_and_serving_resumes(launched, client):
-    (worker_pid,) = [pid for pid in _pids_with("llmserve.worker") if pid in _pids_with(str(launched.tmp))]
+    (worker_pid,) = [pid for pid in _pids_with("llmserve.worker") if pid in _pids_with(str(launched.dir))]
     os.kill(worker_pid, signal.SIGKILL)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
@@ -185,12 +132,12 @@ def test_logs_hold_no_prompts_or_keys(launched, client):
     client.chat("smollm2", [("user", "my secret email is alice@example.com")], max_tokens=2, skip_cache=True)
     logs = "".join(p.read_text(errors="replace") for p in (launched.state / "logs").glob("*.log"))
     assert '"event": "request"' in logs
-    for secret in (QUESTION, "alice@example.com", launched.key):
+    for secret in (QUESTION, "alice@example.com", launched.api_key):
         assert secret not in logs
 
 
 def test_ctrl_c_stops_everything_and_frees_the_ports(launched):
-    marker = str(launched.tmp)  # in the command line of every process it started, etcd and Redis included
+    marker = str(launched.dir)  # in the command line of every process it started, etcd and Redis included
     assert len(_pids_with(marker)) >= 6
     assert launched.stop() < 15
     assert launched.proc.returncode == 0

@@ -1,0 +1,98 @@
+"""A throwaway local mesh on free ports: `llmserve run` in a subprocess with its own config and state folder.
+
+For integration tests and benchmarks (ours and users'):
+    with LocalMesh(tmp_dir) as mesh:
+        client = Client(mesh.gateway, mesh.api_key)
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SERVICES = ("gateway", "scheduler", "worker", "registry")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalMesh:
+    def __init__(self, directory: str | pathlib.Path, *, models_file: str | pathlib.Path | None = None,
+                 worker: dict | None = None, start_timeout_s: float = 600):
+        self.dir = pathlib.Path(directory)
+        self.state = self.dir / "state"
+        self.ports = {name: free_port() for name in ("etcd", "redis", *SERVICES)}
+        self.metrics_ports = {name: free_port() for name in SERVICES}
+        p, m = self.ports, self.metrics_ports
+        self.config_path = self.dir / "llmserve.yaml"
+        self.config_path.write_text(yaml.safe_dump({
+            "etcd": {"port": p["etcd"]},
+            "redis": {"url": f"redis://127.0.0.1:{p['redis']}/0"},
+            "gateway": {"port": p["gateway"], "metrics_port": m["gateway"],
+                        "scheduler_address": f"127.0.0.1:{p['scheduler']}"},
+            "scheduler": {"port": p["scheduler"], "metrics_port": m["scheduler"]},
+            "worker": {"port": p["worker"], "metrics_port": m["worker"],
+                       "model_cache_dir": str(REPO / ".llmserve" / "models"),
+                       "models": ["smollm2-135m-instruct-v1", "all-minilm-l6-v2-v1"], **(worker or {})},
+            "registry": {"port": p["registry"], "metrics_port": m["registry"]},
+        }))
+        self.models_file = pathlib.Path(models_file or REPO / "deploy" / "local" / "models.yaml")
+        self.start_timeout_s = start_timeout_s
+        self.output: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self._ready = threading.Event()
+
+    def start(self) -> "LocalMesh":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmserve.clients.cli", "--config", str(self.config_path), "run",
+             "--models", str(self.models_file), "--state-dir", str(self.state)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("llmserve run did not come up:\n" + "".join(self.output))
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            if "llmserve is up" in line:
+                self._ready.set()
+
+    @property
+    def api_key(self) -> str:
+        return (self.state / "dev-api-key").read_text().strip()
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.ports[service]}"
+
+    @property
+    def gateway(self) -> str:
+        return self.address("gateway")
+
+    def stop(self) -> float:
+        """Ctrl-C, as a user would; returns how long the shutdown took."""
+        started = time.monotonic()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(30)
+        return time.monotonic() - started
+
+    def __enter__(self) -> "LocalMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
