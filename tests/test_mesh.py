@@ -260,3 +260,55 @@ async def test_vanished_worker_fails_in_flight_requests_and_leaves_routing(mesh)
         await served.engine.stop()
     mesh.workers.remove(worker)
     await worker.client.close()
+
+
+@pytest.mark.parametrize("outage", ["hung", "stopped"])
+async def test_serving_continues_without_redis(mesh, redis_srv, outage):
+    request = completion(prompt=f"redis is {outage}", max_tokens=w.Int32Value(value=4))
+    if outage == "hung":
+        redis_srv.pause()
+    else:
+        redis_srv.stop()
+    try:
+        for _ in range(2):  # neither read nor write of the cache can work: both are plain misses
+            response, cache = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
+            assert response.choices and cache == "miss"
+    finally:
+        if outage == "hung":
+            redis_srv.resume()
+        else:
+            redis_srv.start()
+    # Redis back: the cache works again without restarting anything.
+    first, cache1 = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
+    second, cache2 = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
+    assert (cache1, cache2) == ("miss", "hit") and first.choices == second.choices
+
+
+async def test_usage_is_counted_per_tenant_and_version(mesh):
+    before = (await mesh.gateway.usage.get("test-tenant")).get(TINY, {})
+    response = await mesh.stub.CreateCompletion(completion(prompt="count me", skip_cache=True), metadata=mesh.auth)
+    after = (await mesh.gateway.usage.get("test-tenant"))[TINY]
+    assert after["requests"] == before.get("requests", 0) + 1
+    assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == response.usage.prompt_tokens
+    assert after["completion_tokens"] - before.get("completion_tokens", 0) == response.usage.completion_tokens
+
+
+async def test_new_and_revoked_keys_take_effect_within_a_second(mesh):
+    from llmserve.common import etcd as etcd_mod
+    from llmserve.registry.store import KeyStore
+    client = etcd_mod.connect(mesh.config.etcd)
+    try:
+        keys = KeyStore(client, mesh.config.etcd.prefix)
+        key, record = await keys.create("other-tenant")
+        metadata = (("authorization", f"Bearer {key}"),)
+        assert await mesh.gateway.view.keys.wait_for(lambda s: record.key_hash in s, 1.0)
+        assert (await mesh.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)).data
+        await keys.revoke(record.key_id)
+        assert await mesh.gateway.view.keys.wait_for(lambda s: s[record.key_hash].revoked, 1.0)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await mesh.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stored = (await client.get(f"{mesh.config.etcd.prefix}/keys/{record.key_hash}".encode())).value.decode()
+        assert key not in stored  # only the hash is stored
+    finally:
+        await client.close()
