@@ -76,12 +76,15 @@ def _model(name: str) -> str:
 
 
 def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
-    if request.HasField("max_tokens"):
-        max_tokens = request.max_tokens.value
-        if max_tokens < 1:
-            raise invalid_argument(f"max_tokens={max_tokens} is out of range: it must be >= 1")
-    else:
-        max_tokens = default_max_tokens
+    given = {name: getattr(request, name).value for name in ("max_tokens", "max_completion_tokens")
+             if request.HasField(name)}
+    if len(set(given.values())) > 1:
+        raise invalid_argument(f"max_tokens={given['max_tokens']} and max_completion_tokens="
+                               f"{given['max_completion_tokens']} differ: set only one of them")
+    for name, value in given.items():
+        if value < 1:
+            raise invalid_argument(f"{name}={value} is out of range: it must be >= 1")
+    max_tokens = next(iter(given.values()), default_max_tokens)
     temperature = request.temperature.value if request.HasField("temperature") else 1.0
     if not 0.0 <= temperature <= 2.0:
         raise invalid_argument(f"temperature={temperature:g} is out of range: it must be in [0, 2]")
@@ -96,7 +99,7 @@ def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
         raise invalid_argument("stop strings must not be empty")
     return Sampling(temperature=temperature, top_p=top_p, top_k=request.top_k,
                     seed=request.seed.value & INT64_MASK if request.HasField("seed") else None,
-                    max_tokens=max_tokens, max_tokens_is_default=not request.HasField("max_tokens"),
+                    max_tokens=max_tokens, max_tokens_is_default=not given,
                     stop=tuple(request.stop), ignore_eos=request.ignore_eos)
 
 

@@ -274,6 +274,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                           model=res.version.version)
             chunks: asyncio.Queue = asyncio.Queue()
             started: set[int] = set()
+            include_usage = not request.HasField("stream_options") or request.stream_options.include_usage
 
             async def on_output(index: int, output: task_pb2.TaskOutput) -> None:
                 if output.text_delta or output.finished:
@@ -288,8 +289,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     if hit:  # replay the cached answer as one chunk per choice
                         for index, (text, reason) in enumerate(result.choices):
                             chunks.put_nowait(response_cls(**header, choices=[chunk_choice(index, text, reason, True)]))
-                    chunks.put_nowait(response_cls(**header, usage=_usage(result.prompt_tokens,
-                                                                          result.completion_tokens)))
+                    if include_usage:
+                        chunks.put_nowait(response_cls(**header, usage=_usage(result.prompt_tokens,
+                                                                              result.completion_tokens)))
                 finally:
                     chunks.put_nowait(None)
 

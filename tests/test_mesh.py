@@ -312,3 +312,19 @@ async def test_new_and_revoked_keys_take_effect_within_a_second(mesh):
         assert key not in stored  # only the hash is stored
     finally:
         await client.close()
+
+
+async def test_max_completion_tokens_and_stream_options(mesh):
+    response = await mesh.stub.CreateCompletion(completion(max_tokens=None, max_completion_tokens=w.Int32Value(
+        value=3), ignore_eos=True, skip_cache=True), metadata=mesh.auth)
+    assert response.usage.completion_tokens == 3
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateCompletion(completion(max_completion_tokens=w.Int32Value(value=3)), metadata=mesh.auth)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "differ" in err.value.details()
+    base = dict(model="tiny", prompt="x", max_tokens=w.Int32Value(value=2), skip_cache=True)
+    without = [c async for c in mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
+        **base, stream_options=pb.StreamOptions(include_usage=False)), metadata=mesh.auth)]
+    assert all(c.choices and not c.HasField("usage") for c in without)
+    with_usage = [c async for c in mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
+        **base, stream_options=pb.StreamOptions(include_usage=True)), metadata=mesh.auth)]
+    assert with_usage[-1].HasField("usage") and not with_usage[-1].choices

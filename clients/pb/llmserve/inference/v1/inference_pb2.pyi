@@ -49,6 +49,28 @@ PRIORITY_BATCH: Priority.ValueType  # 3
 Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
 @_typing.final
+class StreamOptions(_message.Message):
+    """Options of a streaming request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_USAGE_FIELD_NUMBER: _builtins.int
+    include_usage: _builtins.bool
+    """Optional. Send a final chunk (with no choices) that carries the usage of the whole request."""
+    def __init__(
+        self,
+        *,
+        include_usage: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_usage", b"include_usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamOptions: _TypeAlias = StreamOptions  # noqa: Y015
+
+@_typing.final
 class Usage(_message.Message):
     """Token accounting of one request."""
 
@@ -101,6 +123,7 @@ class CreateCompletionRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     PROMPTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias (e.g. "smollm2") or concrete version (e.g. "smollm2-135m-instruct-v1")."""
@@ -141,6 +164,10 @@ class CreateCompletionRequest(_message.Message):
         """Optional. Choices to generate per prompt, 1-16; default 1."""
 
     @_builtins.property
+    def max_completion_tokens(self) -> _wrappers_pb2.Int32Value:
+        """Optional. OpenAI's newer name for max_tokens; when both are set, they must be equal."""
+
+    @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """A batch of prompts; choice i*n+j answers prompt i. Exactly one of prompt and prompts is required."""
 
@@ -160,11 +187,12 @@ class CreateCompletionRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         skip_cache: _builtins.bool = ...,
         ignore_eos: _builtins.bool = ...,
+        max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
         prompts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -265,6 +293,8 @@ class StreamCompletionRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    STREAM_OPTIONS_FIELD_NUMBER: _builtins.int
     PROMPTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
@@ -305,6 +335,14 @@ class StreamCompletionRequest(_message.Message):
         """Optional. Choices per prompt, 1-16; default 1."""
 
     @_builtins.property
+    def max_completion_tokens(self) -> _wrappers_pb2.Int32Value:
+        """Optional. OpenAI's newer name for max_tokens; when both are set, they must be equal."""
+
+    @_builtins.property
+    def stream_options(self) -> Global___StreamOptions:
+        """Optional. Absent: the last chunk carries usage. Present: usage only when include_usage is true."""
+
+    @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """A batch of prompts. Exactly one of prompt and prompts is required."""
 
@@ -324,11 +362,13 @@ class StreamCompletionRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         skip_cache: _builtins.bool = ...,
         ignore_eos: _builtins.bool = ...,
+        max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
+        stream_options: Global___StreamOptions | None = ...,
         prompts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,6 +465,7 @@ class CreateChatCompletionRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     top_k: _builtins.int
@@ -465,6 +506,10 @@ class CreateChatCompletionRequest(_message.Message):
     def n(self) -> _wrappers_pb2.Int32Value:
         """Optional. Choices to generate, 1-16; default 1."""
 
+    @_builtins.property
+    def max_completion_tokens(self) -> _wrappers_pb2.Int32Value:
+        """Optional. OpenAI's newer name for max_tokens; when both are set, they must be equal."""
+
     def __init__(
         self,
         *,
@@ -481,10 +526,11 @@ class CreateChatCompletionRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         skip_cache: _builtins.bool = ...,
         ignore_eos: _builtins.bool = ...,
+        max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,6 +633,8 @@ class StreamChatCompletionRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    STREAM_OPTIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     top_k: _builtins.int
@@ -627,6 +675,14 @@ class StreamChatCompletionRequest(_message.Message):
     def n(self) -> _wrappers_pb2.Int32Value:
         """Optional. Choices to generate, 1-16; default 1."""
 
+    @_builtins.property
+    def max_completion_tokens(self) -> _wrappers_pb2.Int32Value:
+        """Optional. OpenAI's newer name for max_tokens; when both are set, they must be equal."""
+
+    @_builtins.property
+    def stream_options(self) -> Global___StreamOptions:
+        """Optional. Absent: the last chunk carries usage. Present: usage only when include_usage is true."""
+
     def __init__(
         self,
         *,
@@ -643,10 +699,12 @@ class StreamChatCompletionRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         skip_cache: _builtins.bool = ...,
         ignore_eos: _builtins.bool = ...,
+        max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
+        stream_options: Global___StreamOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
