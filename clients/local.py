@@ -32,7 +32,7 @@ class LocalMesh:
                  worker: dict | None = None, start_timeout_s: float = 600):
         self.dir = pathlib.Path(directory)
         self.state = self.dir / "state"
-        self.ports = {name: free_port() for name in ("etcd", "redis", *SERVICES)}
+        self.ports = {name: free_port() for name in ("etcd", "redis", "rest", *SERVICES)}
         self.metrics_ports = {name: free_port() for name in SERVICES}
         p, m = self.ports, self.metrics_ports
         self.config_path = self.dir / "llmserve.yaml"
@@ -46,6 +46,7 @@ class LocalMesh:
                        "model_cache_dir": str(REPO / ".llmserve" / "models"),
                        "models": ["smollm2-135m-instruct-v1", "all-minilm-l6-v2-v1"], **(worker or {})},
             "registry": {"port": p["registry"], "metrics_port": m["registry"]},
+            "rest": {"port": p["rest"], "gateway_address": f"127.0.0.1:{p['gateway']}"},
         }))
         self.models_file = pathlib.Path(models_file or REPO / "deploy" / "local" / "models.yaml")
         self.start_timeout_s = start_timeout_s
@@ -82,6 +83,11 @@ class LocalMesh:
     @property
     def gateway(self) -> str:
         return self.address("gateway")
+
+    @property
+    def rest_url(self) -> str:
+        """Base URL of the OpenAI-compatible REST sidecar (for `OpenAI(base_url=...)`)."""
+        return f"http://127.0.0.1:{self.ports['rest']}/v1"
 
     def stop(self) -> float:
         """Ctrl-C, as a user would; returns how long the shutdown took."""

@@ -80,6 +80,15 @@ class RegistryConfig:
 
 
 @dataclass
+class RestConfig:
+    host: str = "127.0.0.1"  # listen address of the OpenAI-compatible REST sidecar (grpc-gateway)
+    port: int = 8080  # REST port (0: do not start the sidecar)
+    gateway_address: str = "127.0.0.1:50051"  # the gRPC gateway it transcodes to
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    binary: str = "deploy/rest/bin/llmserve-rest"  # built by `make rest` (part of `make install`)
+
+
+@dataclass
 class LogConfig:
     level: str = "info"  # debug, info, warning, error
     json: bool = True  # JSON lines (false: human-readable console)
@@ -93,6 +102,7 @@ class MeshConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    rest: RestConfig = field(default_factory=RestConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "MeshConfig":

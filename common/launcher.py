@@ -92,6 +92,7 @@ class Launcher:
         self.config: MeshConfig = load_config(self.config_path)
         self.children: list[Child] = []
         self.stopping = False
+        self.rest_url = ""
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -162,6 +163,25 @@ class Launcher:
             raise SystemExit(f"{name} failed to start ({exc}); see {child.log_path}") from None
         self.say(f"{name}: serving on 127.0.0.1:{port}")
 
+    def _start_rest(self) -> None:
+        cfg = self.config.rest
+        if not cfg.port:
+            return
+        binary = pathlib.Path(cfg.binary)
+        if not binary.is_absolute():
+            binary = pathlib.Path(__file__).resolve().parent.parent / binary
+        if not binary.exists():
+            self.say(f"rest: {binary} is not built (`make rest`); serving gRPC only")
+            return
+        if is_listening("127.0.0.1", cfg.port):
+            raise SystemExit(f"rest: port {cfg.port} is already taken; change rest.port in {self.config_path}")
+        child = Child("rest", [str(binary), "--listen", f"{cfg.host}:{cfg.port}", "--gateway", cfg.gateway_address,
+                               "--max-body-bytes", str(cfg.max_body_bytes)], self.state / "logs" / "rest.log")
+        self._spawn(child)
+        _wait_port(cfg.host, cfg.port, 20, child.proc)
+        self.rest_url = f"http://{cfg.host}:{cfg.port}/v1"
+        self.say(f"rest: OpenAI-compatible API on {self.rest_url}")
+
     def _register_models(self) -> None:
         from llmserve.clients.admin import apply_models_file
         address = f"127.0.0.1:{self.config.registry.port}"
@@ -187,6 +207,7 @@ class Launcher:
         self._start_service("worker", cfg.worker.port, 600)
         self._start_service("scheduler", cfg.scheduler.port, 60)
         self._start_service("gateway", cfg.gateway.port, 60)
+        self._start_rest()
         self._banner()
 
     def _banner(self) -> None:
@@ -210,8 +231,17 @@ Try it:
     -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}' \\
     http://{gw}/llmserve.inference.v1.InferenceService/CreateChatCompletion
 
-Ctrl-C stops everything.
+{self._rest_example(key_file)}Ctrl-C stops everything.
 """, flush=True)
+
+    def _rest_example(self, key_file: pathlib.Path) -> str:
+        if not self.rest_url:
+            return ""
+        return f"""  curl {self.rest_url}/chat/completions -H "Authorization: Bearer $(cat {key_file})" \\
+    -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+  OpenAI SDK: OpenAI(base_url="{self.rest_url}", api_key=open("{key_file}").read().strip())
+
+"""
 
     # ---- supervision and shutdown ----
 
