@@ -1,8 +1,10 @@
-"""Operator helpers used by the CLI and the launcher: apply a models file to the registry, manage API keys."""
+"""Operator helpers used by the CLI and the launcher: admin keys (bootstrap, straight in etcd), and calls to the
+admin services (models file, tenants, API keys) with an admin key."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pathlib
 
@@ -10,18 +12,73 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from llmserve.admin.v1 import keys_pb2, registry_pb2, registry_pb2_grpc
+from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
 from llmserve.registry.store import KeyStore
 
 
-def apply_models_file(registry_address: str, path: str | os.PathLike) -> list[str]:
+class WithAuth:
+    """A stub whose every call carries `authorization: Bearer <key>`."""
+
+    def __init__(self, stub, key: str):
+        self._stub = stub
+        self._metadata = (("authorization", f"Bearer {key}"),)
+
+    def __getattr__(self, name):
+        return functools.partial(getattr(self._stub, name), metadata=self._metadata)
+
+
+def registry_stub(channel, admin_key: str):
+    return WithAuth(registry_pb2_grpc.RegistryServiceStub(channel), admin_key)
+
+
+def tenant_stub(channel, admin_key: str):
+    return WithAuth(tenants_pb2_grpc.TenantServiceStub(channel), admin_key)
+
+
+def write_secret(path: pathlib.Path, value: str) -> None:
+    """Writes a secret file readable by its owner only (0600), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    os.replace(tmp, path)
+
+
+async def _with_keys(config: MeshConfig, fn):
+    client = etcd.connect(config.etcd)
+    try:
+        return await fn(KeyStore(client, config.etcd.prefix))
+    finally:
+        await client.close()
+
+
+def create_admin_key(config: MeshConfig, description: str = "") -> str:
+    """Bootstrap: writes an admin key's hash straight into etcd (whoever can write etcd is an admin anyway)."""
+    key, _ = asyncio.run(_with_keys(config, lambda keys: keys.create_admin_key(description)))
+    return key
+
+
+def ensure_admin_key(config: MeshConfig, path: pathlib.Path) -> tuple[str, bool]:
+    async def ensure(keys: KeyStore) -> tuple[str, bool]:
+        if path.exists():
+            key = path.read_text().strip()
+            if await keys.lookup_admin_key(key) is not None:
+                return key, False
+        key, _ = await keys.create_admin_key("written by `llmserve run`")
+        write_secret(path, key)
+        return key, True
+    return asyncio.run(_with_keys(config, ensure))
+
+
+def apply_models_file(registry_address: str, admin_key: str, path: str | os.PathLike) -> list[str]:
     """Registers the versions (idempotently: identical ones are kept) and sets the aliases of a models file."""
     data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
     done = []
     with grpc.insecure_channel(registry_address) as channel:
-        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        stub = registry_stub(channel, admin_key)
         for item in data.get("versions", []):
             version = json_format.ParseDict(item, registry_pb2.ModelVersion())
             stub.CreateModelVersion(registry_pb2.CreateModelVersionRequest(model_version=version,
@@ -34,40 +91,23 @@ def apply_models_file(registry_address: str, path: str | os.PathLike) -> list[st
     return done
 
 
-async def _with_keys(config: MeshConfig, fn):
-    client = etcd.connect(config.etcd)
-    try:
-        return await fn(KeyStore(client, config.etcd.prefix))
-    finally:
-        await client.close()
-
-
-def create_key(config: MeshConfig, tenant: str, description: str = "") -> tuple[str, keys_pb2.ApiKey]:
-    return asyncio.run(_with_keys(config, lambda keys: keys.create(tenant, description)))
-
-
-def list_keys(config: MeshConfig) -> list[keys_pb2.ApiKey]:
-    return asyncio.run(_with_keys(config, lambda keys: keys.list()))
-
-
-def revoke_key(config: MeshConfig, key_id: str) -> keys_pb2.ApiKey | None:
-    return asyncio.run(_with_keys(config, lambda keys: keys.revoke(key_id)))
-
-
-def ensure_dev_key(config: MeshConfig, path: pathlib.Path) -> tuple[str, bool]:
-    """Reuses the key in `path` if etcd still knows it; otherwise creates one for tenant 'dev' and writes it
-    with mode 0600. Returns (key, created)."""
-    async def ensure(keys: KeyStore) -> tuple[str, bool]:
-        if path.exists():
-            key = path.read_text().strip()
-            record = await keys.lookup(key)
-            if record is not None and not record.revoked:
-                return key, False
-        key, _ = await keys.create("dev", "development key written by `llmserve run`")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-        os.chmod(path, 0o600)
-        return key, True
-    return asyncio.run(_with_keys(config, ensure))
+def ensure_dev_key(config: MeshConfig, registry_address: str, admin_key: str, path: pathlib.Path
+                   ) -> tuple[str, bool]:
+    """Reuses the key in `path` if it is still valid; otherwise makes tenant 'dev' (no limits) if needed and a
+    key for it, written with mode 0600. Returns (key, created)."""
+    if path.exists():
+        key = path.read_text().strip()
+        record = asyncio.run(_with_keys(config, lambda keys: keys.lookup(key)))
+        if record is not None and not record.revoked:
+            return key, False
+    with grpc.insecure_channel(registry_address) as channel:
+        stub = tenant_stub(channel, admin_key)
+        try:
+            stub.CreateTenant(tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(name="dev")), timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        created = stub.CreateApiKey(tenants_pb2.CreateApiKeyRequest(
+            tenant="dev", description="development key written by `llmserve run`"), timeout=10)
+    write_secret(path, created.key)
+    return created.key, True

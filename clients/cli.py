@@ -1,4 +1,4 @@
-"""The `llmserve` command: run the local mesh, manage API keys and registry models, make quick calls."""
+"""The `llmserve` command: run the local mesh; manage models, tenants, API keys and usage; make quick calls."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from google.protobuf import json_format
 
 DEFAULT_CONFIG = "deploy/local/llmserve.yaml"
 DEFAULT_MODELS = "deploy/local/models.yaml"
+PRIORITIES = {"interactive": 1, "standard": 2, "batch": 3}
 
 
 def _config(args):
@@ -20,45 +21,120 @@ def _config(args):
     return load_config(args.config if args.config and os.path.exists(args.config) else None)
 
 
+def _admin_key(args) -> str:
+    key = args.admin_key or os.environ.get("LLMSERVE_ADMIN_KEY", "")
+    if not key and pathlib.Path(".llmserve/admin-key").exists():
+        key = pathlib.Path(".llmserve/admin-key").read_text().strip()
+    if not key:
+        sys.exit("no admin key: pass --admin-key, set LLMSERVE_ADMIN_KEY, or run from the folder of `make run`")
+    return key
+
+
+def _admin(args, which: str):
+    import grpc
+
+    from llmserve.clients import admin
+    config = _config(args)
+    channel = grpc.insecure_channel(args.registry or f"127.0.0.1:{config.registry.port}")
+    make = admin.tenant_stub if which == "tenants" else admin.registry_stub
+    return channel, make(channel, _admin_key(args))
+
+
+def _print(message) -> None:
+    print(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
 def cmd_run(args) -> int:
     from llmserve.common.launcher import run
     return run(args.config, args.models, args.state_dir)
 
 
+def cmd_admin_key(args) -> int:
+    from llmserve.clients.admin import create_admin_key
+    print(create_admin_key(_config(args), args.description))
+    print("this admin key is shown only once", file=sys.stderr)
+    return 0
+
+
+def _tenant_from_args(args, base=None):
+    from llmserve.admin.v1 import tenants_pb2
+    tenant = base or tenants_pb2.Tenant(name=args.name)
+    if args.allowed_models is not None:
+        del tenant.allowed_models[:]
+        tenant.allowed_models.extend(m for m in args.allowed_models.split(",") if m)
+    if args.max_priority is not None:
+        tenant.max_priority = PRIORITIES[args.max_priority]
+    for flag, field in (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"), ("budget_usd", "budget_usd")):
+        if getattr(args, flag) is not None:
+            setattr(tenant, field, getattr(args, flag))
+    if args.budget_period is not None:
+        tenant.budget_period = tenants_pb2.BUDGET_PERIOD_DAY if args.budget_period == "day" else \
+            tenants_pb2.BUDGET_PERIOD_MONTH
+    return tenant
+
+
+def cmd_tenants(args) -> int:
+    from llmserve.admin.v1 import tenants_pb2 as t
+    channel, stub = _admin(args, "tenants")
+    with channel:
+        if args.action == "create":
+            _print(stub.CreateTenant(t.CreateTenantRequest(tenant=_tenant_from_args(args)), timeout=10).tenant)
+        elif args.action == "update":
+            current = stub.GetTenant(t.GetTenantRequest(name=args.name), timeout=10).tenant
+            _print(stub.UpdateTenant(t.UpdateTenantRequest(tenant=_tenant_from_args(args, current)),
+                                     timeout=10).tenant)
+        else:
+            for tenant in stub.ListTenants(t.ListTenantsRequest(), timeout=10).tenants:
+                _print(tenant)
+    return 0
+
+
 def cmd_keys(args) -> int:
-    from llmserve.clients import admin
-    config = _config(args)
-    if args.action == "create":
-        key, record = admin.create_key(config, args.tenant, args.description)
-        print(key)
-        print(f"created {record.key_id} for tenant {record.tenant!r}; the key is shown only once", file=sys.stderr)
-    elif args.action == "list":
-        for record in admin.list_keys(config):
-            state = "revoked" if record.revoked else "active"
-            created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(record.created))
-            print(f"{record.key_id}  {record.tenant:20s}  {state:8s}  {created}  {record.description}")
-    elif args.action == "revoke":
-        record = admin.revoke_key(config, args.key_id)
-        if record is None:
-            print(f"no key with id {args.key_id}", file=sys.stderr)
-            return 1
-        print(f"revoked {record.key_id} (tenant {record.tenant!r})")
+    from llmserve.admin.v1 import tenants_pb2 as t
+    channel, stub = _admin(args, "tenants")
+    with channel:
+        if args.action in ("create", "rotate"):
+            if args.action == "create":
+                made = stub.CreateApiKey(t.CreateApiKeyRequest(tenant=args.tenant, description=args.description,
+                                                               requests_per_minute=args.rpm or 0,
+                                                               tokens_per_minute=args.tpm or 0), timeout=10)
+            else:
+                made = stub.RotateApiKey(t.RotateApiKeyRequest(key_id=args.key_id), timeout=10)
+            print(made.key)
+            print(f"{made.api_key.key_id} for tenant {made.api_key.tenant!r}; the key is shown only once",
+                  file=sys.stderr)
+        elif args.action == "list":
+            for k in stub.ListApiKeys(t.ListApiKeysRequest(tenant=args.tenant or ""), timeout=10).api_keys:
+                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created))
+                state = "revoked" if k.revoked else "active"
+                print(f"{k.key_id}  {k.tenant:20s}  {state:8s}  {created}  rpm={k.requests_per_minute} "
+                      f"tpm={k.tokens_per_minute}  {k.description}")
+        else:
+            revoked = stub.RevokeApiKey(t.RevokeApiKeyRequest(key_id=args.key_id), timeout=10).api_key
+            print(f"revoked {revoked.key_id} (tenant {revoked.tenant!r})")
+    return 0
+
+
+def cmd_usage(args) -> int:
+    from llmserve.admin.v1 import tenants_pb2 as t
+    channel, stub = _admin(args, "tenants")
+    with channel:
+        _print(stub.GetUsage(t.GetUsageRequest(tenant=args.tenant, start_day=args.start_day or "",
+                                               end_day=args.end_day or ""), timeout=10))
     return 0
 
 
 def cmd_models(args) -> int:
-    import grpc
-
-    from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc
+    from llmserve.admin.v1 import registry_pb2
     from llmserve.clients import admin
-    config = _config(args)
-    address = args.registry or f"127.0.0.1:{config.registry.port}"
     if args.action == "apply":
-        for line in admin.apply_models_file(address, args.file):
+        config = _config(args)
+        for line in admin.apply_models_file(args.registry or f"127.0.0.1:{config.registry.port}", _admin_key(args),
+                                            args.file):
             print(line)
         return 0
-    with grpc.insecure_channel(address) as channel:
-        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+    channel, stub = _admin(args, "registry")
+    with channel:
         versions = stub.ListModelVersions(registry_pb2.ListModelVersionsRequest(), timeout=10).model_versions
         aliases = stub.ListAliases(registry_pb2.ListAliasesRequest(), timeout=10).aliases
     print(json.dumps({"versions": [json_format.MessageToDict(v) for v in versions],
@@ -78,6 +154,21 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _admin_flags(parser) -> None:
+    parser.add_argument("--registry", help="registry address (default from the config)")
+    parser.add_argument("--admin-key", default="", help="default: $LLMSERVE_ADMIN_KEY, else .llmserve/admin-key")
+
+
+def _tenant_flags(parser) -> None:
+    parser.add_argument("name")
+    parser.add_argument("--allowed-models", help="comma-separated names or patterns (empty: all)")
+    parser.add_argument("--max-priority", choices=list(PRIORITIES))
+    parser.add_argument("--rpm", type=int, help="requests per minute (0: unlimited)")
+    parser.add_argument("--tpm", type=int, help="tokens per minute (0: unlimited)")
+    parser.add_argument("--budget-usd", type=float, help="budget per period (0: unlimited)")
+    parser.add_argument("--budget-period", choices=["day", "month"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmserve", description=__doc__)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
@@ -85,25 +176,53 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="start the whole mesh in the foreground (Ctrl-C stops it)")
     run.add_argument("--models", default=DEFAULT_MODELS, help="models file registered at start")
-    run.add_argument("--state-dir", default=".llmserve", help="etcd data, logs, dev API key")
+    run.add_argument("--state-dir", default=".llmserve", help="etcd data, logs, dev API key, admin key")
     run.set_defaults(fn=cmd_run)
 
-    keys = sub.add_parser("keys", help="API keys (stored hashed in etcd)")
+    admin_key = sub.add_parser("admin-key", help="admin keys (bootstrap: written straight to etcd)")
+    admin_key.add_argument("action", choices=["create"])
+    admin_key.add_argument("--description", default="")
+    admin_key.set_defaults(fn=cmd_admin_key)
+
+    tenants = sub.add_parser("tenants", help="tenants: model access, priority cap, limits, budget")
+    tenants_sub = tenants.add_subparsers(dest="action", required=True)
+    for action in ("create", "update"):
+        p = tenants_sub.add_parser(action)
+        _tenant_flags(p)
+        _admin_flags(p)
+    _admin_flags(tenants_sub.add_parser("list"))
+    tenants.set_defaults(fn=cmd_tenants)
+
+    keys = sub.add_parser("keys", help="API keys (stored hashed; shown once)")
     keys_sub = keys.add_subparsers(dest="action", required=True)
-    create = keys_sub.add_parser("create", help="create a key and print it once")
+    create = keys_sub.add_parser("create", help="create a key for a tenant and print it once")
     create.add_argument("--tenant", required=True)
     create.add_argument("--description", default="")
-    keys_sub.add_parser("list", help="list keys (ids, never the keys)")
+    create.add_argument("--rpm", type=int, help="requests per minute of this key")
+    create.add_argument("--tpm", type=int, help="tokens per minute of this key")
+    listing = keys_sub.add_parser("list", help="list keys (ids, never the keys)")
+    listing.add_argument("--tenant")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
+    rotate = keys_sub.add_parser("rotate", help="replace a key by a new one (same tenant and limits)")
+    rotate.add_argument("key_id")
+    for p in (create, listing, revoke, rotate):
+        _admin_flags(p)
     keys.set_defaults(fn=cmd_keys)
 
+    usage = sub.add_parser("usage", help="usage and cost of a tenant per day, key and model version")
+    usage.add_argument("--tenant", required=True)
+    usage.add_argument("--start-day", help="YYYY-MM-DD (default today)")
+    usage.add_argument("--end-day", help="YYYY-MM-DD (default start day)")
+    _admin_flags(usage)
+    usage.set_defaults(fn=cmd_usage)
+
     models = sub.add_parser("models", help="registry versions and aliases")
-    models.add_argument("--registry", help="registry address (default from the config)")
     models_sub = models.add_subparsers(dest="action", required=True)
     apply = models_sub.add_parser("apply", help="register versions and set aliases from a YAML file")
     apply.add_argument("file")
-    models_sub.add_parser("list", help="print versions and aliases as JSON")
+    _admin_flags(apply)
+    _admin_flags(models_sub.add_parser("list", help="print versions and aliases as JSON"))
     models.set_defaults(fn=cmd_models)
 
     chat = sub.add_parser("chat", help="stream one chat answer from the gateway")
@@ -116,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(fn=cmd_chat)
 
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except Exception as exc:  # grpc.RpcError and friends: one line, not a traceback
+        import grpc
+        if isinstance(exc, grpc.RpcError):
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class GatewayConfig:
     max_prompts: int = 64  # largest batch of prompts in one completion request
     max_embedding_inputs: int = 2048  # largest batch of texts in one embeddings request
     max_stop: int = 4  # most stop strings
+    limits_fail_open: bool = True  # Redis unreachable: admit without rate limits (true) or refuse (false)
 
 
 @dataclass

@@ -6,10 +6,11 @@ import grpc
 
 
 class ServiceError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailers = trailers  # extra trailing metadata, e.g. (("retry-after", "3"),)
 
 
 def invalid_argument(message: str) -> ServiceError:

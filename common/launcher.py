@@ -182,18 +182,18 @@ class Launcher:
         self.rest_url = f"http://{cfg.host}:{cfg.port}/v1"
         self.say(f"rest: OpenAI-compatible API on {self.rest_url}")
 
-    def _register_models(self) -> None:
-        from llmserve.clients.admin import apply_models_file
+    def _admin_setup(self) -> None:
+        """Admin key, models, and the dev tenant's API key."""
+        from llmserve.clients import admin
         address = f"127.0.0.1:{self.config.registry.port}"
-        for line in apply_models_file(address, self.models_path):
+        admin_path = self.state / "admin-key"
+        admin_key, created = admin.ensure_admin_key(self.config, admin_path)
+        self.say(f"admin key: {'created' if created else 'reusing'} {admin_path}")
+        for line in admin.apply_models_file(address, admin_key, self.models_path):
             self.say(f"registry: {line}")
-
-    def _dev_key(self) -> str:
-        from llmserve.clients.admin import ensure_dev_key
         path = self.state / "dev-api-key"
-        key, created = ensure_dev_key(self.config, path)
+        _, created = admin.ensure_dev_key(self.config, address, admin_key, path)
         self.say(f"api key: {'created' if created else 'reusing'} {path} (tenant 'dev')")
-        return key
 
     def start(self) -> None:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
@@ -201,8 +201,7 @@ class Launcher:
         self._start_etcd()
         self._start_redis()
         self._start_service("registry", cfg.registry.port, 60)
-        self._register_models()
-        self._dev_key()
+        self._admin_setup()
         self.say("worker: loading models (the first run converts SmolLM2 once, about 20 s) ...")
         self._start_service("worker", cfg.worker.port, 600)
         self._start_service("scheduler", cfg.scheduler.port, 60)

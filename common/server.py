@@ -62,6 +62,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, ServiceError):
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
         await context.abort(exc.code, exc.message)
     log.exception("unexpected error", method=method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
@@ -93,9 +95,10 @@ def _wrap_stream(fn, method):
 class Service:
     """A gRPC server with the standard extras. `start()` returns the bound port (bind port 0 in tests)."""
 
-    def __init__(self, name: str, host: str, port: int, service_names: typing.Iterable[str]):
+    def __init__(self, name: str, host: str, port: int, service_names: typing.Iterable[str],
+                 interceptors: typing.Sequence[grpc.aio.ServerInterceptor] = ()):
         self.name = name
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = list(service_names)

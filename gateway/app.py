@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
-from llmserve.common import etcd
+from llmserve.common import etcd, redisconn
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import CHANNEL_OPTIONS, Service
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
 from llmserve.gateway.service import InferenceServicer, inference_service_name
-from llmserve.gateway.usage import UsageCounter
+from llmserve.gateway.edge import Edge
+from llmserve.gateway.limits import Limiter
+from llmserve.gateway.tokens import TokenCounter
 from llmserve.inference.v1 import inference_pb2_grpc
 from llmserve.registry.store import RegistryView
 
 import grpc
-
-
-def redis_client(url: str, timeout_s: float, max_connections: int) -> aioredis.Redis:
-    # A blocking pool makes callers wait for a connection instead of failing past the pool size.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s)
-    return aioredis.Redis(connection_pool=pool)
 
 
 class GatewayApp:
@@ -31,13 +23,14 @@ class GatewayApp:
         cfg = config.gateway
         self.client = etcd.connect(config.etcd)
         self.view = RegistryView(self.client, config.etcd.prefix, watch_keys=True)
-        self.redis = redis_client(config.redis.url, config.redis.timeout_s, config.redis.max_connections)
+        self.redis = redisconn.connect(config.redis)
         self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
-        self.usage = UsageCounter(self.redis)
+        self.edge = Edge(self.view, Limiter(self.redis, fail_open=cfg.limits_fail_open), self.redis)
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()])
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(cfg, self.view, scheduler_pb2_grpc.SchedulerServiceStub(self.channel),
-                              ResponseCache(self.redis, cfg.response_cache_ttl_s), self.usage),
+                              ResponseCache(self.redis, cfg.response_cache_ttl_s), self.edge,
+                              TokenCounter(config.worker.model_cache_dir)),
             self.service.server)
 
     async def start(self) -> int:

@@ -14,3 +14,6 @@ TOKENS = Counter("llmserve_gateway_tokens", "Tokens by model version and directi
 CACHE = Counter("llmserve_gateway_response_cache", "Response cache lookups by result (hit, miss, bypass)",
                 ["result"])
 REDIS_ERRORS = Counter("llmserve_gateway_redis_errors", "Redis operations that failed (served anyway)", ["op"])
+LIMITED = Counter("llmserve_gateway_limited_requests", "Requests refused by a limit, by what was exceeded",
+                  ["measure"])
+COST = Counter("llmserve_gateway_cost_usd", "Cost of served requests from the registry's prices", ["model_version"])

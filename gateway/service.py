@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import typing
 import uuid
@@ -15,16 +16,16 @@ import uuid
 import grpc
 import structlog
 
-from llmserve.admin.v1 import keys_pb2, registry_pb2
+from llmserve.admin.v1 import registry_pb2
 from llmserve.common.errors import ServiceError, code_from_int, failed_precondition, invalid_argument, not_found
-from llmserve.common.errors import unauthenticated
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.requests import EmbeddingCall, GenerationCall, chat_from_pb, completion_from_pb
 from llmserve.gateway.requests import embeddings_from_pb
-from llmserve.gateway.usage import UsageCounter
+from llmserve.gateway.edge import Caller, Edge
+from llmserve.gateway.tokens import TokenCounter
 from llmserve.common.config import GatewayConfig
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.inference.v1 import inference_pb2_grpc
@@ -57,28 +58,18 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, cfg: GatewayConfig, view: RegistryView, scheduler: scheduler_pb2_grpc.SchedulerServiceStub,
-                 cache: ResponseCache, usage: UsageCounter):
-        self.cfg, self.view, self.scheduler, self.cache, self.usage = cfg, view, scheduler, cache, usage
+                 cache: ResponseCache, edge: Edge, tokens: TokenCounter):
+        self.cfg, self.view, self.scheduler, self.cache, self.edge, self.tokens = (
+            cfg, view, scheduler, cache, edge, tokens)
 
     # ---- request edges ----
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> keys_pb2.ApiKey:
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise unauthenticated("missing API key: send metadata `authorization: Bearer <key>` "
-                                  "(`llmserve keys create --tenant NAME` makes one)")
-        record = self.view.api_key(key.strip())
-        if record is None:
-            raise unauthenticated("the API key is unknown or revoked")
-        structlog.contextvars.bind_contextvars(tenant=record.tenant)
-        return record
-
-    def _resolve(self, name: str, user: str, kind: int) -> Resolution:
+    def _resolve(self, name: str, user: str, kind: int, caller: Caller) -> Resolution:
         found = self.view.resolve(name, user)
         if found is None:
             raise not_found(f"model {name!r} not found; ListModels (GET /v1/models) lists the available models")
         version = found.version
+        self.edge.authorize_model(caller, name, version)
         if version.kind != kind:
             use = "CreateEmbeddings" if version.kind == registry_pb2.MODEL_KIND_EMBED else "completions or chat"
             raise invalid_argument(f"model {name!r} is a {KIND_NAMES.get(version.kind, '?')} model and cannot serve "
@@ -86,6 +77,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if version.state == registry_pb2.MODEL_STATE_DISABLED:
             raise failed_precondition(f"model version {version.version!r} is disabled in the registry")
         return found
+
+    def _begin(self, context, info: dict, parse, request, kind: int):
+        """Auth, validation, model resolution and the priority cap, in that order."""
+        caller = self.edge.authenticate(context)
+        call = parse(request, self.cfg)
+        res = self._resolve(call.model, call.user, kind, caller)
+        priority, note = self.edge.cap_priority(caller, call.priority)
+        if note:
+            info["priority"] = note
+            call = dataclasses.replace(call, priority=priority)
+        return caller, call, res
 
     @contextlib.asynccontextmanager
     async def _observe(self, method: str, context) -> typing.AsyncIterator[dict]:
@@ -114,11 +116,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                      **{k: v for k, v in info.items() if k != "request_id"})
 
     async def _send_metadata(self, context, info: dict) -> None:
-        await context.send_initial_metadata((
-            ("x-request-id", info["request_id"]),
-            ("x-llmserve-model-version", info.get("model_version", "")),
-            ("x-llmserve-cache", info.get("cache", "bypass")),
-        ))
+        metadata = [("x-request-id", info["request_id"]),
+                    ("x-llmserve-model-version", info.get("model_version", "")),
+                    ("x-llmserve-cache", info.get("cache", "bypass"))]
+        if "priority" in info:
+            metadata.append(("x-llmserve-priority", info["priority"]))
+        await context.send_initial_metadata(metadata)
 
     # ---- the scheduler hop ----
 
@@ -187,24 +190,30 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             for p in pumps:
                 p.cancel()
 
-    async def _complete(self, call: GenerationCall, res: Resolution, tenant: str, info: dict, context,
+    async def _complete(self, call: GenerationCall, res: Resolution, caller: Caller, info: dict, context,
                         on_output=None) -> tuple[Result, bool]:
-        """Cache lookup, else generation. on_output(index, output) sees live outputs. Returns (result, cache_hit)."""
-        version = res.version.version
-        info.update(model_version=version, kind=call.kind, n=call.n, num_inputs=call.num_inputs)
+        """Cache lookup, else admission (limits, budget) and generation, then settlement and usage.
+        on_output(index, output) sees live outputs. Returns (result, cache_hit)."""
+        version = res.version
+        info.update(model_version=version.version, kind=call.kind, n=call.n, num_inputs=call.num_inputs)
         key = None
         if call.sampling.is_deterministic and not call.skip_cache:
-            key = cache_key(tenant, version, call.cache_fields())
+            key = cache_key(caller.tenant.name, version.version, call.cache_fields())
             cached = await self.cache.get(key)
             info["cache"] = "hit" if cached else "miss"
             metrics.CACHE.labels(info["cache"]).inc()
             if cached:
                 result = Result.from_json(cached)
+                await self.edge.admit(caller, info["request_id"], version, 0, 0)  # counts as a request
                 await self._send_metadata(context, info)
-                await self._count(tenant, version, result, True, info)
+                await self._record(caller, version.version, info, result, cache_hit=True, cost_micro=0)
                 return result, True
         else:
             metrics.CACHE.labels("bypass").inc()
+        counts = await self.tokens.count(version, texts=call.prompts,
+                                         messages=call.messages if call.kind == "chat" else None)
+        admission = await self.edge.admit(caller, info["request_id"], version, sum(counts),
+                                          call.n * call.num_inputs * call.sampling.max_tokens)
         await self._send_metadata(context, info)
         texts = [[] for _ in range(call.num_inputs * call.n)]
         reasons = [""] * len(texts)
@@ -212,40 +221,47 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         completion_tokens = [0] * len(texts)
         started = time.perf_counter()
         first = True
-        async for index, output in self._generate(call, version, info["request_id"], context):
-            if first and output.text_delta:
-                metrics.TTFT.labels(version).observe(time.perf_counter() - started)
-                first = False
-            texts[index].append(output.text_delta)
-            prompt_tokens[index] = output.prompt_tokens
-            completion_tokens[index] = output.completion_tokens
-            if output.finished:
-                reasons[index] = output.finish_reason
-            if on_output is not None:
-                await on_output(index, output)
-        # The prompt is counted once per input, not once per choice (as OpenAI does).
-        result = Result([("".join(t), r) for t, r in zip(texts, reasons)],
-                        sum(prompt_tokens[i * call.n] for i in range(call.num_inputs)), sum(completion_tokens))
+        result = None
+        try:
+            async for index, output in self._generate(call, version.version, info["request_id"], context):
+                if first and output.text_delta:
+                    metrics.TTFT.labels(version.version).observe(time.perf_counter() - started)
+                    first = False
+                texts[index].append(output.text_delta)
+                prompt_tokens[index] = output.prompt_tokens
+                completion_tokens[index] = output.completion_tokens
+                if output.finished:
+                    reasons[index] = output.finish_reason
+                if on_output is not None:
+                    await on_output(index, output)
+            # The prompt is counted once per input, not once per choice (as OpenAI does).
+            result = Result([("".join(t), r) for t, r in zip(texts, reasons)],
+                            sum(prompt_tokens[i * call.n] for i in range(call.num_inputs)), sum(completion_tokens))
+        finally:
+            # Settle what was really computed, also when the request failed or the client went away.
+            done = result or Result([], sum(prompt_tokens[i * call.n] for i in range(call.num_inputs)),
+                                    sum(completion_tokens))
+            cost = await self.edge.settle(caller, admission, version, done.prompt_tokens, done.completion_tokens)
+            await self._record(caller, version.version, info, done, cache_hit=False, cost_micro=cost)
         if key is not None:
             await self.cache.put(key, result.to_json())
-        await self._count(tenant, version, result, False, info)
         return result, False
 
-    async def _count(self, tenant: str, version: str, result: Result, cache_hit: bool, info: dict) -> None:
+    async def _record(self, caller: Caller, version: str, info: dict, result: Result, *, cache_hit: bool,
+                      cost_micro: int) -> None:
         info.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
-        metrics.TOKENS.labels(version, "prompt").inc(result.prompt_tokens)
-        metrics.TOKENS.labels(version, "completion").inc(result.completion_tokens)
-        await self.usage.record(tenant, version, prompt_tokens=result.prompt_tokens,
-                                completion_tokens=result.completion_tokens, cache_hit=cache_hit)
+        computed = (0, 0) if cache_hit else (result.prompt_tokens, result.completion_tokens)
+        await self.edge.record(caller, version, prompt_tokens=computed[0], completion_tokens=computed[1],
+                               cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit else 0,
+                               cache_hit=cache_hit, cost_micro=cost_micro)
 
     # ---- RPCs ----
 
     async def CreateCompletion(self, request, context):
         async with self._observe("CreateCompletion", context) as info:
-            key = self._authenticate(context)
-            call = completion_from_pb(request, self.cfg)
-            res = self._resolve(call.model, call.user, registry_pb2.MODEL_KIND_GENERATE)
-            result, _ = await self._complete(call, res, key.tenant, info, context)
+            caller, call, res = self._begin(context, info, completion_from_pb, request,
+                                            registry_pb2.MODEL_KIND_GENERATE)
+            result, _ = await self._complete(call, res, caller, info, context)
             return pb.CreateCompletionResponse(
                 id=f"cmpl-{info['request_id']}", object="text_completion", created=int(time.time()),
                 model=res.version.version, usage=_usage(result.prompt_tokens, result.completion_tokens),
@@ -254,10 +270,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def CreateChatCompletion(self, request, context):
         async with self._observe("CreateChatCompletion", context) as info:
-            key = self._authenticate(context)
-            call = chat_from_pb(request, self.cfg)
-            res = self._resolve(call.model, call.user, registry_pb2.MODEL_KIND_GENERATE)
-            result, _ = await self._complete(call, res, key.tenant, info, context)
+            caller, call, res = self._begin(context, info, chat_from_pb, request, registry_pb2.MODEL_KIND_GENERATE)
+            result, _ = await self._complete(call, res, caller, info, context)
             return pb.CreateChatCompletionResponse(
                 id=f"chatcmpl-{info['request_id']}", object="chat.completion", created=int(time.time()),
                 model=res.version.version, usage=_usage(result.prompt_tokens, result.completion_tokens),
@@ -267,9 +281,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def _stream(self, method: str, parse, chunk_choice, response_cls, object_name: str, id_prefix: str,
                       request, context):
         async with self._observe(method, context) as info:
-            key = self._authenticate(context)
-            call = parse(request, self.cfg)
-            res = self._resolve(call.model, call.user, registry_pb2.MODEL_KIND_GENERATE)
+            caller, call, res = self._begin(context, info, parse, request, registry_pb2.MODEL_KIND_GENERATE)
             header = dict(id=f"{id_prefix}-{info['request_id']}", object=object_name, created=int(time.time()),
                           model=res.version.version)
             chunks: asyncio.Queue = asyncio.Queue()
@@ -285,7 +297,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
             async def produce():
                 try:
-                    result, hit = await self._complete(call, res, key.tenant, info, context, on_output)
+                    result, hit = await self._complete(call, res, caller, info, context, on_output)
                     if hit:  # replay the cached answer as one chunk per choice
                         for index, (text, reason) in enumerate(result.choices):
                             chunks.put_nowait(response_cls(**header, choices=[chunk_choice(index, text, reason, True)]))
@@ -318,40 +330,51 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def CreateEmbeddings(self, request, context):
         async with self._observe("CreateEmbeddings", context) as info:
-            key = self._authenticate(context)
-            call: EmbeddingCall = embeddings_from_pb(request, self.cfg)
-            res = self._resolve(call.model, call.user, registry_pb2.MODEL_KIND_EMBED)
-            version = res.version.version
-            info.update(model_version=version, num_inputs=len(call.inputs))
-            cached, cache_key_ = None, None
-            if not call.skip_cache:
-                cache_key_ = cache_key(key.tenant, version, call.cache_fields())
-                cached = await self.cache.get(cache_key_)
+            caller, call, res = self._begin(context, info, embeddings_from_pb, request, registry_pb2.MODEL_KIND_EMBED)
+            version = res.version
+            info.update(model_version=version.version, num_inputs=len(call.inputs))
+            cached, key = None, None
+            if not call.skip_cache:  # embeddings are deterministic: always cacheable
+                key = cache_key(caller.tenant.name, version.version, call.cache_fields())
+                cached = await self.cache.get(key)
                 info["cache"] = "hit" if cached else "miss"
             metrics.CACHE.labels(info.get("cache", "bypass")).inc()
-            await self._send_metadata(context, info)
             if cached:
+                await self.edge.admit(caller, info["request_id"], version, 0, 0)
                 vectors, tokens = cached["vectors"], cached["prompt_tokens"]
+                await self._send_metadata(context, info)
+                await self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=True, cost_micro=0)
             else:
-                task = task_pb2.Task(request_id=f"{info['request_id']}-0", model_version=version,
+                counts = await self.tokens.count(version, texts=call.inputs)
+                admission = await self.edge.admit(caller, info["request_id"], version, sum(counts), 0)
+                await self._send_metadata(context, info)
+                task = task_pb2.Task(request_id=f"{info['request_id']}-0", model_version=version.version,
                                      priority=call.priority, embed=task_pb2.EmbedInput(texts=call.inputs))
                 output = None
-                async for output in self._run_task(task, context):
-                    pass
-                vectors, tokens = [list(v.values) for v in output.embeddings], output.prompt_tokens
-                if cache_key_:
-                    await self.cache.put(cache_key_, {"vectors": vectors, "prompt_tokens": tokens})
-            await self._count(key.tenant, version, Result([], tokens, 0), cached is not None, info)
+                try:
+                    async for output in self._run_task(task, context):
+                        pass
+                finally:
+                    tokens = output.prompt_tokens if output is not None else 0
+                    cost = await self.edge.settle(caller, admission, version, tokens, 0)
+                    await self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=False,
+                                       cost_micro=cost)
+                vectors = [list(v.values) for v in output.embeddings]
+                if key:
+                    await self.cache.put(key, {"vectors": vectors, "prompt_tokens": tokens})
             return pb.CreateEmbeddingsResponse(
-                object="list", model=version, usage=pb.EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens),
+                object="list", model=version.version,
+                usage=pb.EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens),
                 data=[pb.Embedding(index=i, object="embedding", embedding=v) for i, v in enumerate(vectors)])
 
     async def ListModels(self, request, context):
         async with self._observe("ListModels", context):
-            self._authenticate(context)
+            tenant = self.edge.authenticate(context).tenant
             versions = self.view.versions.snapshot
             data = []
             for alias in sorted(self.view.aliases.snapshot.values(), key=lambda a: a.name):
+                if not self.edge.may_use(tenant, alias.name):
+                    continue
                 first = versions.get(alias.targets[0].version) if alias.targets else None
                 data.append(pb.Model(
                     id=alias.name, object="model", created=alias.updated, owned_by="llmserve",
@@ -359,7 +382,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     context_length=first.context_length if first else 0,
                     targets=[pb.TrafficTarget(version=t.version, weight=t.weight) for t in alias.targets]))
             for v in sorted(versions.values(), key=lambda v: v.version):
-                if v.state != registry_pb2.MODEL_STATE_DISABLED:
+                if v.state != registry_pb2.MODEL_STATE_DISABLED and self.edge.may_use(tenant, v.version):
                     data.append(pb.Model(id=v.version, object="model", created=v.created, owned_by="llmserve",
                                          kind=KIND_NAMES.get(v.kind, ""), context_length=v.context_length))
             return pb.ListModelsResponse(object="list", data=data)

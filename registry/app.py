@@ -1,26 +1,73 @@
-"""Registry process: the admin gRPC service over the etcd store."""
+"""Registry process: the admin plane (RegistryService, TenantService) over etcd, behind admin keys."""
 
 from __future__ import annotations
 
-from llmserve.admin.v1 import registry_pb2_grpc
-from llmserve.common import etcd
+import grpc
+
+from llmserve.admin.v1 import keys_pb2, registry_pb2_grpc, tenants_pb2_grpc
+from llmserve.common import etcd, redisconn
 from llmserve.common.config import MeshConfig
+from llmserve.common.etcd import PrefixWatcher
 from llmserve.common.server import Service
 from llmserve.registry.service import RegistryServicer, registry_service_name
-from llmserve.registry.store import RegistryStore
+from llmserve.registry.store import KeyStore, Paths, RegistryStore, decoder, hash_key
+from llmserve.registry.tenants import TenantServicer, tenant_service_name
+
+OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Every admin RPC needs `authorization: Bearer <admin key>`; tenant keys are not admin keys."""
+
+    def __init__(self, admin_keys: PrefixWatcher, store: KeyStore):
+        self.admin_keys = admin_keys
+        self.store = store
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_PREFIXES):
+            return await continuation(details)
+        header = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and key.strip():
+            # The watch may lag a key created a moment ago (the launcher does exactly that): ask etcd then.
+            if hash_key(key.strip()) in self.admin_keys.snapshot or await self._lookup(key.strip()):
+                return await continuation(details)
+        message = ("admin calls need `authorization: Bearer <admin key>` (`llmserve admin-key create`; `make run` "
+                   "writes one to .llmserve/admin-key)" if not key else "the admin key is unknown")
+
+        async def deny(request, context):  # noqa: ARG001
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+    async def _lookup(self, key: str) -> bool:
+        try:
+            return await self.store.lookup_admin_key(key) is not None
+        except Exception:  # noqa: BLE001 - etcd down: only the snapshot decides
+            return False
 
 
 class RegistryApp:
     def __init__(self, config: MeshConfig):
         self.config = config
         self.client = etcd.connect(config.etcd)
-        self.service = Service("registry", config.registry.host, config.registry.port, [registry_service_name()])
+        self.redis = redisconn.connect(config.redis)
+        self.admin_keys = PrefixWatcher(self.client, Paths(config.etcd.prefix).admin_keys,
+                                        decoder(keys_pb2.AdminKey))
+        keys = KeyStore(self.client, config.etcd.prefix)
+        self.service = Service("registry", config.registry.host, config.registry.port,
+                               [registry_service_name(), tenant_service_name()],
+                               interceptors=[AdminAuthInterceptor(self.admin_keys, keys)])
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(RegistryStore(self.client, config.etcd.prefix)), self.service.server)
+        tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(keys, self.redis), self.service.server)
 
     async def start(self) -> int:
+        self.admin_keys.start()
+        await self.admin_keys.wait_ready(5.0)
         return await self.service.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.service.stop(grace_s)
+        await self.admin_keys.stop()
+        await self.redis.aclose()
         await self.client.close()

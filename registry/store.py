@@ -3,7 +3,9 @@
 Layout under the configured prefix (values are protobuf JSON, readable with etcdctl):
   registry/versions/<version>  ModelVersion
   registry/aliases/<name>      Alias
+  tenants/<name>               Tenant
   keys/<sha256 of key>         ApiKey
+  admin_keys/<sha256 of key>   AdminKey
   workers/<worker_id>          WorkerInfo (attached to the worker's lease)
 The registry service writes versions and aliases; everyone else reads through watchers (RegistryView).
 """
@@ -20,13 +22,14 @@ import zlib
 import aetcd
 from google.protobuf import json_format
 
-from llmserve.admin.v1 import keys_pb2, registry_pb2
+from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
 from llmserve.common.etcd import PrefixWatcher
 from llmserve.dispatch.v1 import worker_pb2
 
 M = typing.TypeVar("M")
 
 KEY_PREFIX = "lls_"
+ADMIN_KEY_PREFIX = "llsadm_"
 
 
 def encode(message) -> bytes:
@@ -50,6 +53,8 @@ class Paths:
         self.versions = f"{root}/registry/versions/"
         self.aliases = f"{root}/registry/aliases/"
         self.keys = f"{root}/keys/"
+        self.admin_keys = f"{root}/admin_keys/"
+        self.tenants = f"{root}/tenants/"
         self.workers = f"{root}/workers/"
 
 
@@ -100,38 +105,74 @@ class RegistryStore:
 
 
 class KeyStore:
-    """API keys: only their SHA-256 is stored; the key is shown once, at creation."""
+    """Tenants, API keys and admin keys. Keys are 256 random bits shown once; only their SHA-256 is stored."""
 
     def __init__(self, client: aetcd.Client, prefix: str):
         self.client = client
         self.paths = Paths(prefix)
 
-    async def create(self, tenant: str, description: str = "") -> tuple[str, keys_pb2.ApiKey]:
+    async def _list(self, prefix: str, cls):
+        decode = decoder(cls)
+        return [decode(kv.value) for kv in await self.client.get_prefix(prefix.encode())]
+
+    async def get_tenant(self, name: str) -> tenants_pb2.Tenant | None:
+        kv = await self.client.get((self.paths.tenants + name).encode())
+        return decoder(tenants_pb2.Tenant)(kv.value) if kv else None
+
+    async def list_tenants(self) -> list[tenants_pb2.Tenant]:
+        return sorted(await self._list(self.paths.tenants, tenants_pb2.Tenant), key=lambda t: t.name)
+
+    async def create_tenant(self, tenant: tenants_pb2.Tenant) -> bool:
+        """Writes the tenant only if absent (atomic). Returns False when it exists."""
+        key = (self.paths.tenants + tenant.name).encode()
+        txn = self.client.transactions
+        ok, _ = await self.client.transaction(
+            compare=[txn.version(key) == 0], success=[txn.put(key, encode(tenant))], failure=[])
+        return ok
+
+    async def put_tenant(self, tenant: tenants_pb2.Tenant) -> None:
+        await self.client.put((self.paths.tenants + tenant.name).encode(), encode(tenant))
+
+    async def create(self, tenant: str, description: str = "", requests_per_minute: int = 0,
+                     tokens_per_minute: int = 0) -> tuple[str, keys_pb2.ApiKey]:
         if not tenant or len(tenant) > 128:
             raise ValueError("tenant must be 1-128 characters")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         digest = hash_key(key)
         record = keys_pb2.ApiKey(key_id="key_" + digest[:12], tenant=tenant, key_hash=digest,
-                                 created=int(time.time()), description=description)
+                                 created=int(time.time()), description=description,
+                                 requests_per_minute=requests_per_minute, tokens_per_minute=tokens_per_minute)
         await self.client.put((self.paths.keys + digest).encode(), encode(record))
         return key, record
 
     async def list(self) -> list[keys_pb2.ApiKey]:
-        decode = decoder(keys_pb2.ApiKey)
-        return sorted((decode(kv.value) for kv in await self.client.get_prefix(self.paths.keys.encode())),
-                      key=lambda k: (k.tenant, k.created))
+        return sorted(await self._list(self.paths.keys, keys_pb2.ApiKey), key=lambda k: (k.tenant, k.created))
 
     async def lookup(self, key: str) -> keys_pb2.ApiKey | None:
         kv = await self.client.get((self.paths.keys + hash_key(key)).encode())
         return decoder(keys_pb2.ApiKey)(kv.value) if kv else None
 
+    async def by_id(self, key_id: str) -> keys_pb2.ApiKey | None:
+        return next((k for k in await self.list() if k.key_id == key_id), None)
+
     async def revoke(self, key_id: str) -> keys_pb2.ApiKey | None:
-        for record in await self.list():
-            if record.key_id == key_id:
-                record.revoked = True
-                await self.client.put((self.paths.keys + record.key_hash).encode(), encode(record))
-                return record
-        return None
+        record = await self.by_id(key_id)
+        if record is not None:
+            record.revoked = True
+            await self.client.put((self.paths.keys + record.key_hash).encode(), encode(record))
+        return record
+
+    async def create_admin_key(self, description: str = "") -> tuple[str, keys_pb2.AdminKey]:
+        key = ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)
+        digest = hash_key(key)
+        record = keys_pb2.AdminKey(key_id="adm_" + digest[:12], key_hash=digest, created=int(time.time()),
+                                   description=description)
+        await self.client.put((self.paths.admin_keys + digest).encode(), encode(record))
+        return key, record
+
+    async def lookup_admin_key(self, key: str) -> keys_pb2.AdminKey | None:
+        kv = await self.client.get((self.paths.admin_keys + hash_key(key)).encode())
+        return decoder(keys_pb2.AdminKey)(kv.value) if kv else None
 
 
 class Resolution(typing.NamedTuple):
@@ -148,9 +189,10 @@ class RegistryView:
         self.versions = PrefixWatcher(client, paths.versions, decoder(registry_pb2.ModelVersion))
         self.aliases = PrefixWatcher(client, paths.aliases, decoder(registry_pb2.Alias))
         self.keys = PrefixWatcher(client, paths.keys, decoder(keys_pb2.ApiKey)) if watch_keys else None
+        self.tenants = PrefixWatcher(client, paths.tenants, decoder(tenants_pb2.Tenant)) if watch_keys else None
         self.workers = (PrefixWatcher(client, paths.workers, decoder(worker_pb2.WorkerInfo), on_workers_change)
                         if watch_workers else None)
-        self._watchers = [w for w in (self.versions, self.aliases, self.keys, self.workers) if w]
+        self._watchers = [w for w in (self.versions, self.aliases, self.keys, self.tenants, self.workers) if w]
 
     async def start(self, timeout_s: float = 5.0) -> bool:
         """Starts the watches; returns whether all loaded within timeout_s (they keep trying otherwise)."""

@@ -284,13 +284,22 @@ async def test_serving_continues_without_redis(mesh, redis_srv, outage):
     assert (cache1, cache2) == ("miss", "hit") and first.choices == second.choices
 
 
+async def _usage(mesh) -> dict:
+    from llmserve.admin.v1 import tenants_pb2 as tpb
+    rows = (await mesh.tenants.GetUsage(tpb.GetUsageRequest(tenant="test-tenant"))).rows
+    return next(({"requests": r.requests, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                  "cost_usd": r.cost_usd} for r in rows if r.model_version == TINY), {})
+
+
 async def test_usage_is_counted_per_tenant_and_version(mesh):
-    before = (await mesh.gateway.usage.get("test-tenant")).get(TINY, {})
+    before = await _usage(mesh)
     response = await mesh.stub.CreateCompletion(completion(prompt="count me", skip_cache=True), metadata=mesh.auth)
-    after = (await mesh.gateway.usage.get("test-tenant"))[TINY]
+    after = await _usage(mesh)
     assert after["requests"] == before.get("requests", 0) + 1
     assert after["prompt_tokens"] - before.get("prompt_tokens", 0) == response.usage.prompt_tokens
     assert after["completion_tokens"] - before.get("completion_tokens", 0) == response.usage.completion_tokens
+    expected_cost = (response.usage.prompt_tokens * 0.1 + response.usage.completion_tokens * 0.2) / 1000
+    assert after["cost_usd"] - before.get("cost_usd", 0) == pytest.approx(expected_cost, abs=2e-6)
 
 
 async def test_new_and_revoked_keys_take_effect_within_a_second(mesh):
@@ -299,7 +308,7 @@ async def test_new_and_revoked_keys_take_effect_within_a_second(mesh):
     client = etcd_mod.connect(mesh.config.etcd)
     try:
         keys = KeyStore(client, mesh.config.etcd.prefix)
-        key, record = await keys.create("other-tenant")
+        key, record = await keys.create("test-tenant")
         metadata = (("authorization", f"Bearer {key}"),)
         assert await mesh.gateway.view.keys.wait_for(lambda s: record.key_hash in s, 1.0)
         assert (await mesh.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)).data

@@ -9,7 +9,8 @@ import dataclasses
 import grpc
 
 from llmserve.admin.v1 import registry_pb2 as rpb
-from llmserve.admin.v1 import registry_pb2_grpc
+from llmserve.admin.v1 import tenants_pb2 as tpb
+from llmserve.clients.admin import WithAuth, registry_stub, tenant_stub
 from llmserve.common import etcd as etcd_mod
 from llmserve.common.config import MeshConfig
 from llmserve.gateway.app import GatewayApp
@@ -40,8 +41,10 @@ class Mesh:
     workers: list[WorkerApp]
     channel: grpc.aio.Channel
     stub: inference_pb2_grpc.InferenceServiceStub
-    admin: registry_pb2_grpc.RegistryServiceStub
+    admin: WithAuth  # RegistryService with the admin key
+    tenants: WithAuth  # TenantService with the admin key
     api_key: str
+    admin_key: str
 
     @property
     def auth(self):
@@ -69,26 +72,30 @@ class Mesh:
 
 async def start_mesh(config: MeshConfig, versions: list, aliases: dict[str, list[tuple[str, int]]],
                      worker_models: list[list[str]]) -> Mesh:
+    client = etcd_mod.connect(config.etcd)
+    admin_key, _ = await KeyStore(client, config.etcd.prefix).create_admin_key("tests")
+    await client.close()
     registry = RegistryApp(config)
     registry_port = await registry.start()
     admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{registry_port}")
-    admin = registry_pb2_grpc.RegistryServiceStub(admin_channel)
+    admin = registry_stub(admin_channel, admin_key)
+    tenants = tenant_stub(admin_channel, admin_key)
     for v in versions:
         await admin.CreateModelVersion(rpb.CreateModelVersionRequest(model_version=v))
     for name, targets in aliases.items():
         await admin.SetAlias(rpb.SetAliasRequest(alias=rpb.Alias(
             name=name, targets=[rpb.TrafficSplit(version=v, weight=w) for v, w in targets])))
-    client = etcd_mod.connect(config.etcd)
-    api_key, _ = await KeyStore(client, config.etcd.prefix).create("test-tenant")
-    await client.close()
+    await tenants.CreateTenant(tpb.CreateTenantRequest(tenant=tpb.Tenant(name="test-tenant")))
+    api_key = (await tenants.CreateApiKey(tpb.CreateApiKeyRequest(tenant="test-tenant"))).key
     scheduler = SchedulerApp(config)
     config.gateway.scheduler_address = f"127.0.0.1:{await scheduler.start()}"
     gateway = GatewayApp(config)
     gateway_port = await gateway.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}")
     mesh = Mesh(config, registry, scheduler, gateway, [], channel, inference_pb2_grpc.InferenceServiceStub(channel),
-                admin, api_key)
+                admin, tenants, api_key, admin_key)
     for models in worker_models:
         await mesh.add_worker(models)
     await gateway.view.keys.wait_for(lambda s: len(s) >= 1, 5)
+    await gateway.view.tenants.wait_for(lambda s: "test-tenant" in s, 5)
     return mesh

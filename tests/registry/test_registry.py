@@ -3,19 +3,49 @@ import pytest
 
 from llmserve.admin.v1 import registry_pb2 as pb
 from llmserve.admin.v1 import registry_pb2_grpc
+from llmserve.clients.admin import registry_stub
 from llmserve.common import etcd as etcd_mod
 from llmserve.registry.app import RegistryApp
-from llmserve.registry.store import RegistryView
+from llmserve.registry.store import KeyStore, RegistryView
+
+
+async def make_admin_key(config) -> str:
+    client = etcd_mod.connect(config.etcd)
+    try:
+        return (await KeyStore(client, config.etcd.prefix).create_admin_key("tests"))[0]
+    finally:
+        await client.close()
 
 
 @pytest.fixture
-async def registry(mesh_config):
+async def registry_app(mesh_config):
     app = RegistryApp(mesh_config)
-    port = await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield registry_pb2_grpc.RegistryServiceStub(channel)
-    await channel.close()
+    app.port = await app.start()
+    yield app
     await app.stop(0)
+
+
+@pytest.fixture
+async def registry(registry_app, mesh_config):
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{registry_app.port}")
+    yield registry_stub(channel, await make_admin_key(mesh_config))
+    await channel.close()
+
+
+async def test_admin_calls_need_an_admin_key(registry_app, mesh_config):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{registry_app.port}") as channel:
+        stub = registry_pb2_grpc.RegistryServiceStub(channel)
+        client = etcd_mod.connect(mesh_config.etcd)
+        tenant_key, _ = await KeyStore(client, mesh_config.etcd.prefix).create("t")
+        await client.close()
+        for metadata in [(), (("authorization", "Bearer llsadm_nope"),), (("authorization", f"Bearer {tenant_key}"),)]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ListAliases(pb.ListAliasesRequest(), metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Health and reflection stay open (buf curl, orchestrators).
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def version(vid="m-v1", kind=pb.MODEL_KIND_GENERATE, **kw):

@@ -28,6 +28,8 @@ class ApiKey(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Short public id for listing and revoking ("key_" + first 12 hex of the hash)."""
     tenant: _builtins.str
@@ -40,6 +42,10 @@ class ApiKey(_message.Message):
     """Whether the key was revoked."""
     description: _builtins.str
     """Optional. Free text (never the key)."""
+    requests_per_minute: _builtins.int
+    """Optional. Requests per minute of this key; 0: only the tenant's limit."""
+    tokens_per_minute: _builtins.int
+    """Optional. Tokens per minute of this key; 0: only the tenant's limit."""
     def __init__(
         self,
         *,
@@ -49,11 +55,49 @@ class ApiKey(_message.Message):
         created: _builtins.int = ...,
         revoked: _builtins.bool = ...,
         description: _builtins.str = ...,
+        requests_per_minute: _builtins.int = ...,
+        tokens_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "key_hash", b"key_hash", "key_id", b"key_id", "revoked", b"revoked", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "key_hash", b"key_hash", "key_id", b"key_id", "requests_per_minute", b"requests_per_minute", "revoked", b"revoked", "tenant", b"tenant", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApiKey: _TypeAlias = ApiKey  # noqa: Y015
+
+@_typing.final
+class AdminKey(_message.Message):
+    """An admin key, stored in etcd at /llmserve/admin_keys/<key_hash>: it may call the admin services
+    (registry, tenants, keys, usage) and nothing else; tenant keys cannot call them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_HASH_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Short public id ("adm_" + first 12 hex of the hash)."""
+    key_hash: _builtins.str
+    """SHA-256 of the key, hex."""
+    created: _builtins.int
+    """Unix time in seconds when created."""
+    description: _builtins.str
+    """Optional. Free text."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        key_hash: _builtins.str = ...,
+        created: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "key_hash", b"key_hash", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminKey: _TypeAlias = AdminKey  # noqa: Y015

@@ -1,0 +1,148 @@
+"""The edge rules of the gateway: who calls (key -> tenant), what they may use (models, priority), how much
+(rate limits and budget, reserved before a request runs and reconciled after), and what it cost (usage)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+import grpc
+import structlog
+
+from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
+from llmserve.common import usage
+from llmserve.common.errors import ServiceError, unauthenticated
+from llmserve.common.logs import get_logger
+from llmserve.gateway import metrics
+from llmserve.gateway.limits import Limit, LimitExceeded, Limiter, Reservation, retry_after_header
+from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.registry.store import RegistryView
+
+log = get_logger(__name__)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    key: keys_pb2.ApiKey
+    tenant: tenants_pb2.Tenant
+
+
+@dataclasses.dataclass
+class Admission:
+    reservation: Reservation | None
+    prompt_tokens: int
+    max_cost_micro: int
+
+
+class Edge:
+    def __init__(self, view: RegistryView, limiter: Limiter, redis_client):
+        self.view, self.limiter, self.redis = view, limiter, redis_client
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        header = dict(context.invocation_metadata()).get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise unauthenticated("missing API key: send metadata `authorization: Bearer <key>` "
+                                  "(`llmserve keys create --tenant NAME` makes one)")
+        record = self.view.api_key(key.strip())
+        if record is None:
+            raise unauthenticated("the API key is unknown or revoked")
+        tenant = self.view.tenants.snapshot.get(record.tenant)
+        if tenant is None:
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"tenant {record.tenant!r} of this API key does not exist any more")
+        structlog.contextvars.bind_contextvars(tenant=tenant.name, key_id=record.key_id)
+        return Caller(record, tenant)
+
+    @staticmethod
+    def may_use(tenant: tenants_pb2.Tenant, *names: str) -> bool:
+        patterns = list(tenant.allowed_models)
+        return not patterns or any(fnmatch.fnmatchcase(n, p) for n in names if n for p in patterns)
+
+    def authorize_model(self, caller: Caller, requested: str, version: registry_pb2.ModelVersion) -> None:
+        if not self.may_use(caller.tenant, requested, version.version):
+            raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
+                               f"tenant {caller.tenant.name!r} may not use model {requested!r}; allowed: "
+                               f"{', '.join(caller.tenant.allowed_models)}")
+
+    @staticmethod
+    def cap_priority(caller: Caller, priority: int) -> tuple[int, str]:
+        """Returns (priority to use, note for the response metadata: "" when unchanged)."""
+        cap = caller.tenant.max_priority
+        if cap and priority < cap:  # lower number = higher class
+            return cap, f"{pb.Priority.Name(cap)} (capped from {pb.Priority.Name(priority)})"
+        return priority, ""
+
+    def _limits(self, caller: Caller, tokens: int, cost_micro: int) -> list[Limit]:
+        key, tenant = caller.key, caller.tenant
+        # One hash tag per tenant keeps every key of one admission in one Redis Cluster slot.
+        base = f"llmserve:rl:{{{tenant.name}}}"
+        window = [
+            (f"requests per minute of key {key.key_id}", f"{base}:key:{key.key_id}:req", key.requests_per_minute,
+             1, "requests"),
+            (f"tokens per minute of key {key.key_id}", f"{base}:key:{key.key_id}:tok", key.tokens_per_minute,
+             tokens, "tokens"),
+            (f"requests per minute of tenant {tenant.name}", f"{base}:req", tenant.requests_per_minute, 1, "requests"),
+            (f"tokens per minute of tenant {tenant.name}", f"{base}:tok", tenant.tokens_per_minute, tokens, "tokens"),
+        ]
+        limits = [Limit(name, "w", (k, k + ":sum"), limit, amount, measure)
+                  for name, k, limit, amount, measure in window]
+        if tenant.budget_usd > 0:
+            period = usage.period_name(tenant.budget_period)
+            limits.append(Limit(f"{period}ly budget of tenant {tenant.name}", "c",
+                                (usage.spend_key(tenant.name, period),), round(tenant.budget_usd * usage.MICRO),
+                                cost_micro, measure="cost", ttl_s=usage.period_seconds_left(period)))
+        return limits
+
+    async def admit(self, caller: Caller, request_id: str, version: registry_pb2.ModelVersion,
+                    prompt_tokens: int, max_completion_tokens: int) -> Admission:
+        """Reserves requests, prompt + max completion tokens and their highest cost, or raises
+        RESOURCE_EXHAUSTED with a retry-after."""
+        tokens = prompt_tokens + max_completion_tokens
+        cost = usage.cost_micro_usd(prompt_tokens, max_completion_tokens, version.price_per_1k_prompt_tokens,
+                                    version.price_per_1k_completion_tokens)
+        try:
+            reservation = await self.limiter.admit(request_id, self._limits(caller, tokens, cost))
+        except LimitExceeded as exc:
+            metrics.LIMITED.labels(exc.limit.measure).inc()
+            if exc.retry_after_s is None:
+                raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"this request needs {exc.limit.amount} of the {exc.limit.name} "
+                                   f"({exc.limit.limit}); lower max_tokens or split the request") from None
+            what = "budget" if exc.limit.kind == "c" else "rate limit"
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{what} exceeded: {exc.limit.name} is {exc.limit.limit}"
+                               + (" micro-USD" if exc.limit.kind == "c" else "")
+                               + f"; retry after {retry_after_header(exc.retry_after_s)} s",
+                               trailers=(("retry-after", retry_after_header(exc.retry_after_s)),)) from None
+        except ServiceError:
+            raise
+        except Exception:  # noqa: BLE001 - Redis failed and the policy is fail closed
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               "the rate limiter is unavailable (Redis) and the policy is to fail closed; retry")
+        return Admission(reservation, prompt_tokens, cost)
+
+    async def settle(self, caller: Caller, admission: Admission, version: registry_pb2.ModelVersion,
+                     prompt_tokens: int, completion_tokens: int) -> int:
+        """Reconciles the reservation to what was computed; returns the real cost in micro-USD."""
+        cost = usage.cost_micro_usd(prompt_tokens, completion_tokens, version.price_per_1k_prompt_tokens,
+                                    version.price_per_1k_completion_tokens)
+        amounts = {"tokens": prompt_tokens + completion_tokens, "cost": cost}
+        if admission.reservation is not None:
+            await self.limiter.reconcile(admission.reservation, {
+                l.name: amounts[l.measure] for l in admission.reservation.limits if l.measure in amounts})
+        return cost
+
+    async def record(self, caller: Caller, version: str, *, prompt_tokens: int, completion_tokens: int,
+                     cached_tokens: int, cache_hit: bool, cost_micro: int) -> None:
+        metrics.TOKENS.labels(version, "prompt").inc(prompt_tokens)
+        metrics.TOKENS.labels(version, "completion").inc(completion_tokens)
+        metrics.COST.labels(version).inc(cost_micro / usage.MICRO)
+        try:
+            await usage.record(self.redis, caller.tenant.name, caller.key.key_id, version, {
+                "requests": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "cached_tokens": cached_tokens, "cache_hits": int(cache_hit), "cost_micro_usd": cost_micro})
+        except Exception:  # noqa: BLE001 - usage is best effort; serving goes on
+            metrics.REDIS_ERRORS.labels("usage").inc()
+
