@@ -55,13 +55,15 @@ def cost_micro_usd(prompt_tokens: int, completion_tokens: int, price_prompt_1k: 
                      - 1e-9)
 
 
-async def record(client, tenant: str, key_id: str, version: str, counts: dict[str, int]) -> None:
-    key = usage_key(tenant, today())
-    async with client.pipeline(transaction=True) as pipe:
-        for name, value in counts.items():
-            if value:
-                pipe.hincrby(key, f"{key_id}|{version}|{name}", value)
-        pipe.expire(key, 400 * 86400)
+async def record(client, rows: dict[tuple[str, str, str, str], dict[str, int]]) -> None:
+    """Adds counters in one round trip. rows: (tenant, day, key_id, version) -> {counter: amount}."""
+    async with client.pipeline(transaction=False) as pipe:
+        for (tenant, day, key_id, version), counts in rows.items():
+            key = f"llmserve:usage:{tenant}:{day}"
+            for name, value in counts.items():
+                if value:
+                    pipe.hincrby(key, f"{key_id}|{version}|{name}", value)
+            pipe.expire(key, 400 * 86400)
         await pipe.execute()
 
 

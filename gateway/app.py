@@ -35,10 +35,12 @@ class GatewayApp:
 
     async def start(self) -> int:
         await self.view.start()
+        self.edge.usage.start()
         return await self.service.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.service.stop(grace_s)
+        await self.edge.usage.stop()
         await self.view.stop()
         await self.channel.close()
         await self.redis.aclose()

@@ -206,7 +206,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 result = Result.from_json(cached)
                 await self.edge.admit(caller, info["request_id"], version, 0, 0)  # counts as a request
                 await self._send_metadata(context, info)
-                await self._record(caller, version.version, info, result, cache_hit=True, cost_micro=0)
+                self._record(caller, version.version, info, result, cache_hit=True, cost_micro=0)
                 return result, True
         else:
             metrics.CACHE.labels("bypass").inc()
@@ -242,16 +242,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             done = result or Result([], sum(prompt_tokens[i * call.n] for i in range(call.num_inputs)),
                                     sum(completion_tokens))
             cost = await self.edge.settle(caller, admission, version, done.prompt_tokens, done.completion_tokens)
-            await self._record(caller, version.version, info, done, cache_hit=False, cost_micro=cost)
+            self._record(caller, version.version, info, done, cache_hit=False, cost_micro=cost)
         if key is not None:
             await self.cache.put(key, result.to_json())
         return result, False
 
-    async def _record(self, caller: Caller, version: str, info: dict, result: Result, *, cache_hit: bool,
+    def _record(self, caller: Caller, version: str, info: dict, result: Result, *, cache_hit: bool,
                       cost_micro: int) -> None:
         info.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
         computed = (0, 0) if cache_hit else (result.prompt_tokens, result.completion_tokens)
-        await self.edge.record(caller, version, prompt_tokens=computed[0], completion_tokens=computed[1],
+        self.edge.record(caller, version, prompt_tokens=computed[0], completion_tokens=computed[1],
                                cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit else 0,
                                cache_hit=cache_hit, cost_micro=cost_micro)
 
@@ -343,7 +343,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 await self.edge.admit(caller, info["request_id"], version, 0, 0)
                 vectors, tokens = cached["vectors"], cached["prompt_tokens"]
                 await self._send_metadata(context, info)
-                await self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=True, cost_micro=0)
+                self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=True, cost_micro=0)
             else:
                 counts = await self.tokens.count(version, texts=call.inputs)
                 admission = await self.edge.admit(caller, info["request_id"], version, sum(counts), 0)
@@ -357,7 +357,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 finally:
                     tokens = output.prompt_tokens if output is not None else 0
                     cost = await self.edge.settle(caller, admission, version, tokens, 0)
-                    await self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=False,
+                    self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=False,
                                        cost_micro=cost)
                 vectors = [list(v.values) for v in output.embeddings]
                 if key:

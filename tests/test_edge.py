@@ -173,6 +173,8 @@ async def test_budget_is_never_exceeded_across_two_gateways(mesh):
     name, auth = await tenant(mesh, budget_usd=0.004, budget_period=tpb.BUDGET_PERIOD_DAY)
     admitted, errors = await hammer(mesh, auth, 20)
     assert admitted == 6 and "budget" in errors[0].details()
+    for gateway in (mesh.gateway, mesh.gateway2):
+        await gateway.edge.usage.flush()
     usage = await mesh.tenants.GetUsage(tpb.GetUsageRequest(tenant=name))
     assert usage.period_spend_usd <= 0.004
     assert usage.period_spend_usd == pytest.approx(6 * 0.0006)
