@@ -18,7 +18,8 @@ from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.registry.store import Paths, RegistryStore, encode
 from llmserve.worker import metrics
 from llmserve.worker.engine import EmbeddingEngine, TextGenerationEngine
-from llmserve.worker.models import load_embedding_model, load_generation_model
+from llmserve.worker.models import load_embedding_model, load_generation_model, resolve_source
+from llmserve.worker.trtllm import TensorRTLLMEngine
 from llmserve.worker.service import ServedModel, WorkerServicer, worker_service_name
 
 log = get_logger(__name__)
@@ -27,11 +28,13 @@ log = get_logger(__name__)
 def load_model(version: registry_pb2.ModelVersion, config: MeshConfig) -> ServedModel:
     """Loads one registry version into an engine (blocking; run it in a thread)."""
     cfg = config.worker
-    if version.engine == "tensorrt_llm":
-        raise RuntimeError(f"{version.version}: the tensorrt_llm engine needs `pip install .[tensorrt]` on a GPU "
-                           "machine; this worker runs the torch engine only")
     started = time.monotonic()
-    if version.kind == registry_pb2.MODEL_KIND_EMBED:
+    if version.engine == "tensorrt_llm":
+        if version.kind != registry_pb2.MODEL_KIND_GENERATE:
+            raise RuntimeError(f"{version.version}: the tensorrt_llm engine serves generation models only")
+        engine = TensorRTLLMEngine.load(version.version, str(resolve_source(version.weights_source)),
+                                        max_num_seqs=cfg.max_num_seqs, context_length=version.context_length)
+    elif version.kind == registry_pb2.MODEL_KIND_EMBED:
         model, tokenizer = load_embedding_model(version.weights_source, device=cfg.device)
         engine = EmbeddingEngine(model, tokenizer, max_batch_size=version.max_batch_size or 32,
                                  max_wait_ms=version.max_wait_ms or 5)
