@@ -110,18 +110,25 @@ def _n(request, cfg: GatewayConfig) -> int:
     return n
 
 
+def _one_or_many(request, single: str, many: str, limit: int) -> tuple[str, ...]:
+    """The texts of a `single` string field or its `many` repeated twin (exactly one of them, none empty)."""
+    one, several = getattr(request, single), getattr(request, many)
+    if one and several:
+        raise invalid_argument(f"set either {single} or {many}, not both")
+    texts = (one,) if one else tuple(several)
+    if not texts:
+        raise invalid_argument(f"{single} is required and must not be empty")
+    if len(texts) > limit:
+        raise invalid_argument(f"{many} has {len(texts)} entries; at most {limit} are allowed")
+    for i, text in enumerate(texts):
+        if not text:
+            raise invalid_argument(f"{many}[{i}] must not be empty")
+    return texts
+
+
 def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
     model = _model(request.model)
-    if request.prompt and request.prompts:
-        raise invalid_argument("set either prompt or prompts, not both")
-    prompts = (request.prompt,) if request.prompt else tuple(request.prompts)
-    if not prompts:
-        raise invalid_argument("prompt is required and must not be empty")
-    if len(prompts) > cfg.max_prompts:
-        raise invalid_argument(f"prompts has {len(prompts)} entries; at most {cfg.max_prompts} are allowed")
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise invalid_argument(f"prompts[{i}] must not be empty")
+    prompts = _one_or_many(request, "prompt", "prompts", cfg.max_prompts)
     return GenerationCall("completion", model, prompts, (), _sampling(request, cfg, cfg.default_completion_max_tokens),
                           _n(request, cfg), request.user, _priority(request.priority), request.skip_cache)
 
@@ -142,16 +149,7 @@ def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
 
 def embeddings_from_pb(request: pb.CreateEmbeddingsRequest, cfg: GatewayConfig) -> EmbeddingCall:
     model = _model(request.model)
-    if request.input and request.inputs:
-        raise invalid_argument("set either input or inputs, not both")
-    inputs = (request.input,) if request.input else tuple(request.inputs)
-    if not inputs:
-        raise invalid_argument("input is required and must not be empty")
-    if len(inputs) > cfg.max_embedding_inputs:
-        raise invalid_argument(f"inputs has {len(inputs)} entries; at most {cfg.max_embedding_inputs} are allowed")
-    for i, text in enumerate(inputs):
-        if not text:
-            raise invalid_argument(f"inputs[{i}] must not be empty")
+    inputs = _one_or_many(request, "input", "inputs", cfg.max_embedding_inputs)
     if request.encoding_format not in ("", "float"):
         raise invalid_argument(f"encoding_format={request.encoding_format!r} is not supported; use \"float\"")
     return EmbeddingCall(model, inputs, request.user, _priority(request.priority), request.skip_cache)

@@ -42,6 +42,14 @@ def decoder(cls: type[M]) -> typing.Callable[[bytes], M]:
     return decode
 
 
+async def put_if_absent(client: aetcd.Client, key: str, message) -> bool:
+    """Writes the message only if the key does not exist (atomic). Returns False when it exists."""
+    txn = client.transactions
+    ok, _ = await client.transaction(compare=[txn.version(key.encode()) == 0],
+                                     success=[txn.put(key.encode(), encode(message))], failure=[])
+    return ok
+
+
 def hash_key(key: str) -> str:
     # Keys are 256 bits of randomness, so a fast unsalted hash is safe to store (as GitHub/Stripe tokens are).
     return hashlib.sha256(key.encode()).hexdigest()
@@ -78,12 +86,7 @@ class RegistryStore:
         await self.client.put((self.paths.versions + version.version).encode(), encode(version))
 
     async def create_version(self, version: registry_pb2.ModelVersion) -> bool:
-        """Writes the version only if absent (atomic). Returns False when it already exists."""
-        key = (self.paths.versions + version.version).encode()
-        txn = self.client.transactions
-        ok, _ = await self.client.transaction(
-            compare=[txn.version(key) == 0], success=[txn.put(key, encode(version))], failure=[])
-        return ok
+        return await put_if_absent(self.client, self.paths.versions + version.version, version)
 
     async def delete_version(self, version: str) -> None:
         await self.client.delete((self.paths.versions + version).encode())
@@ -123,12 +126,7 @@ class KeyStore:
         return sorted(await self._list(self.paths.tenants, tenants_pb2.Tenant), key=lambda t: t.name)
 
     async def create_tenant(self, tenant: tenants_pb2.Tenant) -> bool:
-        """Writes the tenant only if absent (atomic). Returns False when it exists."""
-        key = (self.paths.tenants + tenant.name).encode()
-        txn = self.client.transactions
-        ok, _ = await self.client.transaction(
-            compare=[txn.version(key) == 0], success=[txn.put(key, encode(tenant))], failure=[])
-        return ok
+        return await put_if_absent(self.client, self.paths.tenants + tenant.name, tenant)
 
     async def put_tenant(self, tenant: tenants_pb2.Tenant) -> None:
         await self.client.put((self.paths.tenants + tenant.name).encode(), encode(tenant))
