@@ -93,13 +93,8 @@ def apply_models_file(registry_address: str, admin_key: str, path: str | os.Path
 
 def ensure_dev_key(config: MeshConfig, registry_address: str, admin_key: str, path: pathlib.Path
                    ) -> tuple[str, bool]:
-    """Reuses the key in `path` if it is still valid; otherwise makes tenant 'dev' (no limits) if needed and a
-    key for it, written with mode 0600. Returns (key, created)."""
-    if path.exists():
-        key = path.read_text().strip()
-        record = asyncio.run(_with_keys(config, lambda keys: keys.lookup(key)))
-        if record is not None and not record.revoked:
-            return key, False
+    """Makes sure tenant 'dev' (no limits) exists and `path` holds a valid key for it (mode 0600), reusing the
+    key already there when it is still valid. Returns (key, created)."""
     with grpc.insecure_channel(registry_address) as channel:
         stub = tenant_stub(channel, admin_key)
         try:
@@ -107,6 +102,11 @@ def ensure_dev_key(config: MeshConfig, registry_address: str, admin_key: str, pa
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
+        if path.exists():
+            key = path.read_text().strip()
+            record = asyncio.run(_with_keys(config, lambda keys: keys.lookup(key)))
+            if record is not None and not record.revoked and record.tenant == "dev":
+                return key, False
         created = stub.CreateApiKey(tenants_pb2.CreateApiKeyRequest(
             tenant="dev", description="development key written by `llmserve run`"), timeout=10)
     write_secret(path, created.key)
