@@ -25,16 +25,18 @@ class GatewayApp:
         self.view = RegistryView(self.client, config.etcd.prefix, watch_keys=True)
         self.redis = redisconn.connect(config.redis)
         self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
+        self.tokens = TokenCounter(config.worker.model_cache_dir)
         self.edge = Edge(self.view, Limiter(self.redis, fail_open=cfg.limits_fail_open), self.redis)
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()])
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(cfg, self.view, scheduler_pb2_grpc.SchedulerServiceStub(self.channel),
                               ResponseCache(self.redis, cfg.response_cache_ttl_s), self.edge,
-                              TokenCounter(config.worker.model_cache_dir)),
+                              self.tokens),
             self.service.server)
 
     async def start(self) -> int:
         await self.view.start()
+        self.tokens.warm(self.view.versions.snapshot.values())
         self.edge.usage.start()
         return await self.service.start()
 

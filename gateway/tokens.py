@@ -50,6 +50,13 @@ class TokenCounter:
         self._loading.pop(name, None)
         return tokenizer
 
+    def warm(self, versions) -> None:
+        """Starts loading the tokenizers of these versions in the background, so first requests do not wait."""
+        for version in versions:
+            if version.version not in self._tokenizers and version.version not in self._loading:
+                self._loading[version.version] = asyncio.create_task(
+                    asyncio.to_thread(load_tokenizer, version.weights_source, self.cache_dir))
+
     async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None) -> list[int]:
         """Tokens per text, or [tokens of the templated conversation] when messages are given."""
         tokenizer = await self._tokenizer(version)
