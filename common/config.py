@@ -68,6 +68,11 @@ class WorkerConfig:
     device: str = "cpu"  # torch device ("cpu", "cuda", "cuda:1")
     dtype: str = "float32"  # torch dtype of generation models
     max_num_seqs: int = 16  # sequences batched together per generation model
+    max_num_batched_tokens: int = 512  # tokens computed per engine step (prompt chunks + decodes)
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int = 0  # KV-cache blocks per generation model; 0: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.05  # share of free (GPU, else host) memory for the KV cache when num_kv_blocks=0
+    enable_prefix_caching: bool = True  # reuse KV blocks of shared prompt prefixes across requests
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     lease_ttl_s: int = 5  # registration lease in etcd; refreshed every third of it
     load_report_interval_s: float = 1.0  # periodic load report on each scheduler stream
@@ -113,6 +118,11 @@ class MeshConfig:
                 raise ValueError(f"{section}.port={cfg.port} must be in [0, 65535]")
         if self.worker.max_num_seqs < 1:
             raise ValueError(f"worker.max_num_seqs={self.worker.max_num_seqs} must be >= 1")
+        if self.worker.max_num_batched_tokens < self.worker.max_num_seqs:
+            raise ValueError(f"worker.max_num_batched_tokens={self.worker.max_num_batched_tokens} must be >= "
+                             f"worker.max_num_seqs={self.worker.max_num_seqs} (every running sequence needs a token)")
+        if not 0 < self.worker.kv_cache_fraction < 1:
+            raise ValueError(f"worker.kv_cache_fraction={self.worker.kv_cache_fraction} must be in (0, 1)")
         if self.worker.lease_ttl_s < 2:
             raise ValueError(f"worker.lease_ttl_s={self.worker.lease_ttl_s} must be >= 2")
         if self.gateway.response_cache_ttl_s < 0:

@@ -41,6 +41,7 @@ class Result(typing.NamedTuple):
     choices: list[tuple[str, str]]  # (text, finish_reason) by choice index
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the workers' prefix cache did not compute again
 
     def to_json(self) -> dict:
         return {"choices": self.choices, "prompt_tokens": self.prompt_tokens,
@@ -48,12 +49,14 @@ class Result(typing.NamedTuple):
 
     @classmethod
     def from_json(cls, data: dict) -> "Result":
-        return cls([tuple(c) for c in data["choices"]], data["prompt_tokens"], data["completion_tokens"])
+        # Served from the response cache: no prompt token is computed again.
+        return cls([tuple(c) for c in data["choices"]], data["prompt_tokens"], data["completion_tokens"],
+                   data["prompt_tokens"])
 
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
-    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens)
+    def usage(self) -> pb.Usage:
+        return pb.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                        total_tokens=self.prompt_tokens + self.completion_tokens,
+                        prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=self.cached_tokens))
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -219,6 +222,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         reasons = [""] * len(texts)
         prompt_tokens = [0] * len(texts)
         completion_tokens = [0] * len(texts)
+        cached_tokens = [0] * len(texts)
         started = time.perf_counter()
         first = True
         result = None
@@ -230,16 +234,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 texts[index].append(output.text_delta)
                 prompt_tokens[index] = output.prompt_tokens
                 completion_tokens[index] = output.completion_tokens
+                cached_tokens[index] = output.cached_tokens
                 if output.finished:
                     reasons[index] = output.finish_reason
                 if on_output is not None:
                     await on_output(index, output)
             # The prompt is counted once per input, not once per choice (as OpenAI does).
-            result = Result([("".join(t), r) for t, r in zip(texts, reasons)],
-                            sum(prompt_tokens[i * call.n] for i in range(call.num_inputs)), sum(completion_tokens))
+            firsts = range(0, len(texts), call.n)
+            result = Result([("".join(t), r) for t, r in zip(texts, reasons)], sum(prompt_tokens[i] for i in firsts),
+                            sum(completion_tokens), sum(cached_tokens[i] for i in firsts))
         finally:
             # Settle what was really computed, also when the request failed or the client went away.
-            done = result or Result([], sum(prompt_tokens[i * call.n] for i in range(call.num_inputs)),
+            done = result or Result([], sum(prompt_tokens[i] for i in range(0, len(texts), call.n)),
                                     sum(completion_tokens))
             cost = await self.edge.settle(caller, admission, version, done.prompt_tokens, done.completion_tokens)
             self._record(caller, version.version, info, done, cache_hit=False, cost_micro=cost)
@@ -252,8 +258,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         info.update(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
         computed = (0, 0) if cache_hit else (result.prompt_tokens, result.completion_tokens)
         self.edge.record(caller, version, prompt_tokens=computed[0], completion_tokens=computed[1],
-                               cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit else 0,
-                               cache_hit=cache_hit, cost_micro=cost_micro)
+                         cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit
+                         else result.cached_tokens, cache_hit=cache_hit, cost_micro=cost_micro)
 
     # ---- RPCs ----
 
@@ -264,7 +270,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             result, _ = await self._complete(call, res, caller, info, context)
             return pb.CreateCompletionResponse(
                 id=f"cmpl-{info['request_id']}", object="text_completion", created=int(time.time()),
-                model=res.version.version, usage=_usage(result.prompt_tokens, result.completion_tokens),
+                model=res.version.version, usage=result.usage(),
                 choices=[pb.CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in
                          enumerate(result.choices)])
 
@@ -274,7 +280,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             result, _ = await self._complete(call, res, caller, info, context)
             return pb.CreateChatCompletionResponse(
                 id=f"chatcmpl-{info['request_id']}", object="chat.completion", created=int(time.time()),
-                model=res.version.version, usage=_usage(result.prompt_tokens, result.completion_tokens),
+                model=res.version.version, usage=result.usage(),
                 choices=[pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=t), finish_reason=r)
                          for i, (t, r) in enumerate(result.choices)])
 
@@ -302,8 +308,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         for index, (text, reason) in enumerate(result.choices):
                             chunks.put_nowait(response_cls(**header, choices=[chunk_choice(index, text, reason, True)]))
                     if include_usage:
-                        chunks.put_nowait(response_cls(**header, usage=_usage(result.prompt_tokens,
-                                                                              result.completion_tokens)))
+                        chunks.put_nowait(response_cls(**header, usage=result.usage()))
                 finally:
                     chunks.put_nowait(None)
 

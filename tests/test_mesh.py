@@ -98,7 +98,10 @@ async def test_deterministic_request_is_a_cache_hit(mesh):
     first, cache1 = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
     second, cache2 = await call_with_cache_header(mesh.stub.CreateCompletion, request, mesh.auth)
     assert (cache1, cache2) == ("miss", "hit")
-    assert second.choices == first.choices and second.usage == first.usage
+    assert second.choices == first.choices
+    assert (second.usage.prompt_tokens, second.usage.completion_tokens) == (first.usage.prompt_tokens,
+                                                                           first.usage.completion_tokens)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens
     _, cache3 = await call_with_cache_header(
         mesh.stub.CreateCompletion, completion(prompt="cache me", max_tokens=w.Int32Value(value=6), skip_cache=True),
         mesh.auth)
@@ -338,3 +341,14 @@ async def test_max_completion_tokens_and_stream_options(mesh):
     with_usage = [c async for c in mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
         **base, stream_options=pb.StreamOptions(include_usage=True)), metadata=mesh.auth)]
     assert with_usage[-1].HasField("usage") and not with_usage[-1].choices
+
+
+async def test_shared_prompt_prefix_is_served_from_the_workers_prefix_cache(mesh):
+    prompt = "A long shared system prompt about the weather in many cities of the world. " * 4
+    first = await mesh.stub.CreateCompletion(completion(prompt=prompt + "Paris?", skip_cache=True), metadata=mesh.auth)
+    second = await mesh.stub.CreateCompletion(completion(prompt=prompt + "Rome?", skip_cache=True), metadata=mesh.auth)
+    block = mesh.config.worker.block_size
+    assert first.usage.prompt_tokens > 3 * block
+    # Every full block of the shared prefix is reused: the second prefill only computes the tail.
+    assert second.usage.prompt_tokens_details.cached_tokens >= 3 * block
+    assert second.usage.prompt_tokens_details.cached_tokens % block == 0

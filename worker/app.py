@@ -17,7 +17,8 @@ from llmserve.common.server import Service
 from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.registry.store import Paths, RegistryStore, encode
 from llmserve.worker import metrics
-from llmserve.worker.engine import EmbeddingEngine, TextGenerationEngine
+from llmserve.worker.engine import EmbeddingEngine
+from llmserve.worker.paged_engine import PagedEngine
 from llmserve.worker.models import load_embedding_model, load_generation_model, resolve_source
 from llmserve.worker.trtllm import TensorRTLLMEngine
 from llmserve.worker.service import ServedModel, WorkerServicer, worker_service_name
@@ -41,7 +42,10 @@ def load_model(version: registry_pb2.ModelVersion, config: MeshConfig) -> Served
     else:
         model, tokenizer = load_generation_model(version.weights_source, pathlib.Path(cfg.model_cache_dir),
                                                  device=cfg.device, dtype=cfg.dtype)
-        engine = TextGenerationEngine(model, tokenizer, max_num_seqs=cfg.max_num_seqs)
+        engine = PagedEngine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
+                             num_kv_blocks=cfg.num_kv_blocks or None, kv_cache_fraction=cfg.kv_cache_fraction,
+                             max_num_batched_tokens=cfg.max_num_batched_tokens,
+                             enable_prefix_caching=cfg.enable_prefix_caching)
     log.info("model loaded", version=version.version, seconds=round(time.monotonic() - started, 2))
     return ServedModel(version, engine)
 

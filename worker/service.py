@@ -18,7 +18,8 @@ from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
-from llmserve.worker.engine import EmbeddingEngine, GenerationRequest, SamplingParams, TextGenerationEngine
+from llmserve.worker.engine import EmbeddingEngine, GenerationRequest, SamplingParams
+from llmserve.worker.paged_engine import PagedEngine
 
 log = get_logger(__name__)
 
@@ -26,7 +27,7 @@ log = get_logger(__name__)
 @dataclasses.dataclass
 class ServedModel:
     version: registry_pb2.ModelVersion
-    engine: TextGenerationEngine | EmbeddingEngine
+    engine: PagedEngine | EmbeddingEngine  # or TensorRTLLMEngine: the same interface as PagedEngine
     num_inflight: int = 0  # tasks of this model in flight on this worker (all streams)
 
     @property
@@ -156,7 +157,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             model.num_inflight -= 1
 
     async def _generate(self, model: ServedModel, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
-        engine: TextGenerationEngine = model.engine
+        engine: PagedEngine = model.engine
         gen = task.generate
         if gen.messages:
             messages = [{"role": m.role, "content": m.content} for m in gen.messages]
@@ -193,6 +194,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 metrics.COMPLETION_TOKENS.labels(*labels).inc(out.completion_tokens)
             yield task_pb2.TaskOutput(request_id=task.request_id, text_delta=out.text_delta,
                                       prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                      cached_tokens=getattr(out, "cached_tokens", 0),
                                       finished=out.finished, finish_reason=out.finish_reason or "")
 
     async def _embed(self, model: ServedModel, task: task_pb2.Task) -> task_pb2.TaskOutput:

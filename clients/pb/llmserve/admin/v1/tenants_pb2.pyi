@@ -542,7 +542,9 @@ class UsageRow(_message.Message):
     completion_tokens: _builtins.int
     """Completion tokens computed."""
     cached_tokens: _builtins.int
-    """Tokens served from the response cache (not computed, not charged)."""
+    """Tokens not computed again: prompt tokens found in the workers' prefix cache, and every token of responses
+    served from the response cache.
+    """
     cache_hits: _builtins.int
     """Requests answered from the response cache."""
     cost_usd: _builtins.float

@@ -267,6 +267,7 @@ class TaskOutput(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The task's request_id."""
     text_delta: _builtins.str
@@ -279,6 +280,8 @@ class TaskOutput(_message.Message):
     """Whether this is the task's last output."""
     finish_reason: _builtins.str
     """"stop" or "length" when finished normally."""
+    cached_tokens: _builtins.int
+    """Prompt tokens whose prefill the worker's prefix cache skipped; set once known."""
     @_builtins.property
     def error(self) -> Global___TaskError:
         """Set when the task failed; finished is then true."""
@@ -298,10 +301,11 @@ class TaskOutput(_message.Message):
         finish_reason: _builtins.str = ...,
         error: Global___TaskError | None = ...,
         embeddings: _abc.Iterable[Global___Vector] | None = ...,
+        cached_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

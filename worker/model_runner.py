@@ -1,0 +1,198 @@
+"""Runs a Hugging Face Llama-family model over the paged KV cache, one scheduled batch per call.
+
+The model's own modules supply the weights (embedding, projections, norms, MLPs, rotary embedding, lm_head);
+the forward pass here replaces HF's attention and cache classes. All scheduled tokens travel as one flat batch
+[num_tokens, hidden] through the projections and MLPs, which is where the FLOPs are. Attention is split:
+  decode rows (one new token each) attend together: one gather of their blocks per layer into a padded
+    [num_decodes, max_context, ...] tensor and one scaled_dot_product_attention call with a length mask;
+  prompt chunks attend one sequence at a time: a fresh prompt over its own new K/V (plain causal), a later
+    chunk over the gathered cache with the causal mask shifted by the tokens already computed.
+New K/V are written into their slots (block_table[pos // block_size] * block_size + pos % block_size) before
+attention reads them, so the same pass serves prompt chunks and decodes alike, on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .batch_scheduler import ScheduledBatch
+from .kv_cache import allocate_kv_cache
+from .sequence import Sequence
+
+
+@dataclass
+class _Prefill:
+    """One prompt chunk: its tokens' place in the flat batch and what it attends over."""
+
+    start: int  # first row in the flat batch
+    num_new_tokens: int
+    num_context_tokens: int  # computed before this step + new
+    block_ids: torch.Tensor | None  # [num_blocks] when earlier tokens are in the cache, else None
+    mask: torch.Tensor | None  # [num_new_tokens, num_context_tokens] bool, True = may attend
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    slot_mapping: torch.Tensor  # [num_tokens]
+    num_decodes: int  # the first num_decodes rows are single-token rows
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_num_blocks], padded with block 0
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_num_blocks * block_size] bool
+    prefills: list[_Prefill]
+    logits_rows: torch.Tensor  # [num_sampled] flat rows whose logits are sampled (each sequence's last token)
+    sampled: list[int]  # batch indices of those sequences, in the same order
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ModelRunner:
+    def __init__(self, model, *, num_blocks: int, block_size: int):
+        self.model, self.config = model, model.config
+        self.body = model.model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        config = self.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.dtype, self.device)
+
+    # ---- inputs ----
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
+        input_ids, positions, slots = [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        last_row = {}
+        for i in order:
+            seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+            row = len(input_ids)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            last_row[i] = row + num_new - 1
+            if num_new == 1:
+                decode_tables.append(table[: (end + bs - 1) // bs])
+                decode_lens.append(end)
+            elif start == 0:
+                prefills.append(_Prefill(row, num_new, end, None, None))
+            else:
+                block_ids = torch.tensor(table[: (end + bs - 1) // bs])
+                mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+                prefills.append(_Prefill(row, num_new, end, block_ids.to(self.device), mask.to(self.device)))
+        decode_block_tables = decode_mask = None
+        if decode_tables:
+            max_num_blocks = max(len(t) for t in decode_tables)
+            decode_block_tables = torch.tensor([t + [0] * (max_num_blocks - len(t)) for t in decode_tables])
+            lens = torch.tensor(decode_lens)
+            decode_mask = (torch.arange(max_num_blocks * bs)[None, :] < lens[:, None])[:, None, None, :]
+            decode_block_tables, decode_mask = decode_block_tables.to(self.device), decode_mask.to(self.device)
+        sampled = [i for i in range(len(batch.seqs)) if batch.is_sampled(i)]
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+        return StepInputs(tensor(input_ids), tensor(positions), tensor(slots), len(decode_tables),
+                          decode_block_tables, decode_mask, prefills, tensor([last_row[i] for i in sampled]), sampled)
+
+    # ---- forward ----
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor]:
+        """Run one step; return (batch indices of the sequences to sample, their logits [num_sampled, vocab])."""
+        inputs = self.prepare(batch)
+        hidden = self.body.embed_tokens(inputs.input_ids)  # [num_tokens, hidden]
+        cos, sin = self.body.rotary_emb(hidden, inputs.positions[None])  # [1, num_tokens, head_dim]
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [num_tokens, 1, head_dim]
+        for layer_idx, layer in enumerate(self.body.layers):
+            residual = hidden
+            hidden = layer.input_layernorm(hidden)
+            hidden = self._attention(layer_idx, layer.self_attn, hidden, cos, sin, inputs)
+            hidden = residual + hidden
+            residual = hidden
+            hidden = layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = residual + hidden
+        if not inputs.sampled:
+            return [], hidden.new_empty((0, self.config.vocab_size))
+        hidden = self.body.norm(hidden[inputs.logits_rows])  # [num_sampled, hidden]
+        return inputs.sampled, self.model.lm_head(hidden)  # [num_sampled, vocab]
+
+    def _attention(self, layer_idx: int, attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   inputs: StepInputs) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q = attn.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
+        k = attn.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
+        v = attn.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before the rotary embedding
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_cache, v_cache = self.kv_cache[layer_idx]  # [num_blocks, block_size, kv_heads, head_dim] each
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, inputs.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, inputs.slot_mapping, v)
+
+        out = torch.empty_like(q)  # [T, heads, head_dim]
+        scale = attn.scaling
+        n = inputs.num_decodes
+        if n:
+            num_slots = inputs.decode_mask.shape[-1]
+            # [num_decodes, kv_heads, max_context, head_dim]
+            keys = k_cache[inputs.decode_block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            values = v_cache[inputs.decode_block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            out[:n] = F.scaled_dot_product_attention(
+                q[:n, :, None, :], keys, values, attn_mask=inputs.decode_mask, scale=scale, enable_gqa=True,
+            )[:, :, 0, :]
+        for p in inputs.prefills:
+            rows = slice(p.start, p.start + p.num_new_tokens)
+            query = q[rows].transpose(0, 1)[None]  # [1, heads, new, head_dim]
+            if p.block_ids is None:  # a fresh prompt: its own K/V, plain causal
+                keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+            else:  # a later chunk: everything in the cache so far, causal mask shifted by the computed tokens
+                keys = k_cache[p.block_ids].view(-1, self.num_kv_heads, self.head_dim)[: p.num_context_tokens]
+                values = v_cache[p.block_ids].view(-1, self.num_kv_heads, self.head_dim)[: p.num_context_tokens]
+                o = F.scaled_dot_product_attention(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                                   attn_mask=p.mask, scale=scale, enable_gqa=True)
+            out[rows] = o[0].transpose(0, 1)
+        return attn.o_proj(out.view(num_tokens, -1))
+
+    # ---- sampling ----
+
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """One token per row of logits [len(seqs), vocab]: greedy where temperature is 0, else sampled.
+
+        Sampling runs on the CPU in float32 with each sequence's own generator, so a seed gives the same text
+        whatever the device and whatever else is in the batch.
+        """
+        tokens = logits.argmax(-1).tolist()
+        rows = [i for i, seq in enumerate(seqs) if seq.params is not None and seq.params.temperature > 0]
+        if not rows:
+            return tokens
+        params = [seqs[i].params for i in rows]
+        scores = logits[rows].float().cpu()  # [R, vocab]
+        scores = scores / torch.tensor([p.temperature for p in params])[:, None]
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else scores.shape[-1] for p in params]).clamp(max=scores.shape[-1])
+        top_p = torch.tensor([p.top_p for p in params])
+        if (top_k < scores.shape[-1]).any() or (top_p < 1).any():
+            sorted_scores, order = scores.sort(-1, descending=True)
+            ranks = torch.arange(scores.shape[-1])[None, :]
+            drop = sorted_scores < sorted_scores.gather(1, (top_k - 1)[:, None])  # below the k-th (ties stay)
+            probs = sorted_scores.masked_fill(drop, float("-inf")).softmax(-1)
+            # Drop a token once the more likely ones already cover top_p; the most likely one always stays.
+            drop |= (probs.cumsum(-1) - probs >= top_p[:, None]) & (ranks > 0)
+            scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = scores.softmax(-1)
+        for row, i in enumerate(rows):
+            tokens[i] = int(torch.multinomial(probs[row], 1, generator=seqs[i].generator))
+        return tokens

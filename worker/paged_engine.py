@@ -1,0 +1,250 @@
+"""PagedEngine: continuous batching over a paged KV cache, with chunked prefill, prefix caching and preemption.
+
+Drop-in for engine.TextGenerationEngine (same constructor keywords, generate/abort/load/start/stop). A background
+thread runs step() = schedule -> execute -> update until stopped:
+  schedule  the Scheduler picks this step's sequences and token counts (batch_scheduler.py);
+  execute   the ModelRunner runs one forward over the paged cache and samples the caught-up rows;
+  update    tokens are appended, detokenized and checked for stops; finished sequences free their blocks
+            at once, outputs go to each caller's asyncio loop with call_soon_threadsafe.
+New requests and aborts are taken in between steps, so a request joins the running batch (or leaves it, its
+blocks freed) within one step. Torch releases the GIL, so the asyncio side stays responsive meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from .batch_scheduler import Scheduler
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .engine import EngineLoad, GenerationOutput, GenerationRequest, _eos_token_ids
+from .kv_cache import BlockManager, num_blocks_for_memory
+from .model_runner import ModelRunner
+from .sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PagedGenerationOutput(GenerationOutput):
+    cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache skipped
+
+
+class _Stream:
+    """Hands outputs from the step thread to the consumer's asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[PagedGenerationOutput] = asyncio.Queue()
+
+    def put(self, output: PagedGenerationOutput) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+class PagedEngine:
+    def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_wait_ms: float = 0.0, block_size: int = 16,
+                 num_kv_blocks: int | None = None, kv_cache_fraction: float = 0.1,
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True):
+        """max_wait_ms is accepted for compatibility: requests join the running batch between steps anyway."""
+        self.model, self.tokenizer = model, tokenizer
+        self.max_num_seqs = max_num_seqs
+        config = model.config
+        param = next(model.parameters())
+        self.device = param.device
+        max_model_len = int(config.max_position_embeddings)
+        if num_kv_blocks is None:
+            num_kv_blocks = num_blocks_for_memory(
+                config, block_size, param.dtype, self.device, kv_cache_fraction,
+                max_num_blocks=max_num_seqs * -(-max_model_len // block_size),
+            )
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
+        self._context_length = min(max_model_len, num_kv_blocks * block_size)
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.vocab_size = int(config.vocab_size)
+        self.num_steps = 0
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborted: set[str] = set()
+        self._is_stopping = False
+        self._thread: threading.Thread | None = None
+        self._seqs: dict[str, Sequence] = {}  # admitted, not finished; touched by the step thread only
+
+    # ---- API used from the asyncio side ----
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        ))
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox),
+                          self.max_num_seqs)
+
+    def stats(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_steps": self.num_steps,
+            "num_kv_blocks": bm.num_blocks,
+            "num_free_kv_blocks": bm.num_free_blocks,
+            "num_cached_kv_blocks": bm.num_cached_blocks,
+            "block_size": bm.block_size,
+            "num_prefix_hit_tokens": bm.num_prefix_hit_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+        }
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmserve-paged", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort every request and join the step thread."""
+        with self._cond:
+            self._is_stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborted.add(request_id)
+            self._cond.notify()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[PagedGenerationOutput]:
+        seq = Sequence(request.prompt_token_ids, request.params, request_id=request.request_id,
+                       priority=request.priority)
+        seq.stream = _Stream(asyncio.get_running_loop())
+        with self._cond:
+            if self._is_stopping:
+                raise RuntimeError("the generation engine is stopped")
+            self._inbox.append(seq)
+            self._cond.notify()
+        is_finished = False
+        try:
+            while not is_finished:
+                output = await seq.stream.queue.get()
+                is_finished = output.finished
+                yield output
+        finally:
+            if not is_finished:  # consumer left early (aclose, cancellation): free the sequence
+                self.abort(request.request_id)
+
+    # ---- step thread ----
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._aborted or self._is_stopping or self.scheduler.running
+                           or self.scheduler.waiting):
+                    self._cond.wait()
+                if self._is_stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                aborted, self._aborted = self._aborted, set()
+            for seq in inbox:
+                self._admit(seq)
+            for request_id in aborted:
+                if (seq := self._seqs.get(request_id)) is not None:
+                    self._finish(seq, "abort")
+            try:
+                self.step()
+            except Exception as exc:  # fail what ran; the block manager stays consistent, so go on
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+        for seq in list(self._seqs.values()) + inbox:
+            self._finish(seq, "abort")
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return
+        with torch.inference_mode():
+            rows, logits = self.runner.execute(batch)
+            self.scheduler.update(batch)
+            seqs = [batch.seqs[i] for i in rows]
+            tokens = self.runner.sample(seqs, logits)
+        for seq, token in zip(seqs, tokens):
+            try:
+                self._append(seq, token)
+            except Exception as exc:  # e.g. a tokenizer failure: only this request fails
+                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        self.num_steps += 1
+
+    def _admit(self, seq: Sequence) -> None:
+        error = None
+        if seq.num_prompt_tokens == 0:
+            error = "the prompt has no tokens"
+        elif not all(0 <= t < self.vocab_size for t in seq.token_ids):
+            error = f"the prompt has token ids outside the vocabulary of {self.vocab_size}"
+        elif seq.num_prompt_tokens >= self.context_length:
+            error = f"the prompt has {seq.num_prompt_tokens} tokens; the context length is {self.context_length}"
+        if seq.request_id in self._seqs:
+            error = f"request {seq.request_id!r} is already running"
+        if error is not None:
+            self._finish(seq, "error", error=error)
+            return
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+        seq.stop_matcher = StopMatcher(seq.params.stop)
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Account for one sampled token and emit what the client should see."""
+        params = seq.params
+        seq.append_token(token)
+        stop_ids = self.eos_token_ids | set(getattr(params, "stop_token_ids", None) or ())
+        is_eos = token in stop_ids and not params.ignore_eos
+        text, stopped = seq.stop_matcher.feed("" if is_eos else seq.detokenizer.add(token))
+        reason = "stop" if stopped or is_eos else None
+        if reason is None and (seq.num_completion_tokens >= params.max_tokens
+                               or seq.num_tokens >= self.context_length):
+            reason = "length"
+        if reason is not None and not stopped:
+            # Release what the detokenizer and the stop matcher held back; it may still complete a stop string.
+            tail, stopped = seq.stop_matcher.feed(seq.detokenizer.flush())
+            text += tail if stopped else tail + seq.stop_matcher.flush()
+            reason = "stop" if stopped else reason
+        if reason is not None:
+            self._finish(seq, reason, text)
+        elif text:
+            self._emit(seq, text)
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
+        if seq.is_finished:
+            return
+        if self._seqs.get(seq.request_id) is seq:
+            del self._seqs[seq.request_id]
+            self.scheduler.finish(seq)  # frees its blocks now
+        seq.status = SequenceStatus.FINISHED
+        self._emit(seq, text, reason, error)
+
+    def _emit(self, seq: Sequence, text: str, finish_reason: str | None = None, error: str | None = None) -> None:
+        seq.stream.put(PagedGenerationOutput(
+            seq.request_id, text, finish_reason is not None, finish_reason, seq.num_prompt_tokens,
+            seq.num_completion_tokens, error, seq.num_cached_tokens,
+        ))
