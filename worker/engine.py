@@ -161,6 +161,9 @@ class TextGenerationEngine:
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
         self.max_wait_s = max_wait_ms / 1000
+        if any(DynamicCache(config=model.config).is_sliding):
+            # _merge and _drop_finished pad and trim every layer's keys along one shared time axis.
+            raise ValueError("TextGenerationEngine supports full-attention models only, not sliding-window layers")
         self.device = next(model.parameters()).device
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_token_ids)
@@ -171,7 +174,7 @@ class TextGenerationEngine:
         self._aborted: set[str] = set()
         self._is_stopping = False
         self._thread: threading.Thread | None = None
-        # State of the running batch, touched only by the step thread (load() just reads lengths).
+        # State of the running batch, touched only by the step thread (load() just reads it).
         self._prefilling: list[_Sequence] = []
         self._running: list[_Sequence] = []
         self._cache: DynamicCache | None = None
@@ -236,16 +239,20 @@ class TextGenerationEngine:
     # ---- step thread ----
 
     def _run(self) -> None:
-        while True:
-            admitted, aborted = self._schedule()
-            if admitted is None:
-                break
-            with torch.inference_mode():
-                self._abort_running(aborted)
-                if admitted:
-                    self._prefill(admitted)
-                if self._running:
-                    self._decode()
+        while (scheduled := self._schedule()) is not None:
+            admitted, aborted = scheduled
+            try:
+                with torch.inference_mode():
+                    self._abort_running(aborted)
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._running:
+                        self._decode()
+            except Exception as exc:  # the shared cache is suspect now: fail the batch, start clean, go on
+                log.exception("engine step failed")
+                for seq in self._running + self._prefilling:
+                    seq.finish("error", error=f"{type(exc).__name__}: {exc}")
+                self._running, self._prefilling, self._cache, self._mask = [], [], None, None
             self.num_steps += 1
         with self._cond:
             waiting, self._waiting = self._waiting, []
@@ -253,7 +260,7 @@ class TextGenerationEngine:
             seq.finish("abort")
         self._running, self._cache, self._mask = [], None, None
 
-    def _schedule(self) -> tuple[list[_Sequence] | None, set[str]]:
+    def _schedule(self) -> tuple[list[_Sequence], set[str]] | None:
         """Pick waiting requests for the free slots, lowest priority number first; None means shut down.
 
         With nothing running, sleep until a request arrives and then gather for up to max_wait_s, so that a
@@ -270,14 +277,14 @@ class TextGenerationEngine:
                         break
                     self._cond.wait(remaining)
             if self._is_stopping:
-                return None, set()
+                return None
             aborted, self._aborted = self._aborted, set()
-            kept = [entry for entry in self._waiting if entry[2].request_id not in aborted]
-            for _, _, request, stream in self._waiting:
-                if request.request_id in aborted:
-                    _Sequence(request, stream, self.tokenizer).finish("abort")
-            heapq.heapify(kept)
-            self._waiting = kept
+            cancelled = [entry for entry in self._waiting if entry[2].request_id in aborted]
+            if cancelled:
+                self._waiting = [entry for entry in self._waiting if entry[2].request_id not in aborted]
+                heapq.heapify(self._waiting)
+            for _, _, request, stream in cancelled:  # after the removal, so load() never counts them
+                _Sequence(request, stream, self.tokenizer).finish("abort")
             num_free = self.max_num_seqs - len(self._running)
             picked = [heapq.heappop(self._waiting) for _ in range(min(num_free, len(self._waiting)))]
             self._prefilling = [_Sequence(r, s, self.tokenizer) for _, _, r, s in picked]
@@ -295,47 +302,43 @@ class TextGenerationEngine:
             if seq.num_prompt_tokens == 0:
                 seq.finish("error", error="the prompt has no tokens")
         seqs = [seq for seq in seqs if not seq.is_finished]
+        if not seqs:
+            self._prefilling = []
+            return
+        max_len = max(seq.num_prompt_tokens for seq in seqs)
+        input_ids = torch.full((len(seqs), max_len), self.pad_token_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(seqs), max_len), dtype=torch.long)  # [B, T]
+        for row, seq in enumerate(seqs):
+            input_ids[row, max_len - seq.num_prompt_tokens :] = torch.tensor(seq.request.prompt_token_ids)
+            mask[row, max_len - seq.num_prompt_tokens :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]; padding sits at 0, masked anyway
+        input_ids, mask, position_ids = input_ids.to(self.device), mask.to(self.device), position_ids.to(self.device)
+        cache = DynamicCache(config=self.model.config)
         try:
-            max_len = max((seq.num_prompt_tokens for seq in seqs), default=0)
-            input_ids = torch.full((len(seqs), max_len), self.pad_token_id, dtype=torch.long)  # [B, T]
-            mask = torch.zeros((len(seqs), max_len), dtype=torch.long)  # [B, T]
-            for row, seq in enumerate(seqs):
-                input_ids[row, max_len - seq.num_prompt_tokens :] = torch.tensor(seq.request.prompt_token_ids)
-                mask[row, max_len - seq.num_prompt_tokens :] = 1
-            if seqs:
-                cache = DynamicCache(config=self.model.config)
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]; padding sits at 0, masked anyway
-                logits = self.model(
-                    input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                    position_ids=position_ids.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
-                ).logits[:, -1]  # [B, vocab]
-        except Exception as exc:  # fail only the newcomers; the running batch is untouched
+            logits = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                cache=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1]  # [B, vocab]
+        except Exception as exc:  # e.g. a token id outside the vocabulary: fail the newcomers, keep the batch
             log.exception("prefill failed")
             for seq in seqs:
                 seq.finish("error", error=f"{type(exc).__name__}: {exc}")
-            seqs = []
+            self._prefilling = []
+            return
+        self._merge(seqs, cache, mask)
         self._prefilling = []
-        if seqs:
-            self._merge(seqs, cache, mask.to(self.device))
-            self._update(seqs, logits)
+        self._update(seqs, logits)
 
     def _decode(self) -> None:
         """One forward for every running row, feeding each its last sampled token."""
         seqs = self._running
-        try:
-            input_ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [B, 1]
-            position_ids = torch.tensor([[seq.num_tokens - 1] for seq in seqs], device=self.device)  # [B, 1]
-            self._mask = F.pad(self._mask, (0, 1), value=1)  # [B, cache_len + 1]
-            logits = self.model(
-                input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
-                cache=self._cache, use_cache=True,
-            ).logits[:, -1]  # [B, vocab]
-        except Exception as exc:  # the shared cache is now suspect: fail the whole batch and start clean
-            log.exception("decode step failed")
-            for seq in seqs:
-                seq.finish("error", error=f"{type(exc).__name__}: {exc}")
-            self._drop_finished()
-            return
+        input_ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [B, 1]
+        position_ids = torch.tensor([[seq.num_tokens - 1] for seq in seqs], device=self.device)  # [B, 1]
+        self._mask = F.pad(self._mask, (0, 1), value=1)  # [B, cache_len + 1]
+        logits = self.model(
+            input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
+            cache=self._cache, use_cache=True,
+        ).logits[:, -1]  # [B, vocab]
         self._update(seqs, logits)
 
     def _update(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
@@ -344,7 +347,10 @@ class TextGenerationEngine:
         for row, seq in enumerate(seqs):
             try:
                 params = seq.params
-                token = greedy[row] if params.temperature <= 0 else _sample_row(logits[row], params, seq.generator)
+                if params.temperature <= 0:
+                    token = greedy[row]
+                else:  # sampled on the CPU, so that a seed gives the same text whatever the device
+                    token = _sample_row(logits[row].cpu(), params, seq.generator)
                 seq.append(token, self.eos_token_ids, self.context_length)
             except Exception as exc:  # e.g. invalid sampling parameters: only this request fails
                 seq.finish("error", error=f"{type(exc).__name__}: {exc}")

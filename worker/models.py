@@ -68,6 +68,7 @@ def load_generation_model(source: str, cache_dir: Path, device: str = "cpu", dty
 
     Returns (model, tokenizer) with the model in eval mode on `device`.
     """
+    # Imported here: transformers takes seconds to import, and resolve_source users should not pay for it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -125,6 +126,7 @@ def _convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
         try:
             os.rename(tmp, target)
         except OSError:

@@ -109,6 +109,15 @@ async def test_same_seed_gives_same_text(engine):
     assert first != other
 
 
+async def test_top_k_1_and_tiny_top_p_sample_the_greedy_token(engine):
+    greedy, _ = await collect(engine, request(engine, PROMPTS[3], max_tokens=12, ignore_eos=True))
+    top_k, _ = await collect(engine, request(engine, PROMPTS[3], max_tokens=12, ignore_eos=True,
+                                             temperature=1.0, top_k=1))
+    top_p, _ = await collect(engine, request(engine, PROMPTS[3], max_tokens=12, ignore_eos=True,
+                                             temperature=1.0, top_p=1e-6))
+    assert greedy == top_k == top_p
+
+
 async def test_abort_ends_the_stream_and_frees_the_row(engine):
     stream = engine.generate(request(engine, "Go on", "victim", max_tokens=1000, ignore_eos=True))
     await anext(stream)
@@ -152,6 +161,24 @@ async def test_interactive_requests_join_before_batch_requests(tiny):
         await asyncio.gather(*tasks)
         assert [output async for output in first][-1].finish_reason == "abort"
         assert finished_order == ["interactive", "batch"]
+    finally:
+        await engine.stop()
+
+
+async def test_abort_of_a_waiting_request(tiny):
+    engine = TextGenerationEngine(*tiny, max_num_seqs=1)
+    engine.start()
+    try:
+        running = engine.generate(request(engine, "Hi", "running", max_tokens=1000, ignore_eos=True))
+        await anext(running)
+        waiting = asyncio.create_task(collect(engine, request(engine, "Hi", "waiting", max_tokens=3)))
+        while engine.load().num_waiting < 1:
+            await asyncio.sleep(0.001)
+        engine.abort("waiting")
+        text, outputs = await waiting
+        assert (text, outputs[-1].finish_reason, outputs[-1].completion_tokens) == ("", "abort", 0)
+        assert engine.load().num_waiting == 0 and engine.load().num_running == 1
+        await running.aclose()
     finally:
         await engine.stop()
 
