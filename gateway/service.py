@@ -22,7 +22,7 @@ from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
-from llmserve.gateway.requests import EmbeddingCall, GenerationCall, chat_from_pb, completion_from_pb
+from llmserve.gateway.requests import GenerationCall, chat_from_pb, completion_from_pb
 from llmserve.gateway.requests import embeddings_from_pb
 from llmserve.gateway.edge import Caller, Edge
 from llmserve.gateway.tokens import TokenCounter

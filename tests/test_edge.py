@@ -15,7 +15,7 @@ from llmserve.gateway.app import GatewayApp
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.inference.v1 import inference_pb2_grpc
 from tests.conftest import make_config
-from tests.helpers.mesh import embed_version, generate_version, start_mesh
+from tests.helpers.mesh import generate_version, start_mesh
 from tests.helpers.tiny_models import build_tiny_llama
 
 TINY = "tiny-llama-v1"

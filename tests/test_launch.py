@@ -10,7 +10,6 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import grpc

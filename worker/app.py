@@ -17,7 +17,7 @@ from llmserve.common.server import Service
 from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.registry.store import Paths, RegistryStore, encode
 from llmserve.worker import metrics
-from llmserve.worker.engine import EmbeddingEngine
+from llmserve.worker.embedding import EmbeddingEngine
 from llmserve.worker.paged_engine import PagedEngine
 from llmserve.worker.models import load_embedding_model, load_generation_model, resolve_source
 from llmserve.worker.trtllm import TensorRTLLMEngine
@@ -33,7 +33,7 @@ def load_model(version: registry_pb2.ModelVersion, config: MeshConfig) -> Served
     if version.engine == "tensorrt_llm":
         if version.kind != registry_pb2.MODEL_KIND_GENERATE:
             raise RuntimeError(f"{version.version}: the tensorrt_llm engine serves generation models only")
-        engine = TensorRTLLMEngine.load(version.version, str(resolve_source(version.weights_source)),
+        engine = TensorRTLLMEngine.from_pretrained(version.version, str(resolve_source(version.weights_source)),
                                         max_num_seqs=cfg.max_num_seqs, context_length=version.context_length)
     elif version.kind == registry_pb2.MODEL_KIND_EMBED:
         model, tokenizer = load_embedding_model(version.weights_source, device=cfg.device)

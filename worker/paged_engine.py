@@ -22,7 +22,7 @@ import torch
 
 from .batch_scheduler import Scheduler
 from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .engine import EngineLoad, GenerationOutput, GenerationRequest, _eos_token_ids
+from .engine import EngineLoad, GenerationOutput, GenerationRequest, eos_token_ids
 from .kv_cache import BlockManager, num_blocks_for_memory
 from .model_runner import ModelRunner
 from .sequence import Sequence, SequenceStatus
@@ -70,7 +70,7 @@ class PagedEngine:
                                    max_num_batched_tokens=max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
         self._context_length = min(max_model_len, num_kv_blocks * block_size)
-        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = int(config.vocab_size)
         self.num_steps = 0
         self._cond = threading.Condition()

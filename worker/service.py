@@ -18,7 +18,8 @@ from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
-from llmserve.worker.engine import EmbeddingEngine, GenerationRequest, SamplingParams
+from llmserve.worker.embedding import EmbeddingEngine
+from llmserve.worker.engine import GenerationRequest, SamplingParams
 from llmserve.worker.paged_engine import PagedEngine
 
 log = get_logger(__name__)

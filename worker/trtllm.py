@@ -41,7 +41,8 @@ class TensorRTLLMEngine:
         self._num_waiting = 0
 
     @classmethod
-    def load(cls, version: str, model_path: str, *, max_num_seqs: int, context_length: int) -> "TensorRTLLMEngine":
+    def from_pretrained(cls, version: str, model_path: str, *, max_num_seqs: int, context_length: int
+                        ) -> "TensorRTLLMEngine":
         trtllm = import_tensorrt_llm(version)
         from transformers import AutoTokenizer
         llm = trtllm.LLM(model=model_path, max_batch_size=max_num_seqs)
@@ -61,7 +62,7 @@ class TensorRTLLMEngine:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False))
 
-    def load(self) -> EngineLoad:  # noqa: F811 - instance method; the classmethod above builds the engine
+    def load(self) -> EngineLoad:
         return EngineLoad(len(self._running), self._num_waiting, self.max_num_seqs)
 
     def start(self) -> None:

@@ -81,3 +81,23 @@ def test_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(RuntimeError) as err:
         trtllm.import_tensorrt_llm("big-model-v1")
     assert "pip install .[tensorrt]" in str(err.value) and "big-model-v1" in str(err.value)
+
+
+def test_registry_entry_with_engine_tensorrt_llm_loads_the_adapter(monkeypatch, tmp_path):
+    import sys
+
+    from llmserve.admin.v1 import registry_pb2
+    from llmserve.common.config import MeshConfig
+    from llmserve.worker.app import load_model
+    from tests.helpers.tiny_models import build_tiny_llama
+
+    folder = build_tiny_llama(tmp_path / "tiny")
+    version = registry_pb2.ModelVersion(version="big-v1", family="big", kind=registry_pb2.MODEL_KIND_GENERATE,
+                                        engine="tensorrt_llm", weights_source=f"file:{folder}", context_length=1024)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", double)
+    served = load_model(version, MeshConfig())
+    assert isinstance(served.engine, trtllm.TensorRTLLMEngine)
+    assert served.engine.llm.model == str(folder) and served.context_length == 1024
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # not installed
+    with pytest.raises(RuntimeError, match=r"pip install \.\[tensorrt\]"):
+        load_model(version, MeshConfig())

@@ -1,0 +1,129 @@
+"""Embeddings with dynamic batching: concurrent calls are gathered until max_batch_size texts or max_wait_ms,
+then run as one padded batch (mean pooling over the attention mask, L2 norm); each caller gets its own rows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingEngine:
+    """Mean-pooled, L2-normalised sentence embeddings with dynamic batching across concurrent callers.
+
+    Calls are gathered until max_batch_size texts or max_wait_ms after the first, then run as one padded
+    batch in a worker thread; each caller gets its own rows back.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
+                 max_length: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_length = max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        self.device = next(model.parameters()).device
+        self.num_batches = 0  # batches run so far; lets tests and metrics see that calls were batched
+        self._queue: queue.Queue = queue.Queue()  # (texts, loop, future) or None to stop
+        self._thread: threading.Thread | None = None
+
+    @property
+    def dimensions(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llmserve-embed", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Return (one unit vector per text, number of input tokens)."""
+        if not texts:
+            return [], 0
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((list(texts), loop, future))
+        return await future
+
+    def _run(self) -> None:
+        is_stopping = False
+        while not is_stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            calls, num_texts = [first], len(first[0])
+            deadline = time.monotonic() + self.max_wait_s
+            while num_texts < self.max_batch_size:
+                try:
+                    call = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+                if call is None:
+                    is_stopping = True
+                    break
+                calls.append(call)
+                num_texts += len(call[0])
+            self._run_calls(calls)
+        while not self._queue.empty():  # calls that arrived with the stop: fail them rather than hang
+            call = self._queue.get()
+            if call is not None:
+                _resolve(call, exception=RuntimeError("the embedding engine is stopped"))
+
+    def _run_calls(self, calls: list) -> None:
+        texts = [text for call_texts, _, _ in calls for text in call_texts]
+        try:
+            vectors, token_counts = [], []
+            for start in range(0, len(texts), self.max_batch_size):
+                batch_vectors, batch_counts = self._embed_batch(texts[start : start + self.max_batch_size])
+                vectors.extend(batch_vectors)
+                token_counts.extend(batch_counts)
+        except Exception as exc:
+            log.exception("embedding batch failed")
+            for call in calls:
+                _resolve(call, exception=exc)
+            return
+        offset = 0
+        for call in calls:
+            num = len(call[0])
+            _resolve(call, result=(vectors[offset : offset + num], sum(token_counts[offset : offset + num])))
+            offset += num
+
+    def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**encoded).last_hidden_state  # [B, T, hidden]
+            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, hidden]
+            vectors = F.normalize(pooled.float(), dim=-1)  # [B, hidden]
+        self.num_batches += 1
+        return vectors.tolist(), encoded["attention_mask"].sum(1).tolist()
+
+
+def _resolve(call, *, result=None, exception: BaseException | None = None) -> None:
+    """Complete a caller's future from the worker thread (unless the caller was cancelled meanwhile)."""
+    _, loop, future = call
+
+    def complete() -> None:
+        if future.done():
+            return
+        future.set_exception(exception) if exception is not None else future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(complete)
+    except RuntimeError:  # loop closed
+        pass
