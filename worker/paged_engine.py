@@ -208,10 +208,14 @@ class PagedEngine:
         if error is not None:
             self._finish(seq, "error", error=error)
             return
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
-        seq.stop_matcher = StopMatcher(seq.params.stop)
+        try:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
+            seq.stop_matcher = StopMatcher(seq.params.stop)
+            self.scheduler.add(seq)
+        except Exception as exc:  # noqa: BLE001 - e.g. more KV blocks than the pool: fail only this request
+            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            return
         self._seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Account for one sampled token and emit what the client should see."""
