@@ -116,6 +116,11 @@ class Edge:
             return cap, f"{pb.Priority.Name(cap)} (capped from {pb.Priority.Name(priority)})"
         return priority, ""
 
+    @staticmethod
+    def counts_tokens(caller: Caller) -> bool:
+        """Whether admission needs the prompt's token count (a token limit or a budget applies)."""
+        return bool(caller.key.tokens_per_minute or caller.tenant.tokens_per_minute or caller.tenant.budget_usd > 0)
+
     def _limits(self, caller: Caller, tokens: int, cost_micro: int) -> list[Limit]:
         key, tenant = caller.key, caller.tenant
         # One hash tag per tenant keeps every key of one admission in one Redis Cluster slot.

@@ -213,8 +213,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 return result, True
         else:
             metrics.CACHE.labels("bypass").inc()
-        counts = await self.tokens.count(version, texts=call.prompts,
-                                         messages=call.messages if call.kind == "chat" else None)
+        counts = [0]  # tokenizing at the gateway costs milliseconds: only when a token limit or budget needs it
+        if self.edge.counts_tokens(caller):
+            counts = await self.tokens.count(version, texts=call.prompts,
+                                             messages=call.messages if call.kind == "chat" else None)
         admission = await self.edge.admit(caller, info["request_id"], version, sum(counts),
                                           call.n * call.num_inputs * call.sampling.max_tokens)
         await self._send_metadata(context, info)
@@ -350,7 +352,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 await self._send_metadata(context, info)
                 self._record(caller, version.version, info, Result([], tokens, 0), cache_hit=True, cost_micro=0)
             else:
-                counts = await self.tokens.count(version, texts=call.inputs)
+                counts = await self.tokens.count(version, texts=call.inputs) if self.edge.counts_tokens(caller) \
+                    else [0]
                 admission = await self.edge.admit(caller, info["request_id"], version, sum(counts), 0)
                 await self._send_metadata(context, info)
                 task = task_pb2.Task(request_id=f"{info['request_id']}-0", model_version=version.version,
