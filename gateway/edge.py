@@ -156,7 +156,8 @@ class Edge:
             if exc.retry_after_s is None:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"this request needs {exc.limit.amount} of the {exc.limit.name} "
-                                   f"({exc.limit.limit}); lower max_tokens or split the request") from None
+                                   f"({exc.limit.limit}); lower max_tokens or split the request",
+                                   trailers=(("x-should-retry", "false"),)) from None
             what = "budget" if exc.limit.kind == "c" else "rate limit"
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{what} exceeded: {exc.limit.name} is {exc.limit.limit}"

@@ -148,6 +148,8 @@ async def test_tokens_per_minute_are_exact_and_count_prompt_plus_max_tokens(mesh
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.stub.CreateCompletion(request(max_tokens=w.Int32Value(value=100)), metadata=auth)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "lower max_tokens" in err.value.details()
+    trailers = dict(err.value.trailing_metadata())
+    assert trailers["x-should-retry"] == "false" and "retry-after" not in trailers
 
 
 async def test_token_reservations_are_reconciled_to_real_usage(mesh, redis_srv):

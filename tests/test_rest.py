@@ -272,3 +272,27 @@ def test_go_tests_of_the_sidecar(sidecar_binary):
     if result.returncode == 2:  # a prebuilt binary, but no toolchain to compile the tests with
         pytest.skip("no Go toolchain: " + result.stderr.strip().replace("\n", " "))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rate_limits_are_429_and_an_impossible_request_is_not_retried(mesh):
+    import grpc
+    import openai
+
+    from llmserve.admin.v1 import tenants_pb2 as tpb
+    from llmserve.clients.admin import tenant_stub
+    with grpc.insecure_channel(mesh.address("registry")) as channel:
+        admin = tenant_stub(channel, (mesh.state / "admin-key").read_text().strip())
+        admin.CreateTenant(tpb.CreateTenantRequest(tenant=tpb.Tenant(name="rest-limited", requests_per_minute=1,
+                                                                     tokens_per_minute=200)))
+        key = admin.CreateApiKey(tpb.CreateApiKeyRequest(tenant="rest-limited")).key
+    time.sleep(0.5)  # the gateway learns the key through its etcd watch
+    limited = openai.OpenAI(base_url=mesh.rest_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:  # needs more tokens than the whole per-minute limit
+        limited.completions.create(model="smollm2", prompt="hi", max_tokens=500)
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert "retry-after" not in err.value.response.headers
+    limited.completions.create(model="smollm2", prompt="hi", max_tokens=2)  # the one request of this minute
+    with pytest.raises(openai.RateLimitError) as err:
+        limited.completions.create(model="smollm2", prompt="hi", max_tokens=2)
+    assert 1 <= int(err.value.response.headers["retry-after"]) <= 60
+    assert "requests per minute" in err.value.message

@@ -121,6 +121,14 @@ func writeGRPCError(ctx context.Context, _ *runtime.ServeMux, _ runtime.Marshale
 	if after := retryAfter(s, md.TrailerMD, state.trailer, md.HeaderMD); after != "" {
 		w.Header().Set("Retry-After", after)
 	}
+	// The gateway marks errors that no retry can fix (a request larger than a whole limit); the OpenAI SDK
+	// honours this header and does not retry them.
+	for _, m := range []metadata.MD{md.TrailerMD, state.trailer, md.HeaderMD} {
+		if v := m.Get("x-should-retry"); len(v) > 0 {
+			w.Header().Set("X-Should-Retry", v[0])
+			break
+		}
+	}
 	writeOpenAIError(w, r, httpStatus, grpcMessage(s, state), paramFromMessage(s.Message(), state), errorCodeFor(s))
 }
 

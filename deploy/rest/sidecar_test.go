@@ -44,6 +44,9 @@ func failure(model string, setTrailer func(metadata.MD)) error {
 	case "rate-limited":
 		setTrailer(metadata.Pairs("retry-after", "7"))
 		return status.Error(codes.ResourceExhausted, "rate limit exceeded: requests per minute of tenant t is 1")
+	case "too-large":
+		setTrailer(metadata.Pairs("x-should-retry", "false"))
+		return status.Error(codes.ResourceExhausted, "this request needs 500 of the tokens per minute of tenant t (100)")
 	case "forbidden":
 		return status.Error(codes.PermissionDenied, "priority PRIORITY_INTERACTIVE is not allowed")
 	case "disabled":
@@ -310,7 +313,8 @@ func TestErrorMapping(t *testing.T) {
 		status int
 		code   string
 	}{
-		{"rate-limited", 429, "resource_exhausted"}, {"forbidden", 403, "permission_denied"},
+		{"rate-limited", 429, "resource_exhausted"}, {"too-large", 429, "resource_exhausted"},
+		{"forbidden", 403, "permission_denied"},
 		{"disabled", 400, "failed_precondition"}, {"slow", 504, "deadline_exceeded"},
 		{"down", 503, "unavailable"}, {"unknown", 404, "model_not_found"},
 	}
@@ -331,6 +335,9 @@ func TestErrorMapping(t *testing.T) {
 			}
 			if got := resp.Header.Get("Retry-After"); (c.model == "rate-limited") != (got == "7") {
 				t.Errorf("%s %s: Retry-After %q", path, c.model, got)
+			}
+			if got := resp.Header.Get("X-Should-Retry"); (c.model == "too-large") != (got == "false") {
+				t.Errorf("%s %s: X-Should-Retry %q", path, c.model, got)
 			}
 		}
 	}
