@@ -42,6 +42,7 @@ class GatewayConfig:
     default_chat_max_tokens: int = 256  # max_tokens when a chat request has none
     max_n: int = 16  # largest `n`
     max_prompts: int = 64  # largest batch of prompts in one completion request
+    max_sequences_per_request: int = 128  # largest prompts x n of one completion request
     max_embedding_inputs: int = 2048  # largest batch of texts in one embeddings request
     max_stop: int = 4  # most stop strings
     limits_fail_open: bool = True  # Redis unreachable: admit without rate limits (true) or refuse (false)

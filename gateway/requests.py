@@ -129,8 +129,12 @@ def _one_or_many(request, single: str, many: str, limit: int) -> tuple[str, ...]
 def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
     model = _model(request.model)
     prompts = _one_or_many(request, "prompt", "prompts", cfg.max_prompts)
+    n = _n(request, cfg)
+    if len(prompts) * n > cfg.max_sequences_per_request:
+        raise invalid_argument(f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; at most "
+                               f"{cfg.max_sequences_per_request} per request: lower n or split the prompts")
     return GenerationCall("completion", model, prompts, (), _sampling(request, cfg, cfg.default_completion_max_tokens),
-                          _n(request, cfg), request.user, _priority(request.priority), request.skip_cache)
+                          n, request.user, _priority(request.priority), request.skip_cache)
 
 
 def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
