@@ -9,6 +9,8 @@ LATENCY = Histogram("llmserve_gateway_request_seconds", "End-to-end request late
                     buckets=LATENCY_BUCKETS)
 TTFT = Histogram("llmserve_gateway_time_to_first_token_seconds", "Time to first token of streamed requests",
                  ["model_version"], buckets=LATENCY_BUCKETS)
+INTER_TOKEN = Histogram("llmserve_gateway_inter_token_seconds", "Time between a sequence's text deltas",
+                        ["model_version"], buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 TOKENS = Counter("llmserve_gateway_tokens", "Tokens by model version and direction (prompt, completion)",
                  ["model_version", "direction"])
 CACHE = Counter("llmserve_gateway_response_cache", "Response cache lookups by result (hit, miss, bypass)",

@@ -226,13 +226,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         completion_tokens = [0] * len(texts)
         cached_tokens = [0] * len(texts)
         started = time.perf_counter()
-        first = True
+        last_delta: dict[int, float] = {}  # choice index -> when its previous delta arrived
         result = None
         try:
             async for index, output in self._generate(call, version.version, info["request_id"], context):
-                if first and output.text_delta:
-                    metrics.TTFT.labels(version.version).observe(time.perf_counter() - started)
-                    first = False
+                if output.text_delta:
+                    now = time.perf_counter()
+                    if not last_delta:
+                        metrics.TTFT.labels(version.version).observe(now - started)
+                    if index in last_delta:
+                        metrics.INTER_TOKEN.labels(version.version).observe(now - last_delta[index])
+                    last_delta[index] = now
                 texts[index].append(output.text_delta)
                 prompt_tokens[index] = output.prompt_tokens
                 completion_tokens[index] = output.completion_tokens

@@ -355,3 +355,16 @@ async def test_shared_prompt_prefix_is_served_from_the_workers_prefix_cache(mesh
     # Every full block of the shared prefix is reused: the second prefill only computes the tail.
     assert second.usage.prompt_tokens_details.cached_tokens >= 3 * block
     assert second.usage.prompt_tokens_details.cached_tokens % block == 0
+
+
+async def test_metrics_expose_latency_and_kv_cache(mesh):
+    from prometheus_client import REGISTRY
+    await mesh.stub.CreateCompletion(completion(max_tokens=w.Int32Value(value=4), ignore_eos=True, skip_cache=True),
+                                     metadata=mesh.auth)
+    mesh.workers[0]._export_metrics(mesh.workers[0].models[TINY])
+    sample = REGISTRY.get_sample_value
+    assert sample("llmserve_gateway_inter_token_seconds_count", {"model_version": TINY}) >= 3
+    assert sample("llmserve_gateway_time_to_first_token_seconds_count", {"model_version": TINY}) >= 1
+    total = sum(sample("llmserve_worker_kv_cache_blocks", {"model_version": TINY, "state": s}) for s in
+                ("used", "free"))
+    assert total == mesh.workers[0].models[TINY].engine.stats()["num_kv_blocks"]

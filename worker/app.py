@@ -113,9 +113,7 @@ class WorkerApp:
         while True:
             await asyncio.sleep(interval)
             for served in self.models.values():
-                load = served.load()
-                metrics.RUNNING.labels(served.version.version).set(load.num_running)
-                metrics.WAITING.labels(served.version.version).set(load.num_waiting)
+                self._export_metrics(served)
             try:
                 reply = await self._lease.refresh()
                 if reply is None or reply.TTL <= 0:
@@ -125,6 +123,22 @@ class WorkerApp:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep serving; try again next round
                 log.warning("lease refresh failed", error=str(exc))
+
+    @staticmethod
+    def _export_metrics(served: ServedModel) -> None:
+        name = served.version.version
+        load = served.load()
+        metrics.RUNNING.labels(name).set(load.num_running)
+        metrics.WAITING.labels(name).set(load.num_waiting)
+        stats = getattr(served.engine, "stats", None)
+        if stats is None:
+            return
+        s = stats()
+        metrics.KV_BLOCKS.labels(name, "used").set(s["num_kv_blocks"] - s["num_free_kv_blocks"])
+        metrics.KV_BLOCKS.labels(name, "free").set(s["num_free_kv_blocks"])
+        metrics.KV_BLOCKS.labels(name, "cached").set(s["num_cached_kv_blocks"])
+        metrics.PREFIX_HIT_TOKENS.labels(name).set(s["num_prefix_hit_tokens"])
+        metrics.PREEMPTIONS.labels(name).set(s["num_preemptions"])
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._keepalive:
