@@ -102,6 +102,11 @@ class LogConfig:
 
 
 @dataclass
+class TelemetryConfig:
+    otlp_endpoint: str = ""  # OTLP/gRPC collector (host:port) for traces; empty: no export (no tracing cost)
+
+
+@dataclass
 class MeshConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -111,6 +116,7 @@ class MeshConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     rest: RestConfig = field(default_factory=RestConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def validate(self) -> "MeshConfig":
         for section in ("gateway", "scheduler", "worker", "registry"):

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import typing
 
+from llmserve.common import tracing
 from llmserve.common.config import MeshConfig, load_config
 from llmserve.common.logs import configure_logging, get_logger
 from llmserve.common.server import start_metrics_server, wait_for_signal
@@ -24,6 +25,7 @@ def run_service(name: str, factory: typing.Callable[[MeshConfig], App],
     config = load_config(args.config)
     configure_logging(config.log.level, config.log.json, service=name)
     log = get_logger(name)
+    tracing.configure(name, config.telemetry.otlp_endpoint)
 
     async def main() -> None:
         cfg = section(config)

@@ -15,9 +15,12 @@ import uuid
 
 import grpc
 import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.errors import ServiceError, code_from_int, failed_precondition, invalid_argument, not_found
+from llmserve.common import tracing
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 from llmserve.gateway import metrics
@@ -32,6 +35,7 @@ from llmserve.inference.v1 import inference_pb2_grpc
 from llmserve.registry.store import RegistryView, Resolution
 
 log = get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 KIND_NAMES = {registry_pb2.MODEL_KIND_GENERATE: "generate", registry_pb2.MODEL_KIND_EMBED: "embed"}
 
@@ -100,6 +104,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         info: dict = {"request_id": request_id}
         started = time.perf_counter()
         code = "OK"
+        span = tracer.start_span(f"InferenceService/{method}", kind=trace.SpanKind.SERVER)
+        token = otel_context.attach(trace.set_span_in_context(span))
         try:
             yield info
         except ServiceError as exc:
@@ -113,6 +119,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise
         finally:
             elapsed = time.perf_counter() - started
+            span.set_attributes({"llmserve.request_id": request_id, "rpc.grpc.status": code,
+                                 **{f"llmserve.{k}": v for k, v in info.items()
+                                    if k in ("model_version", "cache", "prompt_tokens", "completion_tokens")}})
+            if code != "OK":
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+            span.end()
+            otel_context.detach(token)
             metrics.REQUESTS.labels(method, code).inc()
             metrics.LATENCY.labels(method).observe(elapsed)
             log.info("request", code=code, ms=round(elapsed * 1000, 1),
@@ -132,7 +145,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             task.deadline_unix_ms = int((time.time() + remaining) * 1000)
-        call = self.scheduler.Submit(timeout=remaining)
+        call = self.scheduler.Submit(timeout=remaining, metadata=tuple(tracing.inject().items()))
         try:
             await call.write(scheduler_pb2.SubmitRequest(task=task))
             async for response in call:

@@ -11,8 +11,10 @@ import time
 import typing
 
 import grpc
+from opentelemetry import trace
 
 from llmserve.common.errors import ServiceError, invalid_argument, resource_exhausted, unavailable
+from llmserve.common import tracing
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 from llmserve.scheduler import metrics
@@ -20,6 +22,7 @@ from llmserve.scheduler.queue import Entry, ModelQueue
 from llmserve.scheduler.workers import WorkerConnection
 
 log = get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 RECONNECT_DELAY_S = 1.0
 
@@ -159,7 +162,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not task.request_id or not task.model_version or task.WhichOneof("input") is None:
             raise invalid_argument("task.request_id, task.model_version and task input are required")
         entry = Entry(task, priority=min(max(int(task.priority) or 2, 1), 3))
-        self.dispatcher.submit(entry)
+        span = tracer.start_span("SchedulerService/Submit", kind=trace.SpanKind.SERVER,
+                                 context=tracing.extract(dict(context.invocation_metadata() or ())),
+                                 attributes={"llmserve.request_id": task.request_id,
+                                             "llmserve.model_version": task.model_version})
+        task.trace_context.clear()
+        task.trace_context.update(tracing.inject(span))  # the worker's span joins the request's trace
+        try:
+            self.dispatcher.submit(entry)
+        except ServiceError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code.name))
+            span.end()
+            raise
 
         async def read_cancels() -> None:
             async for message in request_iterator:
@@ -175,8 +189,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 item = await entry.outbox.get()
                 if isinstance(item, ServiceError):
                     finished = True
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, item.code.name))
                     raise item
                 if isinstance(item, scheduler_pb2.TaskDispatched):
+                    span.add_event("dispatched", {"worker_id": item.worker_id, "queue_time_ms": item.queue_time_ms})
                     yield scheduler_pb2.SubmitResponse(dispatched=item)
                     continue
                 yield scheduler_pb2.SubmitResponse(output=item)
@@ -187,6 +203,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             reader.cancel()
             if not finished:  # the caller went away (or its deadline passed): free the worker's slot
                 self.dispatcher.cancel(entry)
+            span.end()
 
 
 def scheduler_service_name() -> str:

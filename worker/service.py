@@ -15,6 +15,7 @@ import grpc
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.errors import ServiceError
+from llmserve.common import tracing
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
@@ -23,6 +24,7 @@ from llmserve.worker.engine import GenerationRequest, SamplingParams
 from llmserve.worker.paged_engine import PagedEngine
 
 log = get_logger(__name__)
+tracer = tracing.tracer(__name__)
 
 
 @dataclasses.dataclass
@@ -139,10 +141,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield _error(task.request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the task started")
             return
         model.num_inflight += 1
+        span = tracer.start_span("WorkerService/task", context=tracing.extract(task.trace_context),
+                                 attributes={"llmserve.request_id": task.request_id,
+                                             "llmserve.model_version": task.model_version})
         try:
             kind = task.WhichOneof("input")
             if kind == "generate" and not model.is_embedding:
                 async for output in self._generate(model, task):
+                    if output.finished:
+                        span.set_attributes({"llmserve.prompt_tokens": output.prompt_tokens,
+                                             "llmserve.completion_tokens": output.completion_tokens,
+                                             "llmserve.cached_tokens": output.cached_tokens})
                     yield output
             elif kind == "embed" and model.is_embedding:
                 yield await self._embed(model, task)
@@ -156,6 +165,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             yield _error(task.request_id, grpc.StatusCode.INTERNAL, f"worker error: {type(exc).__name__}: {exc}")
         finally:
             model.num_inflight -= 1
+            span.end()
 
     async def _generate(self, model: ServedModel, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
         engine: PagedEngine = model.engine
