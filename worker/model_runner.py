@@ -3,8 +3,10 @@
 The model's own modules supply the weights (embedding, projections, norms, MLPs, rotary embedding, lm_head);
 the forward pass here replaces HF's attention and cache classes. All scheduled tokens travel as one flat batch
 [num_tokens, hidden] through the projections and MLPs, which is where the FLOPs are. Attention is split:
-  decode rows (one new token each) attend together: one gather of their blocks per layer into a padded
-    [num_decodes, max_context, ...] tensor and one scaled_dot_product_attention call with a length mask;
+  decode rows (one new token each) attend in a few groups of similar context length: per group and layer one
+    gather of their blocks into a padded [rows, group's max context, ...] tensor and one
+    scaled_dot_product_attention call with a length mask (grouping keeps the padding, which costs as much as
+    real slots, small when lengths are mixed);
   prompt chunks attend one sequence at a time: a fresh prompt over its own new K/V (plain causal), a later
     chunk over the gathered cache with the causal mask shifted by the tokens already computed.
 New K/V are written into their slots (block_table[pos // block_size] * block_size + pos % block_size) before
@@ -35,16 +37,51 @@ class _Prefill:
 
 
 @dataclass
+class _DecodeGroup:
+    """Decode rows of similar context length, attended together (padding only to the group's longest)."""
+
+    start: int  # first row in the flat batch
+    end: int
+    block_tables: torch.Tensor  # [rows, max_num_blocks], padded with block 0
+    mask: torch.Tensor  # [rows, 1, 1, max_num_blocks * block_size] bool
+
+
+@dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     positions: torch.Tensor  # [num_tokens]
     slot_mapping: torch.Tensor  # [num_tokens]
-    num_decodes: int  # the first num_decodes rows are single-token rows
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_num_blocks], padded with block 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_num_blocks * block_size] bool
+    decode_groups: list[_DecodeGroup]  # the first rows of the batch are single-token rows, shortest first
     prefills: list[_Prefill]
     logits_rows: torch.Tensor  # [num_sampled] flat rows whose logits are sampled (each sequence's last token)
     sampled: list[int]  # batch indices of those sequences, in the same order
+
+
+def _length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 512) -> list[tuple[int, int]]:
+    """Splits sorted decode lengths into at most max_groups contiguous groups, minimising the attended slots
+    (rows x the group's longest length) plus `group_cost` slots per extra group (one more gather and attention
+    call per layer). Padded slots cost as much as real ones, so one group for mixed lengths wastes most of it."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    inf = float("inf")
+    # best[g][i]: least cost of the first i rows in g groups; cut[g][i]: where the last of those groups starts
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for g in range(1, max_groups + 1):
+        for i in range(1, n + 1):
+            for j in range(g - 1, i):
+                cost = best[g - 1][j] + (i - j) * lengths[i - 1] + group_cost
+                if cost < best[g][i]:
+                    best[g][i], cut[g][i] = cost, j
+    groups = min(range(1, max_groups + 1), key=lambda g: best[g][n])
+    bounds, i = [n], n
+    for g in range(groups, 0, -1):
+        i = cut[g][i]
+        bounds.append(i)
+    bounds.reverse()
+    return list(zip(bounds, bounds[1:]))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +106,9 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs = self.block_size
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)  # decodes first
+        # Decodes first, shortest context first, so that similar lengths sit next to each other for grouping.
+        order = sorted(range(len(batch.seqs)),
+                       key=lambda i: (batch.num_new_tokens[i] != 1, batch.seqs[i].num_computed_tokens))
         input_ids, positions, slots = [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         last_row = {}
@@ -91,20 +130,21 @@ class ModelRunner:
                 block_ids = torch.tensor(table[: (end + bs - 1) // bs])
                 mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
                 prefills.append(_Prefill(row, num_new, end, block_ids.to(self.device), mask.to(self.device)))
-        decode_block_tables = decode_mask = None
-        if decode_tables:
-            max_num_blocks = max(len(t) for t in decode_tables)
-            decode_block_tables = torch.tensor([t + [0] * (max_num_blocks - len(t)) for t in decode_tables])
-            lens = torch.tensor(decode_lens)
-            decode_mask = (torch.arange(max_num_blocks * bs)[None, :] < lens[:, None])[:, None, None, :]
-            decode_block_tables, decode_mask = decode_block_tables.to(self.device), decode_mask.to(self.device)
+        decode_groups = []
+        for start, end in _length_groups(decode_lens):
+            tables = decode_tables[start:end]
+            max_num_blocks = max(len(t) for t in tables)
+            block_tables = torch.tensor([t + [0] * (max_num_blocks - len(t)) for t in tables])
+            lens = torch.tensor(decode_lens[start:end])
+            mask = (torch.arange(max_num_blocks * bs)[None, :] < lens[:, None])[:, None, None, :]
+            decode_groups.append(_DecodeGroup(start, end, block_tables.to(self.device), mask.to(self.device)))
         sampled = [i for i in range(len(batch.seqs)) if batch.is_sampled(i)]
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
-        return StepInputs(tensor(input_ids), tensor(positions), tensor(slots), len(decode_tables),
-                          decode_block_tables, decode_mask, prefills, tensor([last_row[i] for i in sampled]), sampled)
+        return StepInputs(tensor(input_ids), tensor(positions), tensor(slots), decode_groups, prefills,
+                          tensor([last_row[i] for i in sampled]), sampled)
 
     # ---- forward ----
 
@@ -144,14 +184,13 @@ class ModelRunner:
 
         out = torch.empty_like(q)  # [T, heads, head_dim]
         scale = attn.scaling
-        n = inputs.num_decodes
-        if n:
-            num_slots = inputs.decode_mask.shape[-1]
-            # [num_decodes, kv_heads, max_context, head_dim]
-            keys = k_cache[inputs.decode_block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
-            values = v_cache[inputs.decode_block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
-            out[:n] = F.scaled_dot_product_attention(
-                q[:n, :, None, :], keys, values, attn_mask=inputs.decode_mask, scale=scale, enable_gqa=True,
+        for g in inputs.decode_groups:
+            n, num_slots = g.end - g.start, g.mask.shape[-1]
+            # [rows, kv_heads, group's max context, head_dim]
+            keys = k_cache[g.block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            values = v_cache[g.block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            out[g.start:g.end] = F.scaled_dot_product_attention(
+                q[g.start:g.end, :, None, :], keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True,
             )[:, :, 0, :]
         for p in inputs.prefills:
             rows = slice(p.start, p.start + p.num_new_tokens)

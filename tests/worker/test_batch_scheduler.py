@@ -166,3 +166,19 @@ def test_finish_of_a_waiting_sequence_removes_it():
     assert scheduler.waiting == [] and b.is_finished
     scheduler.finish(a)
     assert scheduler.is_finished and scheduler.block_manager.num_free_blocks == 64
+
+
+def test_decode_rows_are_grouped_to_cut_padding():
+    from llmserve.worker.model_runner import _length_groups
+    assert _length_groups([]) == []
+    assert _length_groups([100] * 8) == [(0, 8)]  # equal lengths: one group
+    lengths = [20] * 16 + [700] * 16
+    groups = _length_groups(lengths)
+    assert groups == [(0, 16), (16, 32)]  # short rows are not padded to 700
+    mixed = sorted([57, 91, 113, 117, 119, 158, 159, 166, 239, 272, 281, 304, 326, 333, 339, 354, 378, 382, 410,
+                    430, 446, 460, 499, 504, 513, 532, 539, 561, 589, 613, 632, 649])
+    groups = _length_groups(mixed)
+    assert 1 < len(groups) <= 4 and groups[0][0] == 0 and groups[-1][1] == len(mixed)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    padded = sum((end - start) * mixed[end - 1] for start, end in groups)
+    assert padded < 0.8 * len(mixed) * mixed[-1]
