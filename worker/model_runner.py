@@ -187,8 +187,9 @@ class ModelRunner:
         for g in inputs.decode_groups:
             n, num_slots = g.end - g.start, g.mask.shape[-1]
             # [rows, kv_heads, group's max context, head_dim]
-            keys = k_cache[g.block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
-            values = v_cache[g.block_tables].view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            blocks = g.block_tables.view(-1)  # index_select copies faster than advanced indexing here
+            keys = k_cache.index_select(0, blocks).view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            values = v_cache.index_select(0, blocks).view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
             out[g.start:g.end] = F.scaled_dot_product_attention(
                 q[g.start:g.end, :, None, :], keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True,
             )[:, :, 0, :]
