@@ -10,6 +10,7 @@ import pytest
 
 from llmserve.common.config import MeshConfig
 from tests.helpers.servers import etcd_server, redis_server, running
+from tests.helpers.tiny_models import model_cache_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +49,3 @@ def make_config(etcd, redis_srv) -> MeshConfig:
     config.worker.lease_ttl_s = 2
     return config
 
-
-def model_cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("LLMSERVE_MODEL_CACHE", REPO / ".llmserve" / "models"))
