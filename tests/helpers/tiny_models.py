@@ -26,7 +26,7 @@ def smollm2_tokenizer():
     """The real SmolLM2 tokenizer: from the converted cache when present (fast), else from the GGUF itself."""
     from transformers import AutoTokenizer
 
-    from llmserve.worker.models import resolve_source
+    from llmserve.common.sources import resolve_source
 
     gguf = resolve_source(SMOLLM2_SOURCE)
     cached = model_cache_dir() / gguf.stem
