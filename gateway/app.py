@@ -7,12 +7,14 @@ from llmserve.common.config import MeshConfig
 from llmserve.common.server import CHANNEL_OPTIONS, Service
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
+from llmserve.gateway.dispatch import Dispatcher
 from llmserve.gateway.service import InferenceServicer, inference_service_name
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.limits import Limiter
+from llmserve.gateway.pipeline import Pipeline
 from llmserve.gateway.tokens import TokenCounter
 from llmserve.inference.v1 import inference_pb2_grpc
-from llmserve.registry.store import RegistryView
+from llmserve.common.state.views import RegistryView
 
 import grpc
 
@@ -25,14 +27,13 @@ class GatewayApp:
         self.view = RegistryView(self.client, config.etcd.prefix, watch_keys=True)
         self.redis = redisconn.connect(config.redis)
         self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
-        self.tokens = TokenCounter(config.worker.model_cache_dir)
+        self.tokens = TokenCounter()
         self.edge = Edge(self.view, Limiter(self.redis, fail_open=cfg.limits_fail_open), self.redis)
+        pipeline = Pipeline(cfg, self.view, Dispatcher(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)),
+                            ResponseCache(self.redis, cfg.response_cache_ttl_s), self.edge, self.tokens)
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()])
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(cfg, self.view, scheduler_pb2_grpc.SchedulerServiceStub(self.channel),
-                              ResponseCache(self.redis, cfg.response_cache_ttl_s), self.edge,
-                              self.tokens),
-            self.service.server)
+            InferenceServicer(pipeline, self.view, self.edge), self.service.server)
 
     async def start(self) -> int:
         await self.view.start()

@@ -14,27 +14,16 @@ import structlog
 from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
 from llmserve.common import usage
 from llmserve.common.errors import ServiceError, unauthenticated
-from llmserve.common.logs import get_logger
 from llmserve.gateway import metrics
 from llmserve.gateway.limits import Limit, LimitExceeded, Limiter, Reservation, retry_after_header
 from llmserve.inference.v1 import inference_pb2 as pb
-from llmserve.registry.store import RegistryView
-
-log = get_logger(__name__)
-
+from llmserve.common.state.views import RegistryView
 
 
 @dataclasses.dataclass(frozen=True)
 class Caller:
     key: keys_pb2.ApiKey
     tenant: tenants_pb2.Tenant
-
-
-@dataclasses.dataclass
-class Admission:
-    reservation: Reservation | None
-    prompt_tokens: int
-    max_cost_micro: int
 
 
 class UsageBuffer:
@@ -78,7 +67,7 @@ class UsageBuffer:
 
 class Edge:
     def __init__(self, view: RegistryView, limiter: Limiter, redis_client):
-        self.view, self.limiter, self.redis = view, limiter, redis_client
+        self.view, self.limiter = view, limiter
         self.usage = UsageBuffer(redis_client)
 
     def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
@@ -143,9 +132,9 @@ class Edge:
         return limits
 
     async def admit(self, caller: Caller, request_id: str, version: registry_pb2.ModelVersion,
-                    prompt_tokens: int, max_completion_tokens: int) -> Admission:
+                    prompt_tokens: int, max_completion_tokens: int) -> Reservation | None:
         """Reserves requests, prompt + max completion tokens and their highest cost, or raises
-        RESOURCE_EXHAUSTED with a retry-after."""
+        RESOURCE_EXHAUSTED with a retry-after. None: Redis failed and the policy is fail open."""
         tokens = prompt_tokens + max_completion_tokens
         cost = usage.cost_micro_usd(prompt_tokens, max_completion_tokens, version.price_per_1k_prompt_tokens,
                                     version.price_per_1k_completion_tokens)
@@ -169,25 +158,24 @@ class Edge:
         except Exception:  # noqa: BLE001 - Redis failed and the policy is fail closed
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                "the rate limiter is unavailable (Redis) and the policy is to fail closed; retry")
-        return Admission(reservation, prompt_tokens, cost)
+        return reservation
 
-    async def settle(self, caller: Caller, admission: Admission, version: registry_pb2.ModelVersion,
+    async def settle(self, reservation: Reservation | None, version: registry_pb2.ModelVersion,
                      prompt_tokens: int, completion_tokens: int) -> int:
         """Reconciles the reservation to what was computed; returns the real cost in micro-USD."""
         cost = usage.cost_micro_usd(prompt_tokens, completion_tokens, version.price_per_1k_prompt_tokens,
                                     version.price_per_1k_completion_tokens)
         amounts = {"tokens": prompt_tokens + completion_tokens, "cost": cost}
-        if admission.reservation is not None:
-            await self.limiter.reconcile(admission.reservation, {
-                l.name: amounts[l.measure] for l in admission.reservation.limits if l.measure in amounts})
+        if reservation is not None:
+            await self.limiter.reconcile(reservation, {
+                l.name: amounts[l.measure] for l in reservation.limits if l.measure in amounts})
         return cost
 
     def record(self, caller: Caller, version: str, *, prompt_tokens: int, completion_tokens: int,
-                     cached_tokens: int, cache_hit: bool, cost_micro: int) -> None:
+               cached_tokens: int, cache_hit: bool, cost_micro: int) -> None:
         metrics.TOKENS.labels(version, "prompt").inc(prompt_tokens)
         metrics.TOKENS.labels(version, "completion").inc(completion_tokens)
         metrics.COST.labels(version).inc(cost_micro / usage.MICRO)
         self.usage.add(caller.tenant.name, caller.key.key_id, version, {
             "requests": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "cached_tokens": cached_tokens, "cache_hits": int(cache_hit), "cost_micro_usd": cost_micro})
-

@@ -1,12 +1,22 @@
-"""Public requests -> validated plain records (from_pb), with messages that name the field and the allowed range."""
+"""Public requests -> validated plain records (from_pb), with messages that name the field and the allowed range;
+records -> scheduler tasks (to_pb). The rules that need the model version (context length) live here too.
+
+Priority is normalised here, once: every task leaves the gateway with priority 1..3 (interactive, standard, batch).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
+from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import invalid_argument
+from llmserve.dispatch.v1 import task_pb2
 from llmserve.inference.v1 import inference_pb2 as pb
+
+if typing.TYPE_CHECKING:
+    from llmserve.gateway.tokens import TokenCount
 
 ROLES = ("system", "user", "assistant")
 INT64_MASK = (1 << 63) - 1
@@ -27,9 +37,18 @@ class Sampling:
     def is_deterministic(self) -> bool:
         return self.temperature == 0 or self.seed is not None
 
+    def to_pb(self, choice: int = 0) -> task_pb2.SamplingParams:
+        """The sampling of one sequence: choice j of an input draws from seed + j, so choices differ."""
+        seed = None if self.seed is None else (self.seed + choice) & INT64_MASK
+        return task_pb2.SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, has_seed=seed is not None,
+            seed=seed or 0, max_tokens=self.max_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
+            max_tokens_is_default=self.max_tokens_is_default)
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationCall:
+    model_kind: typing.ClassVar[int] = registry_pb2.MODEL_KIND_GENERATE
     kind: str  # "completion" or "chat"
     model: str
     prompts: tuple[str, ...]  # completion: one or more prompts
@@ -44,25 +63,109 @@ class GenerationCall:
     def num_inputs(self) -> int:
         return len(self.prompts) if self.kind == "completion" else 1
 
+    @property
+    def num_tasks(self) -> int:
+        return self.num_inputs * self.n  # one scheduler task per generated sequence
+
+    @property
+    def is_cacheable(self) -> bool:
+        return self.sampling.is_deterministic and not self.skip_cache
+
+    @property
+    def max_completion_tokens(self) -> int:
+        """What the limits reserve for the completion before it runs."""
+        return self.num_tasks * self.sampling.max_tokens
+
     def cache_fields(self) -> dict:
         """What decides the output: everything but user, priority and cache control."""
         return {"kind": self.kind, "prompts": self.prompts, "messages": self.messages, "n": self.n,
                 "sampling": dataclasses.asdict(self.sampling)}
 
+    def count_inputs(self) -> dict:
+        """What to count prompt tokens of: the prompts, or the conversation (templated)."""
+        return {"messages": self.messages} if self.kind == "chat" else {"texts": self.prompts}
+
+    def check_context_length(self, version: registry_pb2.ModelVersion, counted: TokenCount | None) -> None:
+        """Refuses prompts the version can never serve, as the worker would (it keeps the final word)."""
+        context, max_tokens = version.context_length, self.sampling.max_tokens
+        if not context:
+            return
+        if counted is None or not counted.is_exact:  # every prompt is at least one token
+            if not self.sampling.max_tokens_is_default and max_tokens >= context:
+                raise invalid_argument(f"max_tokens ({max_tokens}) leaves no room for the prompt in the context "
+                                       f"length of {context} tokens of model {version.version!r}: set max_tokens "
+                                       f"below {context}")
+            return
+        for i, num_prompt in enumerate(counted.per_input):
+            field = "messages" if self.kind == "chat" else "prompt" if self.num_inputs == 1 else f"prompts[{i}]"
+            if num_prompt >= context:
+                raise invalid_argument(f"{field} is {num_prompt} tokens, but model {version.version!r} has a context "
+                                       f"length of {context} tokens: shorten the {field}")
+            if num_prompt + max_tokens > context and not self.sampling.max_tokens_is_default:
+                raise invalid_argument(f"{field} ({num_prompt} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                       f"context length of {context} tokens of model {version.version!r}: set "
+                                       f"max_tokens to at most {context - num_prompt} or shorten the {field}")
+
+    def to_tasks(self, request_id: str, version: str) -> list[task_pb2.Task]:
+        """One task per sequence, ids <request id>-<choice index> (choice index = input * n + choice)."""
+        tasks = []
+        for i in range(self.num_inputs):
+            for j in range(self.n):
+                if self.kind == "chat":
+                    gen = task_pb2.GenerateInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages],
+                                                 sampling=self.sampling.to_pb(j))
+                else:
+                    gen = task_pb2.GenerateInput(prompt=self.prompts[i], sampling=self.sampling.to_pb(j))
+                tasks.append(task_pb2.Task(request_id=f"{request_id}-{i * self.n + j}", model_version=version,
+                                           priority=self.priority, generate=gen))
+        return tasks
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingCall:
+    model_kind: typing.ClassVar[int] = registry_pb2.MODEL_KIND_EMBED
+    kind: typing.ClassVar[str] = "embedding"
+    n: typing.ClassVar[int] = 1
+    num_tasks: typing.ClassVar[int] = 1  # the worker batches the texts of one call
+    max_completion_tokens: typing.ClassVar[int] = 0
     model: str
     inputs: tuple[str, ...]
     user: str
-    priority: int
+    priority: int  # 1..3
     skip_cache: bool
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def is_cacheable(self) -> bool:
+        return not self.skip_cache  # embeddings are deterministic
 
     def cache_fields(self) -> dict:
         return {"kind": "embedding", "inputs": self.inputs}
 
+    def count_inputs(self) -> dict:
+        return {"texts": self.inputs}
+
+    def check_context_length(self, version: registry_pb2.ModelVersion, counted: TokenCount | None) -> None:
+        if not version.context_length or counted is None or not counted.is_exact:
+            return
+        for i, n in enumerate(counted.per_input):
+            if n > version.context_length:
+                raise invalid_argument(f"input[{i}] is {n} tokens, but model {version.version!r} accepts at most "
+                                       f"{version.context_length}: shorten or split it")
+
+    def to_tasks(self, request_id: str, version: str) -> list[task_pb2.Task]:
+        return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version, priority=self.priority,
+                              embed=task_pb2.EmbedInput(texts=self.inputs))]
+
+
+Call = GenerationCall | EmbeddingCall
+
 
 def _priority(value: int) -> int:
+    """The scheduling class 1..3; unset means standard."""
     if value not in pb.Priority.values():
         raise invalid_argument(f"priority={value} is unknown; use PRIORITY_INTERACTIVE, PRIORITY_STANDARD or "
                                "PRIORITY_BATCH")

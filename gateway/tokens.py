@@ -1,72 +1,87 @@
-"""Prompt token counts at the gateway, with each model's own tokenizer (loaded once per version, lazily).
+"""Prompt token counts at the gateway, with each model's own tokenizer (loaded once per version, in the background).
 
-Token limits reserve prompt tokens + max_tokens before a request runs, so the count must come from the
-model's tokenizer (and chat template), not an estimate. The worker's count stays authoritative for usage.
+Two rules need the count before a request runs: a prompt longer than the version's context length is refused at
+the edge, and token limits reserve prompt tokens + max_tokens. Both need the model's tokenizer (and chat
+template), counting exactly as the worker will; the worker's count stays authoritative for usage. Tokenizing costs
+milliseconds, so a request is counted once, and only waits for a tokenizer still loading when a limit needs it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import pathlib
+import dataclasses
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.logs import get_logger
+from llmserve.common.tokenizers import load_version_tokenizer
 
 log = get_logger(__name__)
 
 
-def load_tokenizer(source: str, cache_dir: str):
-    from transformers import AutoTokenizer
+@dataclasses.dataclass(frozen=True)
+class TokenCount:
+    per_input: tuple[int, ...]  # tokens per text, or one entry for a templated conversation
+    is_exact: bool  # counted by the model's tokenizer; False: an upper-bound estimate from bytes
 
-    from llmserve.worker.models import resolve_source
-    path = resolve_source(source)
-    if path.suffix == ".gguf":
-        converted = pathlib.Path(cache_dir) / path.stem  # where the worker caches its de-quantized copy
-        if (converted / "tokenizer.json").exists():
-            return AutoTokenizer.from_pretrained(converted)
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    return AutoTokenizer.from_pretrained(path)
+    @property
+    def total(self) -> int:
+        return sum(self.per_input)
 
 
 class TokenCounter:
-    def __init__(self, cache_dir: str):
-        self.cache_dir = cache_dir
-        self._tokenizers: dict[str, object] = {}
+    def __init__(self):
+        self._tokenizers: dict[str, object] = {}  # version -> tokenizer, or None when it cannot be loaded
         self._loading: dict[str, asyncio.Task] = {}
 
-    async def _tokenizer(self, version: registry_pb2.ModelVersion):
-        name = version.version
-        if name in self._tokenizers:
-            return self._tokenizers[name]
-        if name not in self._loading:
-            self._loading[name] = asyncio.create_task(
-                asyncio.to_thread(load_tokenizer, version.weights_source, self.cache_dir))
-        try:
-            tokenizer = await asyncio.shield(self._loading[name])
-        except Exception as exc:  # noqa: BLE001 - fall back to an upper-bound estimate, once logged
-            log.warning("tokenizer unavailable; estimating tokens from bytes", version=name, error=str(exc))
-            tokenizer = None
-        self._tokenizers[name] = tokenizer
-        self._loading.pop(name, None)
-        return tokenizer
+    def _start_loading(self, version: registry_pb2.ModelVersion) -> None:
+        if version.version not in self._tokenizers and version.version not in self._loading:
+            self._loading[version.version] = asyncio.create_task(
+                asyncio.to_thread(load_version_tokenizer, version), name=f"tokenizer {version.version}")
 
     def warm(self, versions) -> None:
         """Starts loading the tokenizers of these versions in the background, so first requests do not wait."""
         for version in versions:
-            if version.version not in self._tokenizers and version.version not in self._loading:
-                self._loading[version.version] = asyncio.create_task(
-                    asyncio.to_thread(load_tokenizer, version.weights_source, self.cache_dir))
+            self._start_loading(version)
 
-    async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None) -> list[int]:
-        """Tokens per text, or [tokens of the templated conversation] when messages are given."""
-        tokenizer = await self._tokenizer(version)
+    async def tokenizer(self, version: registry_pb2.ModelVersion):
+        """The version's tokenizer, waiting for it to load; None when it cannot be loaded (logged once)."""
+        name = version.version
+        if name not in self._tokenizers:
+            self._start_loading(version)
+            loading = self._loading[name]
+            try:
+                tokenizer = await asyncio.shield(loading)
+            except Exception as exc:  # noqa: BLE001 - fall back to an upper-bound estimate, once logged
+                log.warning("tokenizer unavailable; estimating tokens from bytes", version=name, error=str(exc))
+                tokenizer = None
+            self._tokenizers[name] = tokenizer
+            self._loading.pop(name, None)
+        return self._tokenizers[name]
+
+    def is_ready(self, version: registry_pb2.ModelVersion) -> bool:
+        """Whether counting would not wait for a tokenizer to load (starts loading it otherwise)."""
+        loading = self._loading.get(version.version)
+        if version.version in self._tokenizers or (loading is not None and loading.done()):
+            return True
+        self._start_loading(version)
+        return False
+
+    async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None, wait: bool
+                    ) -> TokenCount | None:
+        """Tokens per text, or of the templated conversation when messages are given. None when the tokenizer is
+        still loading and `wait` is false."""
+        if not wait and not self.is_ready(version):
+            return None
+        tokenizer = await self.tokenizer(version)
         if tokenizer is None:
             items = [" ".join(c for _, c in messages)] if messages is not None else list(texts)
-            return [len(t.encode()) + 8 for t in items]  # a byte-level BPE token is at least one byte
+            return TokenCount(tuple(len(t.encode()) + 8 for t in items), is_exact=False)  # a BPE token >= 1 byte
         if messages is not None:
             conversation = [{"role": r, "content": c} for r, c in messages]
             ids = await asyncio.to_thread(tokenizer.apply_chat_template, conversation, add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
-            return [len(ids)]
-        encoded = await asyncio.to_thread(lambda: tokenizer(list(texts), add_special_tokens=True)["input_ids"])
-        return [len(ids) for ids in encoded]
+            return TokenCount((len(ids),), is_exact=True)
+        # As the workers count: encoders add their special tokens ([CLS] ... [SEP]); a prompt is encoded raw.
+        special = version.kind == registry_pb2.MODEL_KIND_EMBED
+        encoded = await asyncio.to_thread(lambda: tokenizer(list(texts), add_special_tokens=special)["input_ids"])
+        return TokenCount(tuple(len(ids) for ids in encoded), is_exact=True)

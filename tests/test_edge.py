@@ -14,17 +14,15 @@ from llmserve.admin.v1 import tenants_pb2 as tpb
 from llmserve.gateway.app import GatewayApp
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.inference.v1 import inference_pb2_grpc
-from tests.conftest import make_config
 from tests.helpers.mesh import generate_version, start_mesh
-from tests.helpers.tiny_models import build_tiny_llama
 
 TINY = "tiny-llama-v1"
 
 
 @pytest.fixture(scope="module")
-async def mesh(etcd, redis_srv, tmp_path_factory):
-    model_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    config = make_config(etcd, redis_srv)
+async def mesh(make_config, tiny_llama_dir):
+    model_dir = tiny_llama_dir
+    config = make_config()
     mesh = await start_mesh(config, versions=[generate_version(TINY, f"file:{model_dir}", context_length=512),
                                               generate_version("other-model-v1", f"file:{model_dir}")],
                             aliases={"tiny": [(TINY, 1)], "other": [("other-model-v1", 1)]},
@@ -203,3 +201,46 @@ async def test_limits_fail_open_by_default_and_closed_when_configured(mesh, redi
         redis_srv.resume()
         await channel.close()
         await closed.stop(0)
+
+
+async def test_a_prompt_over_the_context_length_is_refused_before_any_limit_is_touched(mesh, redis_srv):
+    import redis.asyncio as aioredis
+    name, auth = await tenant(mesh, requests_per_minute=1, tokens_per_minute=100_000, budget_usd=1.0,
+                              budget_period=tpb.BUDGET_PERIOD_DAY)
+    version = mesh.gateway.view.versions.snapshot[TINY]
+    for gateway in (mesh.gateway, mesh.gateway2):
+        await gateway.tokens.tokenizer(version)  # warmed at start: wait until it is loaded
+    long_prompt = "word " * 600  # 601 tokens; the version's context length is 512
+    for stub in (mesh.stub, mesh.stub2):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateCompletion(request(prompt=long_prompt), metadata=auth)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("prompt is 601 tokens, but model 'tiny-llama-v1' has a context "
+                                              "length of 512 tokens: shorten the prompt")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateChatCompletion(pb.CreateChatCompletionRequest(
+            model="tiny", messages=[pb.ChatMessage(role="user", content=long_prompt)]), metadata=auth)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages is" in err.value.details()
+    # No limit, budget or usage counter of the tenant moved ...
+    for gateway in (mesh.gateway, mesh.gateway2):
+        await gateway.edge.usage.flush()
+    client = aioredis.Redis(port=redis_srv.port)
+    patterns = (f"llmserve:rl:{{{name}}}:*", f"llmserve:spend:{{{name}}}:*", f"llmserve:usage:{name}:*")
+    touched = [k for pattern in patterns for k in await client.keys(pattern)]
+    await client.aclose()
+    assert touched == []
+    assert not (await mesh.tenants.GetUsage(tpb.GetUsageRequest(tenant=name))).rows
+    # ... so the one request a minute is still there to use.
+    assert (await mesh.stub.CreateCompletion(request(), metadata=auth)).choices
+
+
+async def test_queue_time_reaches_the_request_log_but_no_worker_id_reaches_the_caller(mesh):
+    from structlog.testing import capture_logs
+    _, auth = await tenant(mesh)
+    with capture_logs() as logs:
+        call = mesh.stub.CreateCompletion(request(n=w.Int32Value(value=2)), metadata=auth)
+        await call
+    (line,) = [e for e in logs if e["event"] == "request" and e.get("kind") == "completion"]
+    assert line["code"] == "OK" and isinstance(line["queue_ms"], float) and line["queue_ms"] >= 0
+    metadata = [*await call.initial_metadata(), *await call.trailing_metadata()]
+    assert all(worker.worker_id not in str(v) for worker in mesh.workers for _, v in metadata)

@@ -1,0 +1,106 @@
+"""The request pipeline that completions, chat and embeddings share:
+
+    begin:  authenticate -> validate (from_pb) -> resolve the model -> cap the priority
+    run:    response cache -> count prompt tokens once -> context length -> admit (limits, budget)
+            -> run the tasks on the scheduler -> settle the reservation -> record usage -> cache the result
+
+Everything that can be refused from what the gateway knows is refused before limits, budgets and queues are
+touched. Streaming and unary responses differ only in what they do with the outputs (on_output) and the Result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from llmserve.admin.v1 import registry_pb2
+from llmserve.common.config import GatewayConfig
+from llmserve.common.errors import failed_precondition, invalid_argument, not_found
+from llmserve.dispatch.v1 import task_pb2
+from llmserve.gateway import metrics
+from llmserve.gateway.cache import ResponseCache, cache_key
+from llmserve.gateway.context import RequestContext
+from llmserve.gateway.dispatch import Dispatcher
+from llmserve.gateway.edge import Edge
+from llmserve.gateway.requests import Call
+from llmserve.gateway.result import Collector, Result
+from llmserve.gateway.tokens import TokenCounter
+from llmserve.common.state.views import RegistryView
+
+KIND_NAMES = {registry_pb2.MODEL_KIND_GENERATE: "generate", registry_pb2.MODEL_KIND_EMBED: "embed"}
+
+OnOutput = typing.Callable[[int, task_pb2.TaskOutput], typing.Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(self, cfg: GatewayConfig, view: RegistryView, dispatcher: Dispatcher, cache: ResponseCache,
+                 edge: Edge, tokens: TokenCounter):
+        self.cfg, self.view, self.dispatcher, self.cache, self.edge, self.tokens = (
+            cfg, view, dispatcher, cache, edge, tokens)
+
+    def begin(self, ctx: RequestContext, context, parse: typing.Callable[..., Call], request) -> None:
+        """Auth, validation, model resolution and the priority cap, in that order; fills ctx."""
+        ctx.caller = self.edge.authenticate(context)
+        call = parse(request, self.cfg)
+        ctx.version = self._resolve(call, ctx)
+        priority, ctx.priority_note = self.edge.cap_priority(ctx.caller, call.priority)
+        ctx.call = dataclasses.replace(call, priority=priority) if ctx.priority_note else call
+
+    def _resolve(self, call: Call, ctx: RequestContext) -> registry_pb2.ModelVersion:
+        found = self.view.resolve(call.model, call.user)
+        if found is None:
+            raise not_found(f"model {call.model!r} not found; ListModels (GET /v1/models) lists the available models")
+        version = found.version
+        self.edge.authorize_model(ctx.caller, call.model, version)
+        if version.kind != call.model_kind:
+            use = "CreateEmbeddings" if version.kind == registry_pb2.MODEL_KIND_EMBED else "completions or chat"
+            raise invalid_argument(f"model {call.model!r} is a {KIND_NAMES.get(version.kind, '?')} model and cannot "
+                                   f"serve this request: use {use} with it, or pick another model")
+        if version.state == registry_pb2.MODEL_STATE_DISABLED:
+            raise failed_precondition(f"model version {version.version!r} is disabled in the registry")
+        return version
+
+    async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
+        """The request's Result; on_output(task index, output) sees live outputs (not on a cache hit)."""
+        call, version = ctx.call, ctx.version
+        key = cache_key(ctx.caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
+        cached = await self.cache.get(key) if key is not None else None
+        ctx.cache = "bypass" if key is None else "hit" if cached else "miss"
+        metrics.CACHE.labels(ctx.cache).inc()
+        if cached:
+            result = Result.from_json(cached)
+            await self.edge.admit(ctx.caller, ctx.request_id, version, 0, 0)  # counts as a request
+            await context.send_initial_metadata(ctx.metadata())
+            self._record(ctx, result, cache_hit=True, cost_micro=0)
+            return result
+        # Tokenized once, only waiting for a tokenizer still loading when a token limit or budget needs the count.
+        ctx.counted = await self.tokens.count(version, wait=self.edge.counts_tokens(ctx.caller),
+                                              **call.count_inputs())
+        call.check_context_length(version, ctx.counted)
+        reservation = await self.edge.admit(ctx.caller, ctx.request_id, version,
+                                            ctx.counted.total if ctx.counted else 0, call.max_completion_tokens)
+        await context.send_initial_metadata(ctx.metadata())
+        collector = Collector(call, version.version)
+        result = None
+        try:
+            async for index, output in self.dispatcher.run_all(call.to_tasks(ctx.request_id, version.version),
+                                                               context, lambda d: ctx.note_queue_time(d.queue_time_ms)):
+                collector.add(index, output)
+                if on_output is not None:
+                    await on_output(index, output)
+            result = collector.result()
+        finally:
+            # Settle what was really computed, also when the request failed or the client went away.
+            done = result or collector.result()
+            cost = await self.edge.settle(reservation, version, done.prompt_tokens, done.completion_tokens)
+            self._record(ctx, done, cache_hit=False, cost_micro=cost)
+        if key is not None:
+            await self.cache.put(key, result.to_json())
+        return result
+
+    def _record(self, ctx: RequestContext, result: Result, *, cache_hit: bool, cost_micro: int) -> None:
+        ctx.prompt_tokens, ctx.completion_tokens = result.prompt_tokens, result.completion_tokens
+        computed = (0, 0) if cache_hit else (result.prompt_tokens, result.completion_tokens)
+        self.edge.record(ctx.caller, ctx.version.version, prompt_tokens=computed[0], completion_tokens=computed[1],
+                         cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit
+                         else result.cached_tokens, cache_hit=cache_hit, cost_micro=cost_micro)
