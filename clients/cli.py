@@ -45,7 +45,7 @@ def _print(message) -> None:
 
 
 def cmd_run(args) -> int:
-    from llmserve.common.launcher import run
+    from llmserve.clients.launcher import run
     return run(args.config, args.models, args.state_dir)
 
 

@@ -6,8 +6,9 @@ from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import Service
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
-from llmserve.registry.store import RegistryView
-from llmserve.scheduler.service import Dispatcher, SchedulerServicer, scheduler_service_name
+from llmserve.common.state.views import RegistryView
+from llmserve.scheduler.dispatcher import Dispatcher
+from llmserve.scheduler.service import SchedulerServicer, scheduler_service_name
 
 
 class SchedulerApp:

@@ -12,9 +12,8 @@ import collections
 import dataclasses
 import time
 
+from llmserve.common.priority import NUM_CLASSES
 from llmserve.dispatch.v1 import task_pb2
-
-NUM_CLASSES = 3  # 1 interactive, 2 standard, 3 batch (Priority enum values)
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,8 +1,4 @@
-"""SchedulerService: admission, per-model priority queues, dispatch to workers with room, relay of outputs.
-
-Dispatch is event-driven: a submit, a finished task, a load report or a membership change wakes the dispatcher,
-which pops tasks while some worker serving their model has room (least utilised worker first).
-"""
+"""SchedulerService: admission of the gateway's Submit streams into the dispatcher, and relay of outputs."""
 
 from __future__ import annotations
 
@@ -13,141 +9,13 @@ import typing
 import grpc
 from opentelemetry import trace
 
-from llmserve.common.errors import ServiceError, invalid_argument, resource_exhausted, unavailable
-from llmserve.common import tracing
-from llmserve.common.logs import get_logger
-from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2
-from llmserve.scheduler import metrics
-from llmserve.scheduler.queue import Entry, ModelQueue
-from llmserve.scheduler.workers import WorkerConnection
+from llmserve.common import priority, tracing
+from llmserve.common.errors import ServiceError, invalid_argument
+from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc
+from llmserve.scheduler.dispatcher import Dispatcher
+from llmserve.scheduler.queue import Entry
 
-log = get_logger(__name__)
 tracer = tracing.tracer(__name__)
-
-RECONNECT_DELAY_S = 1.0
-
-
-class Dispatcher:
-    def __init__(self, max_queue_per_model: int, aging_s: float):
-        self.max_queue_per_model = max_queue_per_model
-        self.aging_s = aging_s
-        self.queues: dict[str, ModelQueue] = {}
-        self.workers: dict[str, WorkerConnection] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._reconnects: dict[str, asyncio.TimerHandle] = {}
-        self.members: dict[str, worker_pb2.WorkerInfo] = {}
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dispatcher")
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        for handle in self._reconnects.values():
-            handle.cancel()
-        await asyncio.gather(*(w.close() for w in self.workers.values()), return_exceptions=True)
-        for queue in self.queues.values():
-            for entry in queue.drain():
-                entry.outbox.put_nowait(unavailable("the scheduler is shutting down; retry"))
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    # ---- membership (from the etcd watch) ----
-
-    def sync_members(self, members: dict[str, worker_pb2.WorkerInfo]) -> None:
-        self.members = dict(members)
-        for worker_id, conn in list(self.workers.items()):
-            info = members.get(worker_id)
-            if info is None or info.address != conn.info.address:
-                self.workers.pop(worker_id)
-                asyncio.create_task(conn.close())
-                log.info("worker left", worker_id=worker_id)
-        for worker_id, info in members.items():
-            if worker_id not in self.workers:
-                self.workers[worker_id] = WorkerConnection(info, self._on_worker_change)
-                log.info("worker joined", worker_id=worker_id, address=info.address,
-                         models=[m.model_version for m in info.models])
-        metrics.WORKERS.set(len(self.workers))
-        self.wake()
-
-    def _on_worker_change(self) -> None:
-        # A dead stream of a worker that is still registered: reconnect after a pause.
-        for worker_id, conn in self.workers.items():
-            if not conn.is_alive and worker_id not in self._reconnects:
-                self._reconnects[worker_id] = asyncio.get_running_loop().call_later(
-                    RECONNECT_DELAY_S, self._reconnect, worker_id)
-        self.wake()
-
-    def _reconnect(self, worker_id: str) -> None:
-        self._reconnects.pop(worker_id, None)
-        conn = self.workers.get(worker_id)
-        if conn is not None and not conn.is_alive and worker_id in self.members:
-            self.workers[worker_id] = WorkerConnection(self.members[worker_id], self._on_worker_change)
-            asyncio.create_task(conn.close())
-
-    def serving(self, version: str) -> list[WorkerConnection]:
-        return [w for w in self.workers.values() if w.is_alive and w.serves(version)]
-
-    # ---- queueing ----
-
-    def submit(self, entry: Entry) -> None:
-        version = entry.task.model_version
-        if not self.serving(version):
-            raise unavailable(f"no worker serves model version {version!r} right now; start a worker with it "
-                              "(worker.models) or retry later")
-        queue = self.queues.setdefault(version, ModelQueue(self.aging_s))
-        if len(queue) >= self.max_queue_per_model:
-            raise resource_exhausted(f"the queue of model version {version!r} is full "
-                                     f"({self.max_queue_per_model} tasks); retry later")
-        queue.push(entry)
-        metrics.QUEUED.labels(version).set(len(queue))
-        self.wake()
-
-    def cancel(self, entry: Entry) -> None:
-        if entry.is_done:
-            return
-        entry.is_done = True
-        if entry.worker is not None:
-            entry.worker.cancel(entry)
-        else:
-            queue = self.queues.get(entry.task.model_version)
-            if queue is not None and queue.remove(entry):
-                metrics.QUEUED.labels(entry.task.model_version).set(len(queue))
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            self._dispatch_all()
-
-    def _dispatch_all(self) -> None:
-        now_ms = time.time() * 1000
-        for version, queue in self.queues.items():
-            workers = self.serving(version)
-            if not workers:
-                for entry in queue.drain():
-                    entry.outbox.put_nowait(unavailable(
-                        f"no worker serves model version {version!r} any more; retry later"))
-            while len(queue):
-                candidates = [w for w in workers if w.room(version) > 0]
-                if not candidates:
-                    break
-                entry = queue.pop()
-                deadline = entry.task.deadline_unix_ms
-                if deadline and deadline < now_ms:
-                    entry.is_done = True
-                    entry.outbox.put_nowait(ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                         "the deadline passed while the request was queued"))
-                    continue
-                worker = min(candidates, key=lambda w: w.utilization(version))
-                wait_s = time.monotonic() - entry.enqueued
-                worker.dispatch(entry)
-                metrics.QUEUE_TIME.labels(version).observe(wait_s)
-                entry.outbox.put_nowait(scheduler_pb2.TaskDispatched(worker_id=worker.worker_id,
-                                                                     queue_time_ms=wait_s * 1000))
-            metrics.QUEUED.labels(version).set(len(queue))
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
@@ -161,7 +29,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         task = first.task
         if not task.request_id or not task.model_version or task.WhichOneof("input") is None:
             raise invalid_argument("task.request_id, task.model_version and task input are required")
-        entry = Entry(task, priority=min(max(int(task.priority) or 2, 1), 3))
+        try:
+            entry = Entry(task, priority=priority.from_pb(task.priority))
+        except ValueError as exc:
+            raise invalid_argument(f"task.{exc}") from None
         span = tracer.start_span("SchedulerService/Submit", kind=trace.SpanKind.SERVER,
                                  context=tracing.extract(dict(context.invocation_metadata() or ())),
                                  attributes={"llmserve.request_id": task.request_id,

@@ -17,8 +17,8 @@ log = get_logger(__name__)
 
 
 class WorkerConnection:
-    """The scheduler's side of one worker. Counts its own in-flight tasks per model to decide room at once,
-    and keeps the worker's last load report for everything else."""
+    """The scheduler's side of one worker. Counts its own in-flight tasks per model to decide room at once;
+    the worker's last load report breaks ties between workers with room (utilization)."""
 
     def __init__(self, info: worker_pb2.WorkerInfo, on_change: typing.Callable[[], None]):
         self.info = info
@@ -40,7 +40,13 @@ class WorkerConnection:
         return self.capacity.get(version, 0) - self.num_inflight.get(version, 0) if self.is_alive else 0
 
     def utilization(self, version: str) -> float:
-        return self.num_inflight.get(version, 0) / max(1, self.capacity.get(version, 1))
+        """Busy share of the model's slots: our own count, or the worker's last report when that says more
+        (sequences sent by another scheduler, or still held by the worker after we counted them finished)."""
+        busy = self.num_inflight.get(version, 0)
+        reported = self.load.get(version)
+        if reported is not None:
+            busy = max(busy, reported.num_running + reported.num_waiting)
+        return busy / max(1, self.capacity.get(version, 1))
 
     def dispatch(self, entry: Entry) -> None:
         entry.worker = self
@@ -63,12 +69,14 @@ class WorkerConnection:
         while (message := await self._outbox.get()) is not None:
             yield message
 
+    def _serve(self) -> typing.AsyncIterator[worker_pb2.ServeResponse]:
+        """The worker's side of the Serve stream (the one place that touches the network)."""
+        return worker_pb2_grpc.WorkerServiceStub(self._channel).Serve(self._requests())
+
     async def _run(self) -> None:
-        stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
         reason = "stream ended"
         try:
-            call = stub.Serve(self._requests())
-            async for message in call:
+            async for message in self._serve():
                 if message.HasField("output"):
                     output = message.output
                     entry = self.entries.get(output.request_id)

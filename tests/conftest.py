@@ -10,7 +10,7 @@ import pytest
 
 from llmserve.common.config import MeshConfig
 from tests.helpers.servers import etcd_server, redis_server, running
-from tests.helpers.tiny_models import model_cache_dir
+from tests.helpers.tiny_models import build_tiny_llama, model_cache_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,12 +31,32 @@ def redis_srv():
         yield server
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
+    """A random 2-layer Llama with the real SmolLM2 tokenizer, saved once per test run."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir, tmp_path_factory):
+    """(model, tokenizer) of the tiny Llama, loaded once per test run (engines only read the weights)."""
+    from llmserve.worker.models import load_generation_model
+
+    return load_generation_model(str(tiny_llama_dir), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def make_config(etcd, redis_srv):
+    """make_config() -> a fresh MeshConfig for the real test servers (see _config)."""
+    return lambda: _config(etcd, redis_srv)
+
+
 @pytest.fixture
-def mesh_config(etcd, redis_srv) -> MeshConfig:
-    return make_config(etcd, redis_srv)
+def mesh_config(make_config) -> MeshConfig:
+    return make_config()
 
 
-def make_config(etcd, redis_srv) -> MeshConfig:
+def _config(etcd, redis_srv) -> MeshConfig:
     """A config pointing at the real test servers, a fresh etcd prefix, every service on port 0."""
     config = MeshConfig()
     config.etcd.port = etcd.port

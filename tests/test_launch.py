@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from llmserve.clients.client import Client
-from llmserve.clients.local import LocalMesh
+from tests.helpers.local_mesh import LocalMesh
 from tests.conftest import REPO
 
 QUESTION = "What is the capital of France?"

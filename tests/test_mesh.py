@@ -10,22 +10,21 @@ import pytest
 from google.protobuf import wrappers_pb2 as w
 
 from llmserve.inference.v1 import inference_pb2 as pb
-from tests.conftest import make_config
 from tests.helpers.mesh import embed_version, generate_version, start_mesh
-from tests.helpers.tiny_models import MINILM_SOURCE, build_tiny_llama
+from tests.helpers.tiny_models import MINILM_SOURCE
 
 TINY = "tiny-llama-v1"
 EMBED = "minilm-v1"
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+def tiny_model_dir(tiny_llama_dir):
+    return tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
-async def mesh(etcd, redis_srv, tiny_model_dir):
-    config = make_config(etcd, redis_srv)
+async def mesh(make_config, tiny_model_dir):
+    config = make_config()
     mesh = await start_mesh(
         config,
         versions=[generate_version(TINY, f"file:{tiny_model_dir}", context_length=512),
@@ -248,7 +247,7 @@ async def test_vanished_worker_fails_in_flight_requests_and_leaves_routing(mesh)
         if chunk.choices and chunk.choices[0].text:
             break
     # The worker dies abruptly: no lease revoke, its streams just break.
-    worker._keepalive.cancel()
+    worker.registration._task.cancel()  # stop refreshing the lease, without revoking it
     await worker.service.server.stop(None)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -311,15 +310,16 @@ async def test_usage_is_counted_per_tenant_and_version(mesh):
 
 async def test_new_and_revoked_keys_take_effect_within_a_second(mesh):
     from llmserve.common import etcd as etcd_mod
-    from llmserve.registry.store import KeyStore
+    from llmserve.common.state import keys
+    from llmserve.common.state.store import Store
     client = etcd_mod.connect(mesh.config.etcd)
     try:
-        keys = KeyStore(client, mesh.config.etcd.prefix)
-        key, record = await keys.create("test-tenant")
+        api_keys = Store(client, mesh.config.etcd.prefix).api_keys
+        key, record = await keys.create_api_key(api_keys, "test-tenant")
         metadata = (("authorization", f"Bearer {key}"),)
         assert await mesh.gateway.view.keys.wait_for(lambda s: record.key_hash in s, 1.0)
         assert (await mesh.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)).data
-        await keys.revoke(record.key_id)
+        await keys.revoke_api_key(api_keys, record.key_id)
         assert await mesh.gateway.view.keys.wait_for(lambda s: s[record.key_hash].revoked, 1.0)
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await mesh.stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
@@ -361,10 +361,10 @@ async def test_metrics_expose_latency_and_kv_cache(mesh):
     from prometheus_client import REGISTRY
     await mesh.stub.CreateCompletion(completion(max_tokens=w.Int32Value(value=4), ignore_eos=True, skip_cache=True),
                                      metadata=mesh.auth)
-    mesh.workers[0]._export_metrics(mesh.workers[0].models[TINY])
+    mesh.workers[0]._export_metrics()
     sample = REGISTRY.get_sample_value
     assert sample("llmserve_gateway_inter_token_seconds_count", {"model_version": TINY}) >= 3
     assert sample("llmserve_gateway_time_to_first_token_seconds_count", {"model_version": TINY}) >= 1
     total = sum(sample("llmserve_worker_kv_cache_blocks", {"model_version": TINY, "state": s}) for s in
                 ("used", "free"))
-    assert total == mesh.workers[0].models[TINY].engine.stats()["num_kv_blocks"]
+    assert total == mesh.workers[0].models[TINY].engine.stats().num_kv_blocks

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from llmserve.clients.local import LocalMesh
+from tests.helpers.local_mesh import LocalMesh
 from tests.conftest import REPO
 
 openai = pytest.importorskip("openai", reason="the openai SDK is part of the dev extra (pip install -e '.[dev]')")

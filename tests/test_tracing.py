@@ -11,9 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from llmserve.common import tracing
 from llmserve.inference.v1 import inference_pb2 as pb
-from tests.conftest import make_config
 from tests.helpers.mesh import generate_version, start_mesh
-from tests.helpers.tiny_models import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +24,9 @@ def spans():
 
 
 @pytest.fixture(scope="module")
-async def mesh(spans, etcd, redis_srv, tmp_path_factory):
-    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    mesh = await start_mesh(make_config(etcd, redis_srv), versions=[generate_version("t-v1", f"file:{folder}")],
+async def mesh(spans, make_config, tiny_llama_dir):
+    folder = tiny_llama_dir
+    mesh = await start_mesh(make_config(), versions=[generate_version("t-v1", f"file:{folder}")],
                             aliases={"t": [("t-v1", 1)]}, worker_models=[["t-v1"]])
     yield mesh
     await mesh.stop()

@@ -14,14 +14,12 @@ import typing
 import grpc
 
 from llmserve.admin.v1 import registry_pb2
+from llmserve.common import priority, tracing
 from llmserve.common.errors import ServiceError
-from llmserve.common import tracing
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
-from llmserve.worker.embedding import EmbeddingEngine
-from llmserve.worker.engine import GenerationRequest, SamplingParams
-from llmserve.worker.paged_engine import PagedEngine
+from llmserve.worker.engine.contract import EmbeddingEngine, GenerationEngine, GenerationRequest, SamplingParams
 
 log = get_logger(__name__)
 tracer = tracing.tracer(__name__)
@@ -29,31 +27,35 @@ tracer = tracing.tracer(__name__)
 
 @dataclasses.dataclass
 class ServedModel:
+    """A registry version and the engine serving it (only the contract's Protocols are known here)."""
+
     version: registry_pb2.ModelVersion
-    engine: PagedEngine | EmbeddingEngine  # or TensorRTLLMEngine: the same interface as PagedEngine
-    num_inflight: int = 0  # tasks of this model in flight on this worker (all streams)
+    engine: GenerationEngine | EmbeddingEngine
 
     @property
     def is_embedding(self) -> bool:
-        return isinstance(self.engine, EmbeddingEngine)
+        return self.version.kind == registry_pb2.MODEL_KIND_EMBED
 
     @property
     def context_length(self) -> int:
-        limit = int(self.engine.max_length) if self.is_embedding else self.engine.context_length
+        limit = self.engine.context_length
         return min(self.version.context_length or limit, limit)
 
     @property
     def max_num_seqs(self) -> int:
-        return self.engine.max_batch_size if self.is_embedding else self.engine.max_num_seqs
+        return self.engine.max_num_seqs
 
     def load(self) -> task_pb2.ModelLoad:
-        if self.is_embedding:
-            running, waiting = min(self.num_inflight, self.max_num_seqs), max(0, self.num_inflight - self.max_num_seqs)
-        else:
-            load = self.engine.load()
-            running, waiting = load.num_running, load.num_waiting
-        return task_pb2.ModelLoad(model_version=self.version.version, num_running=running, num_waiting=waiting,
-                                  max_num_seqs=self.max_num_seqs)
+        load = self.engine.load()
+        return task_pb2.ModelLoad(model_version=self.version.version, num_running=load.num_running,
+                                  num_waiting=load.num_waiting, max_num_seqs=self.max_num_seqs)
+
+
+def sampling_from_pb(s: task_pb2.SamplingParams, max_tokens: int) -> SamplingParams:
+    """The task's sampling parameters as the engine takes them (max_tokens already fitted to the context)."""
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
+                          seed=s.seed if s.has_seed else None, max_tokens=max_tokens, stop=list(s.stop),
+                          ignore_eos=s.ignore_eos)
 
 
 def _error(request_id: str, code: grpc.StatusCode, message: str) -> task_pb2.TaskOutput:
@@ -140,7 +142,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if task.deadline_unix_ms and time.time() * 1000 > task.deadline_unix_ms:
             yield _error(task.request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the task started")
             return
-        model.num_inflight += 1
         span = tracer.start_span("WorkerService/task", context=tracing.extract(task.trace_context),
                                  attributes={"llmserve.request_id": task.request_id,
                                              "llmserve.model_version": task.model_version})
@@ -160,15 +161,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                              f"model {model.version.version!r} cannot run a {kind!r} task")
         except ServiceError as exc:
             yield _error(task.request_id, exc.code, exc.message)
-        except Exception as exc:  # noqa: BLE001 - a failing task must not take the stream down
+        except Exception as exc:  # a failing task must not take the stream down
             log.exception("task failed", request_id=task.request_id)
             yield _error(task.request_id, grpc.StatusCode.INTERNAL, f"worker error: {type(exc).__name__}: {exc}")
         finally:
-            model.num_inflight -= 1
             span.end()
 
     async def _generate(self, model: ServedModel, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
-        engine: PagedEngine = model.engine
+        engine = typing.cast(GenerationEngine, model.engine)
         gen = task.generate
         if gen.messages:
             messages = [{"role": m.role, "content": m.content} for m in gen.messages]
@@ -190,10 +190,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                    f"length of {context} tokens of model {model.version.version!r}: set max_tokens "
                                    f"to at most {context - num_prompt} or shorten the {field}")
             max_tokens = context - num_prompt
-        params = SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-                                seed=s.seed if s.has_seed else None, max_tokens=max_tokens, stop=list(s.stop),
-                                ignore_eos=s.ignore_eos)
-        request = GenerationRequest(task.request_id, prompt_ids, params, priority=int(task.priority) or 2)
+        request = GenerationRequest(task.request_id, prompt_ids, sampling_from_pb(s, max_tokens),
+                                    priority=priority.from_pb(task.priority))
         labels = (model.version.version,)
         metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
         async for out in engine.generate(request):
@@ -205,13 +203,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 metrics.COMPLETION_TOKENS.labels(*labels).inc(out.completion_tokens)
             yield task_pb2.TaskOutput(request_id=task.request_id, text_delta=out.text_delta,
                                       prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                                      cached_tokens=getattr(out, "cached_tokens", 0),
+                                      cached_tokens=out.cached_tokens,
                                       finished=out.finished, finish_reason=out.finish_reason or "")
 
     async def _embed(self, model: ServedModel, task: task_pb2.Task) -> task_pb2.TaskOutput:
-        engine: EmbeddingEngine = model.engine
+        engine = typing.cast(EmbeddingEngine, model.engine)
         texts = list(task.embed.texts)
-        lengths = await asyncio.to_thread(lambda: [len(ids) for ids in engine.tokenizer(texts)["input_ids"]])
+        lengths = await asyncio.to_thread(engine.count_tokens, texts)
         for i, n in enumerate(lengths):
             if n > model.context_length:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,

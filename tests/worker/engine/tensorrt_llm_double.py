@@ -1,5 +1,5 @@
 """TEST DOUBLE of tensorrt_llm's LLM API (LLM, SamplingParams, streaming results with abort), for testing the
-adapter in llmserve/worker/trtllm.py on machines without TensorRT-LLM. It is NOT TensorRT-LLM: it "generates"
+adapter in llmserve/worker/engine/trtllm.py on machines without TensorRT-LLM. It is NOT TensorRT-LLM: it "generates"
 by replaying a scripted text, token by token, with the real tokenizer, following the documented shapes:
 cumulative outputs[0].text / token_ids, finish_reason, finished, abort()."""
 

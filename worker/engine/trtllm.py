@@ -1,5 +1,5 @@
-"""The TensorRT-LLM backend: drives `tensorrt_llm.LLM` (its documented LLM API) behind the worker's engine
-interface, so the worker does not know which engine it runs.
+"""The TensorRT-LLM backend: drives `tensorrt_llm.LLM` (its documented LLM API) as a contract.GenerationEngine,
+so the worker does not know which engine it runs.
 
 tensorrt-llm has no wheel for these machines (`pip install .[tensorrt]` where NVIDIA's index is reachable); it is
 imported lazily, only for registry versions with engine=tensorrt_llm. UNTESTED ON REAL HARDWARE HERE: the adapter
@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 import typing
 
-from llmserve.worker.detokenizer import StopMatcher
-from llmserve.worker.engine import EngineLoad, GenerationOutput, GenerationRequest
+from .contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest
+from .detokenizer import StopMatcher
 
 MISSING = ("model version {version!r} needs the tensorrt_llm engine, but the tensorrt-llm package is not installed: "
            "install it on a GPU machine with `pip install .[tensorrt]` (from NVIDIA's package index), or register "
@@ -38,7 +38,6 @@ class TensorRTLLMEngine:
         self._context_length = context_length
         self._trtllm = trtllm or import_tensorrt_llm()
         self._running: dict[str, typing.Any] = {}  # request id -> the LLM API's streaming result
-        self._num_waiting = 0
 
     @classmethod
     def from_pretrained(cls, version: str, model_path: str, *, max_num_seqs: int, context_length: int
@@ -49,7 +48,7 @@ class TensorRTLLMEngine:
         return cls(llm, AutoTokenizer.from_pretrained(model_path), max_num_seqs=max_num_seqs,
                    context_length=context_length, trtllm=trtllm)
 
-    # ---- the engine interface (same as TextGenerationEngine) ----
+    # ---- contract.GenerationEngine ----
 
     @property
     def context_length(self) -> int:
@@ -63,7 +62,11 @@ class TensorRTLLMEngine:
                                                        return_dict=False))
 
     def load(self) -> EngineLoad:
-        return EngineLoad(len(self._running), self._num_waiting, self.max_num_seqs)
+        return EngineLoad(len(self._running), 0, self.max_num_seqs)
+
+    def stats(self) -> EngineStats:
+        """TensorRT-LLM keeps its KV cache to itself; only the request counts are known here."""
+        return EngineStats(num_running=len(self._running))
 
     def start(self) -> None:
         """TensorRT-LLM runs its own executor loop; nothing to start."""

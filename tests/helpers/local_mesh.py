@@ -18,7 +18,7 @@ import yaml
 
 from llmserve.common.net import free_port
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "scheduler", "worker", "registry")
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llmserve.worker.detokenizer import IncrementalDetokenizer, StopMatcher
+from llmserve.worker.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from tests.helpers.tiny_models import smollm2_tokenizer
 
 MULTILINGUAL = "Hello 世界! Emoji: 🎉🚀👍🏽 naïve café — 日本語, Ελληνικά, русский. Done."

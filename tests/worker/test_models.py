@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import torch
 
-from llmserve.worker.embedding import EmbeddingEngine
-from llmserve.worker.models import ModelLoadError, load_embedding_model, load_generation_model, resolve_source
+from llmserve.worker.engine.embedding import TorchEmbeddingEngine
+from llmserve.common.sources import ModelLoadError, resolve_source
+from llmserve.worker.models import load_embedding_model, load_generation_model
 from tests.helpers.tiny_models import MINILM_SOURCE
 
 
@@ -39,7 +40,7 @@ def minilm():
 
 @pytest.fixture
 async def embedder(minilm):
-    engine = EmbeddingEngine(*minilm, max_batch_size=32, max_wait_ms=50)
+    engine = TorchEmbeddingEngine(*minilm, max_num_seqs=32, max_wait_ms=50)
     engine.start()
     yield engine
     await engine.stop()

@@ -7,10 +7,10 @@ import types
 
 import pytest
 
-from llmserve.worker import trtllm
-from llmserve.worker.engine import GenerationRequest, SamplingParams
+from llmserve.worker.engine import trtllm
+from llmserve.worker.engine.contract import GenerationRequest, SamplingParams
 from tests.helpers.tiny_models import smollm2_tokenizer
-from tests.worker import tensorrt_llm_double as double
+from tests.worker.engine import tensorrt_llm_double as double
 
 SCRIPT = "The capital of France is Paris. It is a large city."
 
@@ -83,15 +83,14 @@ def test_missing_package_says_how_to_install(monkeypatch):
     assert "pip install .[tensorrt]" in str(err.value) and "big-model-v1" in str(err.value)
 
 
-def test_registry_entry_with_engine_tensorrt_llm_loads_the_adapter(monkeypatch, tmp_path):
+def test_registry_entry_with_engine_tensorrt_llm_loads_the_adapter(monkeypatch, tiny_llama_dir):
     import sys
 
     from llmserve.admin.v1 import registry_pb2
     from llmserve.common.config import MeshConfig
     from llmserve.worker.app import load_model
-    from tests.helpers.tiny_models import build_tiny_llama
 
-    folder = build_tiny_llama(tmp_path / "tiny")
+    folder = tiny_llama_dir
     version = registry_pb2.ModelVersion(version="big-v1", family="big", kind=registry_pb2.MODEL_KIND_GENERATE,
                                         engine="tensorrt_llm", weights_source=f"file:{folder}", context_length=1024)
     monkeypatch.setitem(sys.modules, "tensorrt_llm", double)

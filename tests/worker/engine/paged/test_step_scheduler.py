@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.worker.batch_scheduler import ScheduledBatch, Scheduler
-from llmserve.worker.kv_cache import BlockManager
-from llmserve.worker.sequence import Sequence, SequenceStatus
+from llmserve.worker.engine.paged.step_scheduler import ScheduledBatch, StepScheduler
+from llmserve.worker.engine.paged.block_manager import BlockManager
+from llmserve.worker.engine.paged.sequence import Sequence, SequenceStatus
 
 BLOCK_SIZE = 4
 
 
-def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 64) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, BLOCK_SIZE), max_num_seqs=max_num_seqs,
+def make_scheduler(num_blocks: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 64) -> StepScheduler:
+    return StepScheduler(BlockManager(num_blocks, BLOCK_SIZE), max_num_seqs=max_num_seqs,
                      max_num_batched_tokens=max_num_batched_tokens)
 
 
@@ -22,7 +22,7 @@ def make_requests(*lengths: int, priority: int = 2, start: int = 0) -> list[Sequ
             for i, n in enumerate(lengths)]
 
 
-def run_step(scheduler: Scheduler, sampled_token: int = 7) -> ScheduledBatch:
+def run_step(scheduler: StepScheduler, sampled_token: int = 7) -> ScheduledBatch:
     """schedule -> (pretend to) execute -> update, appending a token to each sequence that caught up."""
     batch = scheduler.schedule()
     for seq in scheduler.update(batch):
@@ -115,7 +115,7 @@ def test_within_a_class_the_most_recent_is_preempted():
 
 @pytest.mark.parametrize("enable_prefix_caching, num_recomputed", [(False, 5), (True, 1)])
 def test_preempted_sequence_recomputes_its_tokens_and_continues(enable_prefix_caching, num_recomputed):
-    scheduler = Scheduler(BlockManager(3, BLOCK_SIZE, enable_prefix_caching=enable_prefix_caching))
+    scheduler = StepScheduler(BlockManager(3, BLOCK_SIZE, enable_prefix_caching=enable_prefix_caching))
     a, b = make_requests(4, 4)
     for seq in (a, b):
         scheduler.add(seq)
@@ -169,7 +169,7 @@ def test_finish_of_a_waiting_sequence_removes_it():
 
 
 def test_decode_rows_are_grouped_to_cut_padding():
-    from llmserve.worker.model_runner import _length_groups
+    from llmserve.worker.engine.paged.model_runner import _length_groups
     assert _length_groups([]) == []
     assert _length_groups([100] * 8) == [(0, 8)]  # equal lengths: one group
     lengths = [20] * 16 + [700] * 16

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import torch
 
-from llmserve.worker.engine import GenerationRequest, SamplingParams
+from llmserve.worker.engine.contract import GenerationRequest, SamplingParams
 from llmserve.worker.models import load_generation_model
-from llmserve.worker.paged_engine import PagedEngine
-from tests.helpers.tiny_models import SMOLLM2_SOURCE, build_tiny_llama, model_cache_dir
+from llmserve.worker.engine.paged.engine import PagedEngine
+from tests.helpers.tiny_models import SMOLLM2_SOURCE, model_cache_dir
 
 PROMPTS = [
     "Hello",
@@ -22,9 +22,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-    return load_generation_model(str(folder), tmp_path_factory.mktemp("cache"))
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 def make_engine(tiny, **kwargs) -> PagedEngine:
@@ -82,7 +81,7 @@ async def test_batched_greedy_equals_generate_alone(tiny, max_num_batched_tokens
             assert engine.num_steps <= 24, "the prompts should have run as one batch"
         else:
             assert engine.num_steps > 24, "a 7-token budget must have chunked the prompts"
-        assert engine.stats()["num_free_kv_blocks"] == 256
+        assert engine.stats().num_free_kv_blocks == 256
     finally:
         await engine.stop()
 
@@ -104,24 +103,24 @@ async def test_prefix_cache_hit_skips_prefill_and_gives_the_same_text(engine, ti
     num_prompt = len(engine.encode(prompt))
     cold_text, cold = await collect(engine, request(engine, prompt, "cold", max_tokens=16))
     assert cold[-1].cached_tokens == 0
-    hit_before = engine.stats()["num_prefix_hit_tokens"]
+    hit_before = engine.stats().num_prefix_hit_tokens
     warm_text, warm = await collect(engine, request(engine, prompt, "warm", max_tokens=16))
     assert warm_text == cold_text == generate_alone(*tiny, prompt, 16)
     assert warm[-1].cached_tokens == (num_prompt - 1) // 4 * 4  # every full block but the one holding the last token
-    assert engine.stats()["num_prefix_hit_tokens"] - hit_before == warm[-1].cached_tokens
+    assert engine.stats().num_prefix_hit_tokens - hit_before == warm[-1].cached_tokens
 
 
 async def test_abort_frees_the_blocks_within_one_step(engine):
     stream = engine.generate(request(engine, "Go on", "victim", max_tokens=1000, ignore_eos=True))
     await anext(stream)
-    assert engine.stats()["num_free_kv_blocks"] < 256
+    assert engine.stats().num_free_kv_blocks < 256
     num_steps = engine.num_steps
     engine.abort("victim")
     rest = [output async for output in stream]
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
     assert engine.num_steps - num_steps <= 1  # at most the step already running when abort was called
     stats = engine.stats()
-    assert stats["num_free_kv_blocks"] == 256 and engine.load().num_running == 0
+    assert stats.num_free_kv_blocks == 256 and engine.load().num_running == 0
 
 
 async def test_preemption_under_a_tiny_kv_pool_finishes_everything_with_the_same_output(tiny):
@@ -132,10 +131,10 @@ async def test_preemption_under_a_tiny_kv_pool_finishes_everything_with_the_same
         prompts = PROMPTS[1:]
         texts = await collect_all(engine, prompts, max_tokens=24, ignore_eos=True)
         assert texts == [generate_alone(*tiny, p, 24) for p in prompts]
-        assert engine.stats()["num_preemptions"] > 0
+        assert engine.stats().num_preemptions > 0
         sampled = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True)
         assert await collect_all(engine, prompts, **sampled) == await collect_all(roomy, prompts, **sampled)
-        assert engine.stats()["num_free_kv_blocks"] == 16
+        assert engine.stats().num_free_kv_blocks == 16
     finally:
         await engine.stop()
         await roomy.stop()
@@ -153,7 +152,7 @@ async def test_interactive_request_keeps_flowing_when_blocks_run_out(tiny):
         for text, outputs in await asyncio.gather(*batch_jobs):
             assert outputs[-1].finish_reason == "length" and outputs[-1].completion_tokens == 40
             assert text == generate_alone(*tiny, PROMPTS[4], 40)
-        assert engine.stats()["num_preemptions"] > 0
+        assert engine.stats().num_preemptions > 0
     finally:
         await engine.stop()
 

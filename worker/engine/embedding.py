@@ -1,4 +1,4 @@
-"""Embeddings with dynamic batching: concurrent calls are gathered until max_batch_size texts or max_wait_ms,
+"""Embeddings with dynamic batching: concurrent calls are gathered until max_num_seqs texts or max_wait_ms,
 then run as one padded batch (mean pooling over the attention mask, L2 norm); each caller gets its own rows."""
 
 from __future__ import annotations
@@ -12,34 +12,50 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .contract import EngineLoad, EngineStats
+
 log = logging.getLogger(__name__)
 
 
-class EmbeddingEngine:
+class TorchEmbeddingEngine:
     """Mean-pooled, L2-normalised sentence embeddings with dynamic batching across concurrent callers.
 
-    Calls are gathered until max_batch_size texts or max_wait_ms after the first, then run as one padded
-    batch in a worker thread; each caller gets its own rows back.
+    Calls are gathered until max_num_seqs texts or max_wait_ms after the first, then run as one padded
+    batch in a worker thread; each caller gets its own rows back. Implements contract.EmbeddingEngine.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_wait_ms: float = 5.0,
-                 max_length: int | None = None):
+    def __init__(self, model, tokenizer, *, max_num_seqs: int = 32, max_wait_ms: float = 5.0,
+                 context_length: int | None = None):
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size = max_batch_size
+        self.max_num_seqs = max_num_seqs
         self.max_wait_s = max_wait_ms / 1000
-        self.max_length = max_length or min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+        self._context_length = min(context_length or limit, limit)
         self.device = next(model.parameters()).device
         self.num_batches = 0  # batches run so far; lets tests and metrics see that calls were batched
+        self._num_texts_inflight = 0  # texts handed to embed() and not answered yet (read from the event loop)
         self._queue: queue.Queue = queue.Queue()  # (texts, loop, future) or None to stop
         self._thread: threading.Thread | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
 
     @property
     def dimensions(self) -> int:
         return int(self.model.config.hidden_size)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        encoded = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        return [len(ids) for ids in encoded["input_ids"]]
+        """Tokens per text, untruncated (so that callers can refuse texts longer than context_length)."""
+        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    def load(self) -> EngineLoad:
+        running = min(self._num_texts_inflight, self.max_num_seqs)
+        return EngineLoad(running, self._num_texts_inflight - running, self.max_num_seqs)
+
+    def stats(self) -> EngineStats:
+        load = self.load()
+        return EngineStats(num_steps=self.num_batches, num_running=load.num_running, num_waiting=load.num_waiting)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmserve-embed", daemon=True)
@@ -57,7 +73,11 @@ class EmbeddingEngine:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((list(texts), loop, future))
-        return await future
+        self._num_texts_inflight += len(texts)
+        try:
+            return await future
+        finally:
+            self._num_texts_inflight -= len(texts)
 
     def _run(self) -> None:
         is_stopping = False
@@ -67,7 +87,7 @@ class EmbeddingEngine:
                 break
             calls, num_texts = [first], len(first[0])
             deadline = time.monotonic() + self.max_wait_s
-            while num_texts < self.max_batch_size:
+            while num_texts < self.max_num_seqs:
                 try:
                     call = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
@@ -87,8 +107,8 @@ class EmbeddingEngine:
         texts = [text for call_texts, _, _ in calls for text in call_texts]
         try:
             vectors, token_counts = [], []
-            for start in range(0, len(texts), self.max_batch_size):
-                batch_vectors, batch_counts = self._embed_batch(texts[start : start + self.max_batch_size])
+            for start in range(0, len(texts), self.max_num_seqs):
+                batch_vectors, batch_counts = self._embed_batch(texts[start : start + self.max_num_seqs])
                 vectors.extend(batch_vectors)
                 token_counts.extend(batch_counts)
         except Exception as exc:
@@ -103,7 +123,7 @@ class EmbeddingEngine:
             offset += num
 
     def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length,
                                  return_tensors="pt").to(self.device)
         with torch.inference_mode():
             hidden = self.model(**encoded).last_hidden_state  # [B, T, hidden]

@@ -1,9 +1,8 @@
 """PagedEngine: continuous batching over a paged KV cache, with chunked prefill, prefix caching and preemption.
 
-Drop-in for engine.TextGenerationEngine (same constructor keywords, generate/abort/load/start/stop). A background
-thread runs step() = schedule -> execute -> update until stopped:
-  schedule  the Scheduler picks this step's sequences and token counts (batch_scheduler.py);
-  execute   the ModelRunner runs one forward over the paged cache and samples the caught-up rows;
+Implements contract.GenerationEngine. A background thread runs step() = schedule -> execute -> update until stopped:
+  schedule  the StepScheduler picks this step's sequences and token counts (step_scheduler.py);
+  execute   the ModelRunner runs one forward over the paged cache; the sampler picks the caught-up rows' tokens;
   update    tokens are appended, detokenized and checked for stops; finished sequences free their blocks
             at once, outputs go to each caller's asyncio loop with call_soon_threadsafe.
 New requests and aborts are taken in between steps, so a request joins the running batch (or leaves it, its
@@ -15,24 +14,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import torch
 
-from .batch_scheduler import Scheduler
-from .detokenizer import IncrementalDetokenizer, StopMatcher
-from .engine import EngineLoad, GenerationOutput, GenerationRequest, eos_token_ids
-from .kv_cache import BlockManager, num_blocks_for_memory
+from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, eos_token_ids
+from ..detokenizer import IncrementalDetokenizer, StopMatcher
+from .block_manager import BlockManager, num_blocks_for_memory
 from .model_runner import ModelRunner
+from .sampler import sample
 from .sequence import Sequence, SequenceStatus
+from .step_scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PagedGenerationOutput(GenerationOutput):
-    cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache skipped
 
 
 class _Stream:
@@ -40,9 +34,9 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[PagedGenerationOutput] = asyncio.Queue()
+        self.queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
 
-    def put(self, output: PagedGenerationOutput) -> None:
+    def put(self, output: GenerationOutput) -> None:
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
         except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -50,10 +44,9 @@ class _Stream:
 
 
 class PagedEngine:
-    def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, max_wait_ms: float = 0.0, block_size: int = 16,
+    def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_fraction: float = 0.1,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True):
-        """max_wait_ms is accepted for compatibility: requests join the running batch between steps anyway."""
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
         config = model.config
@@ -66,7 +59,7 @@ class PagedEngine:
                 max_num_blocks=max_num_seqs * -(-max_model_len // block_size),
             )
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+        self.scheduler = StepScheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
         self._context_length = min(max_model_len, num_kv_blocks * block_size)
@@ -89,9 +82,6 @@ class PagedEngine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.encode(text))
-
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -101,19 +91,15 @@ class PagedEngine:
         return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox),
                           self.max_num_seqs)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         bm = self.block_manager
-        return {
-            "num_steps": self.num_steps,
-            "num_kv_blocks": bm.num_blocks,
-            "num_free_kv_blocks": bm.num_free_blocks,
-            "num_cached_kv_blocks": bm.num_cached_blocks,
-            "block_size": bm.block_size,
-            "num_prefix_hit_tokens": bm.num_prefix_hit_tokens,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-        }
+        return EngineStats(
+            num_steps=self.num_steps, num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting), num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks, num_cached_kv_blocks=bm.num_cached_blocks,
+            block_size=bm.block_size, num_prefix_hit_tokens=bm.num_prefix_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llmserve-paged", daemon=True)
@@ -132,7 +118,7 @@ class PagedEngine:
             self._aborted.add(request_id)
             self._cond.notify()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[PagedGenerationOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         seq = Sequence(request.prompt_token_ids, request.params, request_id=request.request_id,
                        priority=request.priority)
         seq.stream = _Stream(asyncio.get_running_loop())
@@ -187,7 +173,7 @@ class PagedEngine:
             rows, logits = self.runner.execute(batch)
             self.scheduler.update(batch)
             seqs = [batch.seqs[i] for i in rows]
-            tokens = self.runner.sample(seqs, logits)
+            tokens = sample(seqs, logits)
         for seq, token in zip(seqs, tokens):
             try:
                 self._append(seq, token)
@@ -221,8 +207,7 @@ class PagedEngine:
         """Account for one sampled token and emit what the client should see."""
         params = seq.params
         seq.append_token(token)
-        stop_ids = self.eos_token_ids | set(getattr(params, "stop_token_ids", None) or ())
-        is_eos = token in stop_ids and not params.ignore_eos
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
         text, stopped = seq.stop_matcher.feed("" if is_eos else seq.detokenizer.add(token))
         reason = "stop" if stopped or is_eos else None
         if reason is None and (seq.num_completion_tokens >= params.max_tokens
@@ -248,7 +233,7 @@ class PagedEngine:
         self._emit(seq, text, reason, error)
 
     def _emit(self, seq: Sequence, text: str, finish_reason: str | None = None, error: str | None = None) -> None:
-        seq.stream.put(PagedGenerationOutput(
+        seq.stream.put(GenerationOutput(
             seq.request_id, text, finish_reason is not None, finish_reason, seq.num_prompt_tokens,
             seq.num_completion_tokens, error, seq.num_cached_tokens,
         ))

@@ -1,10 +1,10 @@
-"""The per-step scheduler: which sequences run in the next forward pass, and how many tokens each computes."""
+"""The engine's step scheduler (not the scheduler service): which sequences run in the next forward pass, and how many tokens each computes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .kv_cache import BlockManager
+from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
@@ -30,7 +30,7 @@ class ScheduledBatch:
         return seq.num_computed_tokens + self.num_new_tokens[i] == seq.num_tokens
 
 
-class Scheduler:
+class StepScheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 16, max_num_batched_tokens: int = 512):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens "

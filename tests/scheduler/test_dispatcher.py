@@ -1,0 +1,202 @@
+"""The dispatcher's rules without channels: the real Dispatcher and WorkerConnection, with each worker's Serve
+stream replaced by local queues (WorkerConnectionDouble, a TEST DOUBLE of the network side only)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from llmserve.common.errors import ServiceError
+from llmserve.dispatch.v1 import scheduler_pb2, task_pb2, worker_pb2
+from llmserve.scheduler.dispatcher import Dispatcher
+from llmserve.scheduler.queue import Entry, ModelQueue
+from llmserve.scheduler.workers import WorkerConnection
+
+MODEL = "m-v1"
+
+
+class WorkerConnectionDouble(WorkerConnection):
+    """TEST DOUBLE: WorkerConnection whose Serve stream is two local queues instead of a gRPC call to a worker."""
+
+    def __init__(self, info: worker_pb2.WorkerInfo, on_change):
+        self.responses: asyncio.Queue[worker_pb2.ServeResponse | None] = asyncio.Queue()
+        self.sent: list[worker_pb2.ServeRequest] = []
+        super().__init__(info, on_change)
+
+    async def _serve(self):
+        async def record() -> None:
+            async for request in self._requests():
+                self.sent.append(request)
+
+        recorder = asyncio.create_task(record())
+        try:
+            while (message := await self.responses.get()) is not None:
+                yield message
+        finally:
+            recorder.cancel()
+
+    def finish(self, request_id: str) -> None:
+        self.responses.put_nowait(worker_pb2.ServeResponse(
+            output=task_pb2.TaskOutput(request_id=request_id, finished=True, finish_reason="stop")))
+
+    def report(self, num_running: int, num_waiting: int = 0) -> None:
+        self.responses.put_nowait(worker_pb2.ServeResponse(load=task_pb2.LoadReport(
+            worker_id=self.worker_id, models=[task_pb2.ModelLoad(model_version=MODEL, num_running=num_running,
+                                                                 num_waiting=num_waiting)])))
+
+    def break_stream(self) -> None:
+        self.responses.put_nowait(None)
+
+    @property
+    def task_ids(self) -> list[str]:
+        return [r.task.request_id for r in self.sent if r.WhichOneof("kind") == "task"]
+
+
+class Harness:
+    def __init__(self, **kwargs):
+        self.connections: list[WorkerConnectionDouble] = []
+        kwargs.setdefault("max_queue_per_model", 8)
+        kwargs.setdefault("aging_s", 2.0)
+        self.dispatcher = Dispatcher(connect=self._connect, reconnect_delay_s=0.05, **kwargs)
+
+    def _connect(self, info, on_change) -> WorkerConnectionDouble:
+        conn = WorkerConnectionDouble(info, on_change)
+        self.connections.append(conn)
+        return conn
+
+    def workers(self, **capacities: int) -> dict[str, WorkerConnectionDouble]:
+        members = {name: worker_pb2.WorkerInfo(worker_id=name, address=f"127.0.0.1:{1000 + i}",
+                                               models=[worker_pb2.WorkerModel(model_version=MODEL, max_num_seqs=c)])
+                   for i, (name, c) in enumerate(capacities.items())}
+        self.dispatcher.sync_members(members)
+        return {name: self.dispatcher.workers[name] for name in capacities}  # type: ignore[misc]
+
+    def submit(self, request_id: str, priority: int = 2, deadline_ms: float = 0) -> Entry:
+        task = task_pb2.Task(request_id=request_id, model_version=MODEL, priority=priority,
+                             deadline_unix_ms=int(deadline_ms),
+                             generate=task_pb2.GenerateInput(prompt="hi"))
+        entry = Entry(task, priority=priority)
+        self.dispatcher.submit(entry)
+        return entry
+
+
+@pytest.fixture
+async def harness():
+    h = Harness()
+    h.dispatcher.start()
+    yield h
+    await h.dispatcher.stop()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+
+
+async def next_item(entry: Entry, timeout_s: float = 2.0):
+    """The next TaskOutput or error the submitter gets (TaskDispatched notes are skipped)."""
+    while True:
+        item = await asyncio.wait_for(entry.outbox.get(), timeout_s)
+        if not isinstance(item, scheduler_pb2.TaskDispatched):
+            return item
+
+
+async def test_least_utilised_worker_gets_the_next_task(harness):
+    w = harness.workers(a=4, b=4)
+    harness.submit("t1")
+    harness.submit("t2")
+    await settle()
+    assert sorted(w["a"].task_ids + w["b"].task_ids) == ["t1", "t2"]
+    assert len(w["a"].task_ids) == len(w["b"].task_ids) == 1  # spread, not stacked
+    # b reports sequences it holds for someone else: a, now less busy, gets the next task.
+    w["b"].report(num_running=3)
+    await settle()
+    harness.submit("t3")
+    await settle()
+    assert "t3" in w["a"].task_ids
+
+
+async def test_no_task_goes_to_a_worker_without_room(harness):
+    w = harness.workers(a=1)
+    first, second = harness.submit("t1"), harness.submit("t2")
+    await settle()
+    assert w["a"].task_ids == ["t1"] and len(harness.dispatcher.queues[MODEL]) == 1
+    w["a"].finish("t1")
+    assert (await next_item(first)).request_id == "t1"
+    await settle()
+    assert w["a"].task_ids == ["t1", "t2"]
+    dispatched = await asyncio.wait_for(second.outbox.get(), 1)
+    assert isinstance(dispatched, scheduler_pb2.TaskDispatched) and dispatched.worker_id == "a"
+
+
+async def test_a_deadline_that_passes_in_the_queue_fails_the_task(harness):
+    w = harness.workers(a=1)
+    harness.submit("busy")
+    late = harness.submit("late", deadline_ms=time.time() * 1000 + 50)
+    await asyncio.sleep(0.1)
+    w["a"].finish("busy")
+    item = await next_item(late)
+    assert item.code == grpc.StatusCode.DEADLINE_EXCEEDED and "queued" in item.message
+    assert w["a"].task_ids == ["busy"]
+
+
+async def test_submit_without_a_worker_or_over_the_queue_cap_is_refused():
+    h = Harness(max_queue_per_model=1)
+    with pytest.raises(ServiceError) as err:
+        h.submit("t0")
+    assert err.value.code == grpc.StatusCode.UNAVAILABLE and MODEL in err.value.message
+    h.workers(a=1)
+    h.submit("t1")  # stays queued: this dispatcher's loop is not running
+    with pytest.raises(ServiceError) as err:
+        h.submit("t2")
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in err.value.message
+    await h.dispatcher.stop()
+
+
+async def test_broken_stream_fails_its_tasks_and_the_worker_is_reconnected(harness):
+    w = harness.workers(a=2)
+    lost = harness.submit("t1")
+    await settle()
+    w["a"].break_stream()
+    item = await next_item(lost)
+    assert item.code == grpc.StatusCode.UNAVAILABLE
+    for _ in range(50):  # reconnect_delay_s is 0.05
+        if len(harness.connections) == 2 and harness.dispatcher.workers["a"].is_alive:
+            break
+        await asyncio.sleep(0.02)
+    assert len(harness.connections) == 2 and harness.dispatcher.workers["a"] is harness.connections[1]
+    harness.submit("t2")
+    await settle()
+    assert harness.connections[1].task_ids == ["t2"]
+
+
+async def test_a_worker_leaving_membership_fails_what_waits_for_it(harness):
+    harness.workers(a=1)
+    harness.submit("running")
+    queued = harness.submit("queued")
+    await settle()
+    harness.dispatcher.sync_members({})
+    item = await next_item(queued)
+    assert item.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_aging_bounds_how_long_a_batch_task_waits_behind_interactive_traffic():
+    aging_s = 2.0
+    queue = ModelQueue(aging_s)
+    now = time.monotonic()
+
+    def entry(name: str, priority: int, waited_s: float) -> Entry:
+        return Entry(task_pb2.Task(request_id=name), priority=priority, enqueued=now - waited_s)
+
+    batch = entry("batch", 3, waited_s=2 * aging_s + 0.5)  # climbed two classes: ties with interactive
+    queue.push(batch)
+    for i in range(3):
+        queue.push(entry(f"i{i}", 1, waited_s=0))
+    assert queue.pop().request_id == "i0"  # a tie goes to the higher class
+    queue.fifos[2][0].enqueued = now - 3 * aging_s - 0.5  # one more aging period: it outranks fresh interactive
+    assert queue.pop() is batch
+    assert [queue.pop().request_id for _ in range(2)] == ["i1", "i2"] and queue.pop() is None

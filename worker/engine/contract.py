@@ -1,0 +1,134 @@
+"""The engine contract: what the worker service may call on an engine, and the records that cross it.
+
+The worker drives every engine through these two Protocols and never imports an implementation:
+  GenerationEngine  PagedEngine (PyTorch, engine/paged/), TensorRTLLMEngine (engine/trtllm.py)
+  EmbeddingEngine   TorchEmbeddingEngine (engine/embedding.py)
+`make_engine(version, config)` (engine/factory.py) picks and loads one from a registry version.
+tests/worker/test_engine_contract.py runs the same checks against each implementation.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+
+Priority = int  # 1 interactive, 2 standard, 3 batch (the Priority enum's values; lower is served first)
+FinishReason = typing.Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 => greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 => disabled
+    seed: int | None = None  # reproducible sampling per request (own torch.Generator)
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: Priority = 2
+
+
+@dataclass
+class GenerationOutput:
+    """One per engine step that produced text for the request, and a final one (finished=True)."""
+
+    request_id: str
+    text_delta: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # cumulative
+    error: str | None = None  # set with finish_reason "error": what went wrong, for the caller's status message
+    cached_tokens: int = 0  # prompt tokens whose prefill a prefix cache skipped (0 where an engine has none)
+
+
+@dataclass
+class EngineLoad:
+    num_running: int
+    num_waiting: int
+    max_num_seqs: int
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics; an engine without a paged KV cache reports zeros for its KV fields."""
+
+    num_steps: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0
+    num_cached_kv_blocks: int = 0  # free or in use, holding a reusable prefix
+    block_size: int = 0
+    num_prefix_hit_tokens: int = 0  # since start
+    num_preemptions: int = 0  # since start
+
+
+@typing.runtime_checkable
+class GenerationEngine(typing.Protocol):
+    """Streams tokens for requests that join and leave a running batch at any time."""
+
+    max_num_seqs: int
+
+    @property
+    def context_length(self) -> int:
+        """Prompt + completion tokens one sequence may hold."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a raw prompt (no special tokens added)."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+
+    def generate(self, request: GenerationRequest) -> typing.AsyncIterator[GenerationOutput]:
+        """Outputs as they come; the last has finished=True. Leaving the iterator early aborts the request."""
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request and frees what it holds within one engine step (safe from any thread)."""
+
+    def load(self) -> EngineLoad: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Aborts every request and releases the engine's threads."""
+
+
+@typing.runtime_checkable
+class EmbeddingEngine(typing.Protocol):
+    """Embeds texts, batching concurrent calls."""
+
+    max_num_seqs: int  # texts per batch
+
+    @property
+    def context_length(self) -> int:
+        """Tokens one text may have."""
+
+    def count_tokens(self, texts: list[str]) -> list[int]: ...
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """(one unit vector per text, input tokens in all)."""
+
+    def load(self) -> EngineLoad: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    return {int(i) for i in ids if i is not None}
