@@ -7,7 +7,7 @@ from llmserve.common.config import MeshConfig
 from llmserve.common.server import CHANNEL_OPTIONS, Service
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
-from llmserve.gateway.dispatch import Dispatcher
+from llmserve.gateway.scheduler_client import SchedulerClient
 from llmserve.gateway.service import InferenceServicer, inference_service_name
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.limits import Limiter
@@ -29,7 +29,7 @@ class GatewayApp:
         self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
         self.tokens = TokenCounter()
         self.edge = Edge(self.view, Limiter(self.redis, fail_open=cfg.limits_fail_open), self.redis)
-        pipeline = Pipeline(cfg, self.view, Dispatcher(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)),
+        pipeline = Pipeline(cfg, self.view, SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)),
                             ResponseCache(self.redis, cfg.response_cache_ttl_s), self.edge, self.tokens)
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()])
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(

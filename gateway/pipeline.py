@@ -20,7 +20,7 @@ from llmserve.dispatch.v1 import task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.context import RequestContext
-from llmserve.gateway.dispatch import Dispatcher
+from llmserve.gateway.scheduler_client import SchedulerClient
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.requests import Call
 from llmserve.gateway.result import Collector, Result
@@ -33,10 +33,10 @@ OnOutput = typing.Callable[[int, task_pb2.TaskOutput], typing.Awaitable[None]]
 
 
 class Pipeline:
-    def __init__(self, cfg: GatewayConfig, view: RegistryView, dispatcher: Dispatcher, cache: ResponseCache,
+    def __init__(self, cfg: GatewayConfig, view: RegistryView, scheduler: SchedulerClient, cache: ResponseCache,
                  edge: Edge, tokens: TokenCounter):
-        self.cfg, self.view, self.dispatcher, self.cache, self.edge, self.tokens = (
-            cfg, view, dispatcher, cache, edge, tokens)
+        self.cfg, self.view, self.scheduler, self.cache, self.edge, self.tokens = (
+            cfg, view, scheduler, cache, edge, tokens)
 
     def begin(self, ctx: RequestContext, context, parse: typing.Callable[..., Call], request) -> None:
         """Auth, validation, model resolution and the priority cap, in that order; fills ctx."""
@@ -83,7 +83,7 @@ class Pipeline:
         collector = Collector(call, version.version)
         result = None
         try:
-            async for index, output in self.dispatcher.run_all(call.to_tasks(ctx.request_id, version.version),
+            async for index, output in self.scheduler.run_all(call.to_tasks(ctx.request_id, version.version),
                                                                context, lambda d: ctx.note_queue_time(d.queue_time_ms)):
                 collector.add(index, output)
                 if on_output is not None:

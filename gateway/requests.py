@@ -11,6 +11,7 @@ import typing
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
+from llmserve.common import priority
 from llmserve.common.errors import invalid_argument
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.inference.v1 import inference_pb2 as pb
@@ -166,10 +167,10 @@ Call = GenerationCall | EmbeddingCall
 
 def _priority(value: int) -> int:
     """The scheduling class 1..3; unset means standard."""
-    if value not in pb.Priority.values():
-        raise invalid_argument(f"priority={value} is unknown; use PRIORITY_INTERACTIVE, PRIORITY_STANDARD or "
-                               "PRIORITY_BATCH")
-    return value or pb.PRIORITY_STANDARD
+    try:
+        return priority.from_pb(value)
+    except ValueError as exc:
+        raise invalid_argument(str(exc)) from None
 
 
 def _model(name: str) -> str:

@@ -15,7 +15,7 @@ from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 OnDispatched = typing.Callable[[scheduler_pb2.TaskDispatched], None]
 
 
-class Dispatcher:
+class SchedulerClient:
     def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerServiceStub):
         self.scheduler = scheduler
 
