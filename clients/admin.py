@@ -15,7 +15,8 @@ from google.protobuf import json_format
 from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
-from llmserve.registry.store import KeyStore
+from llmserve.common.state import keys as state_keys
+from llmserve.common.state.store import Store
 
 
 class WithAuth:
@@ -47,30 +48,30 @@ def write_secret(path: pathlib.Path, value: str) -> None:
     os.replace(tmp, path)
 
 
-async def _with_keys(config: MeshConfig, fn):
+async def _with_store(config: MeshConfig, fn):
     client = etcd.connect(config.etcd)
     try:
-        return await fn(KeyStore(client, config.etcd.prefix))
+        return await fn(Store(client, config.etcd.prefix))
     finally:
         await client.close()
 
 
 def create_admin_key(config: MeshConfig, description: str = "") -> str:
     """Bootstrap: writes an admin key's hash straight into etcd (whoever can write etcd is an admin anyway)."""
-    key, _ = asyncio.run(_with_keys(config, lambda keys: keys.create_admin_key(description)))
+    key, _ = asyncio.run(_with_store(config, lambda store: state_keys.create_admin_key(store.admin_keys, description)))
     return key
 
 
 def ensure_admin_key(config: MeshConfig, path: pathlib.Path) -> tuple[str, bool]:
-    async def ensure(keys: KeyStore) -> tuple[str, bool]:
+    async def ensure(store: Store) -> tuple[str, bool]:
         if path.exists():
             key = path.read_text().strip()
-            if await keys.lookup_admin_key(key) is not None:
+            if await state_keys.lookup(store.admin_keys, key) is not None:
                 return key, False
-        key, _ = await keys.create_admin_key("written by `llmserve run`")
+        key, _ = await state_keys.create_admin_key(store.admin_keys, "written by `llmserve run`")
         write_secret(path, key)
         return key, True
-    return asyncio.run(_with_keys(config, ensure))
+    return asyncio.run(_with_store(config, ensure))
 
 
 def apply_models_file(registry_address: str, admin_key: str, path: str | os.PathLike) -> list[str]:
@@ -104,7 +105,7 @@ def ensure_dev_key(config: MeshConfig, registry_address: str, admin_key: str, pa
                 raise
         if path.exists():
             key = path.read_text().strip()
-            record = asyncio.run(_with_keys(config, lambda keys: keys.lookup(key)))
+            record = asyncio.run(_with_store(config, lambda store: state_keys.lookup(store.api_keys, key)))
             if record is not None and not record.revoked and record.tenant == "dev":
                 return key, False
         created = stub.CreateApiKey(tenants_pb2.CreateApiKeyRequest(

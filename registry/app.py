@@ -7,10 +7,12 @@ import grpc
 from llmserve.admin.v1 import keys_pb2, registry_pb2_grpc, tenants_pb2_grpc
 from llmserve.common import etcd, redisconn
 from llmserve.common.config import MeshConfig
-from llmserve.common.etcd import PrefixWatcher
 from llmserve.common.server import Service
+from llmserve.common.state import keys
+from llmserve.common.state.collection import Collection
+from llmserve.common.state.store import Store
+from llmserve.common.state.watcher import PrefixWatcher
 from llmserve.registry.service import RegistryServicer, registry_service_name
-from llmserve.registry.store import KeyStore, Paths, RegistryStore, decoder, hash_key
 from llmserve.registry.tenants import TenantServicer, tenant_service_name
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -19,9 +21,9 @@ OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
     """Every admin RPC needs `authorization: Bearer <admin key>`; tenant keys are not admin keys."""
 
-    def __init__(self, admin_keys: PrefixWatcher, store: KeyStore):
+    def __init__(self, watched: PrefixWatcher[keys_pb2.AdminKey], admin_keys: Collection[keys_pb2.AdminKey]):
+        self.watched = watched
         self.admin_keys = admin_keys
-        self.store = store
 
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_PREFIXES):
@@ -30,7 +32,7 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, key = header.partition(" ")
         if scheme.lower() == "bearer" and key.strip():
             # The watch may lag a key created a moment ago (the launcher does exactly that): ask etcd then.
-            if hash_key(key.strip()) in self.admin_keys.snapshot or await self._lookup(key.strip()):
+            if keys.hash_key(key.strip()) in self.watched.snapshot or await self._lookup(key.strip()):
                 return await continuation(details)
         message = ("admin calls need `authorization: Bearer <admin key>` (`llmserve admin-key create`; `make run` "
                    "writes one to .llmserve/admin-key)" if not key else "the admin key is unknown")
@@ -41,7 +43,7 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def _lookup(self, key: str) -> bool:
         try:
-            return await self.store.lookup_admin_key(key) is not None
+            return await keys.lookup(self.admin_keys, key) is not None
         except Exception:  # noqa: BLE001 - etcd down: only the snapshot decides
             return False
 
@@ -51,15 +53,13 @@ class RegistryApp:
         self.config = config
         self.client = etcd.connect(config.etcd)
         self.redis = redisconn.connect(config.redis)
-        self.admin_keys = PrefixWatcher(self.client, Paths(config.etcd.prefix).admin_keys,
-                                        decoder(keys_pb2.AdminKey))
-        keys = KeyStore(self.client, config.etcd.prefix)
+        store = Store(self.client, config.etcd.prefix)
+        self.admin_keys = store.admin_keys.watcher()
         self.service = Service("registry", config.registry.host, config.registry.port,
                                [registry_service_name(), tenant_service_name()],
-                               interceptors=[AdminAuthInterceptor(self.admin_keys, keys)])
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
-            RegistryServicer(RegistryStore(self.client, config.etcd.prefix)), self.service.server)
-        tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(keys, self.redis), self.service.server)
+                               interceptors=[AdminAuthInterceptor(self.admin_keys, store.admin_keys)])
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(store), self.service.server)
+        tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(store, self.redis), self.service.server)
 
     async def start(self) -> int:
         self.admin_keys.start()

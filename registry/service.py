@@ -5,11 +5,10 @@ from __future__ import annotations
 import re
 import time
 
-
 from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc
 from llmserve.common.errors import ServiceError, already_exists, failed_precondition, invalid_argument, not_found
 from llmserve.common.logs import get_logger
-from llmserve.registry.store import RegistryStore
+from llmserve.common.state.store import Store
 
 log = get_logger(__name__)
 
@@ -49,11 +48,11 @@ def validate_version(v: registry_pb2.ModelVersion) -> registry_pb2.ModelVersion:
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, store: RegistryStore):
+    def __init__(self, store: Store):
         self.store = store
 
     async def _version(self, version: str) -> registry_pb2.ModelVersion:
-        found = await self.store.get_version(version)
+        found = await self.store.versions.get(version)
         if found is None:
             raise not_found(f"model version {version!r} does not exist; ListModelVersions shows the registered ones")
         return found
@@ -61,7 +60,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def CreateModelVersion(self, request, context):
         v = validate_version(request.model_version)
         v.created = int(time.time())
-        if not await self.store.create_version(v):
+        if not await self.store.versions.create(v):
             existing = await self._version(v.version)
             same = registry_pb2.ModelVersion.FromString(existing.SerializeToString())
             same.created = v.created
@@ -76,7 +75,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.GetModelVersionResponse(model_version=await self._version(request.version))
 
     async def ListModelVersions(self, request, context):
-        versions = [v for v in await self.store.list_versions() if not request.family or v.family == request.family]
+        versions = [v for v in await self.store.versions.list() if not request.family or v.family == request.family]
         return registry_pb2.ListModelVersionsResponse(model_versions=versions)
 
     async def UpdateModelVersionState(self, request, context):
@@ -84,18 +83,18 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise invalid_argument("state is required: MODEL_STATE_ACTIVE or MODEL_STATE_DISABLED")
         v = await self._version(request.version)
         v.state = request.state
-        await self.store.put_version(v)
+        await self.store.versions.put(v)
         log.info("model version state changed", version=v.version, state=registry_pb2.ModelState.Name(v.state))
         return registry_pb2.UpdateModelVersionStateResponse(model_version=v)
 
     async def DeleteModelVersion(self, request, context):
         await self._version(request.version)
-        users = [a.name for a in await self.store.list_aliases()
+        users = [a.name for a in await self.store.aliases.list()
                  if any(t.version == request.version for t in a.targets)]
         if users:
             raise failed_precondition(f"model version {request.version!r} is routed to by alias(es) "
                                       f"{', '.join(users)}; change their split first")
-        await self.store.delete_version(request.version)
+        await self.store.versions.delete(request.version)
         return registry_pb2.DeleteModelVersionResponse()
 
     async def SetAlias(self, request, context):
@@ -103,7 +102,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         check_name("alias.name", alias.name)
         if not alias.targets:
             raise invalid_argument("alias.targets needs at least one {version, weight}")
-        if await self.store.get_version(alias.name) is not None:
+        if await self.store.versions.get(alias.name) is not None:
             raise invalid_argument(f"alias.name={alias.name!r} is already a model version id; pick another name")
         kinds = set()
         seen = set()
@@ -120,23 +119,23 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if len(kinds) > 1:
             raise invalid_argument("alias.targets mix generation and embedding versions; an alias routes one kind")
         alias.updated = int(time.time())
-        await self.store.put_alias(alias)
+        await self.store.aliases.put(alias)
         log.info("alias set", alias=alias.name, targets={t.version: t.weight for t in alias.targets})
         return registry_pb2.SetAliasResponse(alias=alias)
 
     async def GetAlias(self, request, context):
-        alias = await self.store.get_alias(request.name)
+        alias = await self.store.aliases.get(request.name)
         if alias is None:
             raise not_found(f"alias {request.name!r} does not exist; ListAliases shows the defined ones")
         return registry_pb2.GetAliasResponse(alias=alias)
 
     async def ListAliases(self, request, context):
-        return registry_pb2.ListAliasesResponse(aliases=await self.store.list_aliases())
+        return registry_pb2.ListAliasesResponse(aliases=await self.store.aliases.list())
 
     async def DeleteAlias(self, request, context):
-        if await self.store.get_alias(request.name) is None:
+        if await self.store.aliases.get(request.name) is None:
             raise not_found(f"alias {request.name!r} does not exist")
-        await self.store.delete_alias(request.name)
+        await self.store.aliases.delete(request.name)
         return registry_pb2.DeleteAliasResponse()
 
 

@@ -10,8 +10,9 @@ from llmserve.admin.v1 import tenants_pb2, tenants_pb2_grpc
 from llmserve.common import usage
 from llmserve.common.errors import already_exists, invalid_argument, not_found
 from llmserve.common.logs import get_logger
+from llmserve.common.state import keys
+from llmserve.common.state.store import Store
 from llmserve.inference.v1 import inference_pb2
-from llmserve.registry.store import KeyStore
 
 log = get_logger(__name__)
 
@@ -47,12 +48,12 @@ def _day(field: str, value: str, default: datetime.date) -> datetime.date:
 
 
 class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
-    def __init__(self, keys: KeyStore, redis_client):
-        self.keys = keys
+    def __init__(self, store: Store, redis_client):
+        self.store = store
         self.redis = redis_client
 
     async def _tenant(self, name: str) -> tenants_pb2.Tenant:
-        tenant = await self.keys.get_tenant(name)
+        tenant = await self.store.tenants.get(name)
         if tenant is None:
             raise not_found(f"tenant {name!r} does not exist; ListTenants shows the tenants")
         return tenant
@@ -60,7 +61,7 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
     async def CreateTenant(self, request, context):
         tenant = validate_tenant(request.tenant)
         tenant.created = int(time.time())
-        if not await self.keys.create_tenant(tenant):
+        if not await self.store.tenants.create(tenant):
             raise already_exists(f"tenant {tenant.name!r} already exists; UpdateTenant changes its settings")
         log.info("tenant created", tenant_name=tenant.name)
         return tenants_pb2.CreateTenantResponse(tenant=tenant)
@@ -69,12 +70,12 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         return tenants_pb2.GetTenantResponse(tenant=await self._tenant(request.name))
 
     async def ListTenants(self, request, context):
-        return tenants_pb2.ListTenantsResponse(tenants=await self.keys.list_tenants())
+        return tenants_pb2.ListTenantsResponse(tenants=await self.store.tenants.list())
 
     async def UpdateTenant(self, request, context):
         tenant = validate_tenant(request.tenant)
         tenant.created = (await self._tenant(tenant.name)).created
-        await self.keys.put_tenant(tenant)
+        await self.store.tenants.put(tenant)
         log.info("tenant updated", tenant_name=tenant.name)
         return tenants_pb2.UpdateTenantResponse(tenant=tenant)
 
@@ -82,24 +83,24 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         await self._tenant(request.tenant)
         if request.requests_per_minute < 0 or request.tokens_per_minute < 0:
             raise invalid_argument("requests_per_minute and tokens_per_minute must be >= 0 (0: tenant limit only)")
-        key, record = await self.keys.create(request.tenant, request.description, request.requests_per_minute,
-                                             request.tokens_per_minute)
+        key, record = await keys.create_api_key(self.store.api_keys, request.tenant, request.description,
+                                                 request.requests_per_minute, request.tokens_per_minute)
         log.info("api key created", tenant_name=record.tenant, key_id=record.key_id)
         return tenants_pb2.CreateApiKeyResponse(api_key=record, key=key)
 
     async def ListApiKeys(self, request, context):
-        records = [k for k in await self.keys.list() if not request.tenant or k.tenant == request.tenant]
+        records = [k for k in await self.store.api_keys.list() if not request.tenant or k.tenant == request.tenant]
         return tenants_pb2.ListApiKeysResponse(api_keys=records)
 
     async def _key(self, key_id: str):
-        record = await self.keys.by_id(key_id)
+        record = await keys.api_key_by_id(self.store.api_keys, key_id)
         if record is None:
             raise not_found(f"API key {key_id!r} does not exist; ListApiKeys shows the key ids")
         return record
 
     async def RevokeApiKey(self, request, context):
         await self._key(request.key_id)
-        record = await self.keys.revoke(request.key_id)
+        record = await keys.revoke_api_key(self.store.api_keys, request.key_id)
         log.info("api key revoked", key_id=record.key_id)
         return tenants_pb2.RevokeApiKeyResponse(api_key=record)
 
@@ -107,9 +108,9 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         old = await self._key(request.key_id)
         if old.revoked:
             raise invalid_argument(f"API key {old.key_id} is revoked; create a new key instead")
-        key, record = await self.keys.create(old.tenant, old.description, old.requests_per_minute,
-                                             old.tokens_per_minute)
-        await self.keys.revoke(old.key_id)
+        key, record = await keys.create_api_key(self.store.api_keys, old.tenant, old.description,
+                                                 old.requests_per_minute, old.tokens_per_minute)
+        await keys.revoke_api_key(self.store.api_keys, old.key_id)
         log.info("api key rotated", old_key_id=old.key_id, key_id=record.key_id)
         return tenants_pb2.RotateApiKeyResponse(api_key=record, key=key)
 

@@ -13,10 +13,11 @@ from llmserve.admin.v1 import tenants_pb2 as tpb
 from llmserve.clients.admin import WithAuth, registry_stub, tenant_stub
 from llmserve.common import etcd as etcd_mod
 from llmserve.common.config import MeshConfig
+from llmserve.common.state import keys
+from llmserve.common.state.store import Store
 from llmserve.gateway.app import GatewayApp
 from llmserve.inference.v1 import inference_pb2_grpc
 from llmserve.registry.app import RegistryApp
-from llmserve.registry.store import KeyStore
 from llmserve.scheduler.app import SchedulerApp
 from llmserve.worker.app import WorkerApp
 
@@ -73,7 +74,7 @@ class Mesh:
 async def start_mesh(config: MeshConfig, versions: list, aliases: dict[str, list[tuple[str, int]]],
                      worker_models: list[list[str]]) -> Mesh:
     client = etcd_mod.connect(config.etcd)
-    admin_key, _ = await KeyStore(client, config.etcd.prefix).create_admin_key("tests")
+    admin_key, _ = await keys.create_admin_key(Store(client, config.etcd.prefix).admin_keys, "tests")
     await client.close()
     registry = RegistryApp(config)
     registry_port = await registry.start()

@@ -5,14 +5,16 @@ from llmserve.admin.v1 import registry_pb2 as pb
 from llmserve.admin.v1 import registry_pb2_grpc
 from llmserve.clients.admin import registry_stub
 from llmserve.common import etcd as etcd_mod
+from llmserve.common.state import keys
+from llmserve.common.state.store import Store
+from llmserve.common.state.views import RegistryView
 from llmserve.registry.app import RegistryApp
-from llmserve.registry.store import KeyStore, RegistryView
 
 
 async def make_admin_key(config) -> str:
     client = etcd_mod.connect(config.etcd)
     try:
-        return (await KeyStore(client, config.etcd.prefix).create_admin_key("tests"))[0]
+        return (await keys.create_admin_key(Store(client, config.etcd.prefix).admin_keys, "tests"))[0]
     finally:
         await client.close()
 
@@ -36,7 +38,7 @@ async def test_admin_calls_need_an_admin_key(registry_app, mesh_config):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{registry_app.port}") as channel:
         stub = registry_pb2_grpc.RegistryServiceStub(channel)
         client = etcd_mod.connect(mesh_config.etcd)
-        tenant_key, _ = await KeyStore(client, mesh_config.etcd.prefix).create("t")
+        tenant_key, _ = await keys.create_api_key(Store(client, mesh_config.etcd.prefix).api_keys, "t")
         await client.close()
         for metadata in [(), (("authorization", "Bearer llsadm_nope"),), (("authorization", f"Bearer {tenant_key}"),)]:
             with pytest.raises(grpc.aio.AioRpcError) as err:

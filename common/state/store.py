@@ -1,0 +1,25 @@
+"""The mesh's record kinds as typed collections under one etcd prefix (the key layout is in layout.py)."""
+
+from __future__ import annotations
+
+import aetcd
+
+from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
+from llmserve.common.state.collection import Collection
+from llmserve.common.state.layout import Paths
+from llmserve.dispatch.v1 import worker_pb2
+
+
+class Store:
+    """Reads and writes of every record kind; API and admin keys are named by the SHA-256 of the key (keys.py)."""
+
+    def __init__(self, client: aetcd.Client, prefix: str):
+        self.client = client
+        self.paths = Paths(prefix)
+        self.versions = Collection(client, self.paths.versions, registry_pb2.ModelVersion, lambda v: v.version)
+        self.aliases = Collection(client, self.paths.aliases, registry_pb2.Alias, lambda a: a.name)
+        self.tenants = Collection(client, self.paths.tenants, tenants_pb2.Tenant, lambda t: t.name)
+        self.api_keys = Collection(client, self.paths.keys, keys_pb2.ApiKey, lambda k: k.key_hash,
+                                   order=lambda k: (k.tenant, k.created))
+        self.admin_keys = Collection(client, self.paths.admin_keys, keys_pb2.AdminKey, lambda k: k.key_hash)
+        self.workers = Collection(client, self.paths.workers, worker_pb2.WorkerInfo, lambda w: w.worker_id)

@@ -1,0 +1,74 @@
+"""RegistryView: the live, read-only view of the registry that services route by, kept current by etcd watches."""
+
+from __future__ import annotations
+
+import random
+import typing
+import zlib
+
+import aetcd
+
+from llmserve.admin.v1 import keys_pb2, registry_pb2
+from llmserve.common.state.keys import hash_key
+from llmserve.common.state.store import Store
+
+
+class Resolution(typing.NamedTuple):
+    version: registry_pb2.ModelVersion
+    alias: str  # "" when the caller named a version
+
+
+class RegistryView:
+    """Watches of versions and aliases, and on request of keys and tenants (gateway) or workers (scheduler).
+
+    Each watcher's `snapshot` maps a record's name to the record; nothing here polls or writes.
+    """
+
+    def __init__(self, client: aetcd.Client, prefix: str, *, watch_keys: bool = False,
+                 watch_workers: bool = False, on_workers_change: typing.Callable[[], None] | None = None):
+        store = Store(client, prefix)
+        self.versions = store.versions.watcher()
+        self.aliases = store.aliases.watcher()
+        self.keys = store.api_keys.watcher() if watch_keys else None
+        self.tenants = store.tenants.watcher() if watch_keys else None
+        self.workers = store.workers.watcher(on_workers_change) if watch_workers else None
+        self._watchers = [w for w in (self.versions, self.aliases, self.keys, self.tenants, self.workers) if w]
+
+    async def start(self, timeout_s: float = 5.0) -> bool:
+        """Starts the watches; returns whether all loaded within timeout_s (they keep trying otherwise)."""
+        for watcher in self._watchers:
+            watcher.start()
+        ready = [await w.wait_ready(timeout_s) for w in self._watchers]
+        return all(ready)
+
+    async def stop(self) -> None:
+        for watcher in self._watchers:
+            await watcher.stop()
+
+    def api_key(self, key: str) -> keys_pb2.ApiKey | None:
+        assert self.keys is not None, "RegistryView built without watch_keys"
+        record = self.keys.snapshot.get(hash_key(key))
+        return None if record is None or record.revoked else record
+
+    def resolve(self, name: str, user: str = "") -> Resolution | None:
+        """Model name -> concrete version: a version id as is; an alias by its traffic split.
+
+        With a `user`, the pick is a stable hash of (alias, user), so a user stays on one side of an A/B split
+        for as long as the weights do not change; without one it is random by weight.
+        """
+        version = self.versions.snapshot.get(name)
+        if version is not None:
+            return Resolution(version, "")
+        alias = self.aliases.snapshot.get(name)
+        if alias is None or not alias.targets:
+            return None
+        total = sum(t.weight for t in alias.targets)
+        if total <= 0:
+            return None
+        point = (zlib.crc32(f"{name}\0{user}".encode()) % total) if user else random.randrange(total)
+        for target in alias.targets:
+            point -= target.weight
+            if point < 0:
+                found = self.versions.snapshot.get(target.version)
+                return Resolution(found, name) if found is not None else None
+        return None
