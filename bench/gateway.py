@@ -27,13 +27,13 @@ from google.protobuf import wrappers_pb2 as w
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from llmserve.admin.v1 import tenants_pb2 as tpb  # noqa: E402
-from llmserve.clients.admin import tenant_stub  # noqa: E402
-from tests.helpers.local_mesh import LocalMesh  # noqa: E402
-from llmserve.common.net import free_port  # noqa: E402
-from llmserve.common.server import SERVER_OPTIONS  # noqa: E402
-from llmserve.inference.v1 import inference_pb2 as pb  # noqa: E402
-from llmserve.inference.v1 import inference_pb2_grpc  # noqa: E402
+from llmserve.admin.v1 import tenants_pb2 as tpb
+from llmserve.clients.admin import tenant_stub
+from llmserve.common.net import free_port
+from llmserve.common.server import SERVER_OPTIONS
+from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.inference.v1 import inference_pb2_grpc
+from tests.helpers.local_mesh import LocalMesh
 
 REQUEST = pb.CreateCompletionRequest(model="smollm2", prompt="What is the capital of France?",
                                      max_tokens=w.Int32Value(value=8), temperature=w.FloatValue(value=0.0))

@@ -21,10 +21,10 @@ from google.protobuf import wrappers_pb2 as w
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tests.helpers.local_mesh import LocalMesh  # noqa: E402
-from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
-from llmserve.inference.v1 import inference_pb2 as pb  # noqa: E402
-from llmserve.inference.v1 import inference_pb2_grpc  # noqa: E402
+from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
+from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.inference.v1 import inference_pb2_grpc
+from tests.helpers.local_mesh import LocalMesh
 
 VERSION = "smollm2-135m-instruct-v1"
 

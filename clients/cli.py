@@ -144,7 +144,8 @@ def cmd_models(args) -> int:
 
 def cmd_chat(args) -> int:
     from llmserve.clients.client import Client
-    key = args.api_key or os.environ.get("LLMSERVE_API_KEY") or pathlib.Path(".llmserve/dev-api-key").read_text().strip()
+    key = (args.api_key or os.environ.get("LLMSERVE_API_KEY")
+           or pathlib.Path(".llmserve/dev-api-key").read_text().strip())
     with Client(args.target, key) as client:
         for chunk in client.stream_chat(args.model, [("user", args.prompt)], max_tokens=args.max_tokens,
                                         temperature=args.temperature):

@@ -2,7 +2,8 @@
 
     from llmserve.clients.client import Client
     with Client("127.0.0.1:50051", api_key=open(".llmserve/dev-api-key").read().strip()) as llm:
-        print(llm.chat("smollm2", [("user", "What is the capital of France?")], temperature=0).choices[0].message.content)
+        answer = llm.chat("smollm2", [("user", "What is the capital of France?")], temperature=0)
+        print(answer.choices[0].message.content)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Client:
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.timeout_s = timeout_s
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

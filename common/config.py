@@ -118,7 +118,7 @@ class MeshConfig:
     log: LogConfig = field(default_factory=LogConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
-    def validate(self) -> "MeshConfig":
+    def validate(self) -> MeshConfig:
         for section in ("gateway", "scheduler", "worker", "registry"):
             cfg = getattr(self, section)
             if not 0 <= cfg.port <= 65535:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import typing
 
 import structlog
 
@@ -14,7 +15,8 @@ REDACTED_FIELDS = frozenset({
 })
 
 
-def redact(_logger, _method, event_dict: dict) -> dict:
+def redact(_logger: typing.Any, _method: str, event_dict: typing.MutableMapping[str, typing.Any]
+           ) -> typing.MutableMapping[str, typing.Any]:
     for name in REDACTED_FIELDS.intersection(event_dict):
         event_dict[name] = "[redacted]"
     return event_dict

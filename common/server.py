@@ -75,7 +75,7 @@ def _wrap_unary(fn, method):
             return await fn(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001 - the one place that maps every failure to a status
+        except Exception as exc:
             await _abort_for(exc, context, method)
     return wrapper
 
@@ -87,7 +87,7 @@ def _wrap_stream(fn, method):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             await _abort_for(exc, context, method)
     return wrapper
 

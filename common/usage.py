@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import typing
 
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_hits", "cost_micro_usd")
 MICRO = 1_000_000
@@ -19,7 +20,7 @@ def period_name(budget_period: int) -> str:
 
 
 def today() -> datetime.date:
-    return datetime.datetime.now(datetime.timezone.utc).date()
+    return datetime.datetime.now(datetime.UTC).date()
 
 
 def usage_key(tenant: str, day: datetime.date) -> str:
@@ -33,14 +34,14 @@ def period_id(period: str, day: datetime.date | None = None) -> str:
 
 
 def period_seconds_left(period: str, now: datetime.datetime | None = None) -> int:
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     if period == "day":
         end = datetime.datetime.combine(now.date() + datetime.timedelta(days=1), datetime.time(),
-                                        tzinfo=datetime.timezone.utc)
+                                        tzinfo=datetime.UTC)
     else:
         first = now.date().replace(day=1)
         nxt = (first + datetime.timedelta(days=32)).replace(day=1)
-        end = datetime.datetime.combine(nxt, datetime.time(), tzinfo=datetime.timezone.utc)
+        end = datetime.datetime.combine(nxt, datetime.time(), tzinfo=datetime.UTC)
     return max(1, math.ceil((end - now).total_seconds()))
 
 
@@ -55,7 +56,7 @@ def cost_micro_usd(prompt_tokens: int, completion_tokens: int, price_prompt_1k: 
                      - 1e-9)
 
 
-async def record(client, rows: dict[tuple[str, str, str, str], dict[str, int]]) -> None:
+async def record(client, rows: typing.Mapping[tuple[str, str, str, str], typing.Mapping[str, int]]) -> None:
     """Adds counters in one round trip. rows: (tenant, day, key_id, version) -> {counter: amount}."""
     async with client.pipeline(transaction=False) as pipe:
         for (tenant, day, key_id, version), counts in rows.items():
@@ -69,7 +70,7 @@ async def record(client, rows: dict[tuple[str, str, str, str], dict[str, int]]) 
 
 async def read(client, tenant: str, days: list[datetime.date]) -> list[tuple[str, str, str, dict[str, int]]]:
     """[(day, key_id, version, counters)] for the given days."""
-    rows = []
+    rows: list[tuple[str, str, str, dict[str, int]]] = []
     for day in days:
         per: dict[tuple[str, str], dict[str, int]] = {}
         for field, value in (await client.hgetall(usage_key(tenant, day))).items():

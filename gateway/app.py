@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import grpc
+
 from llmserve.common import etcd, redisconn
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import CHANNEL_OPTIONS, Service
+from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
-from llmserve.gateway.scheduler_client import SchedulerClient
-from llmserve.gateway.service import InferenceServicer, inference_service_name
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.limits import Limiter
 from llmserve.gateway.pipeline import Pipeline
+from llmserve.gateway.scheduler_client import SchedulerClient
+from llmserve.gateway.service import InferenceServicer, inference_service_name
 from llmserve.gateway.tokens import TokenCounter
 from llmserve.inference.v1 import inference_pb2_grpc
-from llmserve.common.state.views import RegistryView
-
-import grpc
 
 
 class GatewayApp:

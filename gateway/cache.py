@@ -40,7 +40,7 @@ class ResponseCache:
             return None
         try:
             raw = await self.client.get(key)
-        except Exception as exc:  # noqa: BLE001 - fail open
+        except Exception as exc:
             self._warn("cache_get", exc)
             return None
         return json.loads(raw) if raw else None
@@ -50,5 +50,5 @@ class ResponseCache:
             return
         try:
             await self.client.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_s)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._warn("cache_put", exc)

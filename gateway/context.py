@@ -41,6 +41,12 @@ class RequestContext:
     prompt_tokens: int | None = None  # usage, once known
     completion_tokens: int | None = None
 
+    def begun(self) -> tuple[Caller, Call, registry_pb2.ModelVersion]:
+        """(caller, call, version), which Pipeline.begin sets before anything else reads them."""
+        if self.caller is None or self.call is None or self.version is None:
+            raise RuntimeError("RequestContext read before Pipeline.begin filled it")
+        return self.caller, self.call, self.version
+
     def note_queue_time(self, ms: float) -> None:
         self.queue_ms = ms if self.queue_ms is None else max(self.queue_ms, ms)
 

@@ -12,12 +12,12 @@ import grpc
 import structlog
 
 from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
+from llmserve.common import priority as priority_class
 from llmserve.common import usage
 from llmserve.common.errors import ServiceError, unauthenticated
-from llmserve.gateway import metrics
-from llmserve.gateway.limits import Limit, LimitExceeded, Limiter, Reservation, retry_after_header
-from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.common.state.views import RegistryView
+from llmserve.gateway import metrics
+from llmserve.gateway.limits import Limit, Limiter, LimitExceeded, Reservation, retry_after_header
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,8 @@ class UsageBuffer:
     def __init__(self, redis_client, interval_s: float = 0.5):
         self.redis = redis_client
         self.interval_s = interval_s
-        self.pending: dict[tuple, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.pending: dict[tuple[str, str, str, str], collections.Counter[str]] = collections.defaultdict(
+            collections.Counter)
         self._task: asyncio.Task | None = None
 
     def add(self, tenant: str, key_id: str, version: str, counts: dict[str, int]) -> None:
@@ -54,7 +55,7 @@ class UsageBuffer:
         rows, self.pending = self.pending, collections.defaultdict(collections.Counter)
         try:
             await usage.record(self.redis, rows)
-        except Exception:  # noqa: BLE001 - keep the counts for the next try; serving goes on
+        except Exception:
             metrics.REDIS_ERRORS.labels("usage").inc()
             for row, counts in rows.items():
                 self.pending[row].update(counts)
@@ -79,7 +80,7 @@ class Edge:
         record = self.view.api_key(key.strip())
         if record is None:
             raise unauthenticated("the API key is unknown or revoked")
-        tenant = self.view.tenants.snapshot.get(record.tenant)
+        tenant = self.view.tenant(record.tenant)
         if tenant is None:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
                                f"tenant {record.tenant!r} of this API key does not exist any more")
@@ -102,7 +103,7 @@ class Edge:
         """Returns (priority to use, note for the response metadata: "" when unchanged)."""
         cap = caller.tenant.max_priority
         if cap and priority < cap:  # lower number = higher class
-            return cap, f"{pb.Priority.Name(cap)} (capped from {pb.Priority.Name(priority)})"
+            return cap, f"{priority_class.name(cap)} (capped from {priority_class.name(priority)})"
         return priority, ""
 
     @staticmethod
@@ -155,9 +156,10 @@ class Edge:
                                trailers=(("retry-after", retry_after_header(exc.retry_after_s)),)) from None
         except ServiceError:
             raise
-        except Exception:  # noqa: BLE001 - Redis failed and the policy is fail closed
+        except Exception:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                               "the rate limiter is unavailable (Redis) and the policy is to fail closed; retry")
+                               "the rate limiter is unavailable (Redis) and the policy is to fail closed; retry"
+                               ) from None
         return reservation
 
     async def settle(self, reservation: Reservation | None, version: registry_pb2.ModelVersion,
@@ -168,7 +170,7 @@ class Edge:
         amounts = {"tokens": prompt_tokens + completion_tokens, "cost": cost}
         if reservation is not None:
             await self.limiter.reconcile(reservation, {
-                l.name: amounts[l.measure] for l in reservation.limits if l.measure in amounts})
+                lim.name: amounts[lim.measure] for lim in reservation.limits if lim.measure in amounts})
         return cost
 
     def record(self, caller: Caller, version: str, *, prompt_tokens: int, completion_tokens: int,

@@ -145,16 +145,16 @@ class Limiter:
 
     async def admit(self, request_id: str, limits: list[Limit]) -> Reservation | None:
         """Reserves every limit or raises LimitExceeded. Returns None when Redis failed and the policy is open."""
-        limits = [l for l in limits if l.limit > 0]
+        limits = [lim for lim in limits if lim.limit > 0]
         if not limits:
             return Reservation(request_id, [])
-        keys = [k for l in limits for k in l.keys]
+        keys = [k for lim in limits for k in lim.keys]
         args = [int(time.time() * 1000), WINDOW_MS, request_id]
-        for l in limits:
-            args += [l.kind, l.limit, l.amount, l.ttl_s]
+        for lim in limits:
+            args += [lim.kind, lim.limit, lim.amount, lim.ttl_s]
         try:
             result = await self._admit(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001 - the configured policy decides
+        except Exception as exc:
             self._warn(exc)
             if self.fail_open:
                 return None
@@ -169,13 +169,14 @@ class Limiter:
         """actual: new amount per limit name; limits not named keep their reservation (e.g. request counts)."""
         if reservation is None or not reservation.limits:
             return
-        keys, args = [], [reservation.request_id]
-        for l in reservation.limits:
-            keys += l.keys
-            args += [l.kind, l.amount, actual.get(l.name, l.amount)]
+        keys: list[str] = []
+        args: list[str | int] = [reservation.request_id]
+        for lim in reservation.limits:
+            keys += lim.keys
+            args += [lim.kind, lim.amount, actual.get(lim.name, lim.amount)]
         try:
             await self._reconcile(keys=keys, args=args)
-        except Exception as exc:  # noqa: BLE001 - counted; the window corrects itself in a minute
+        except Exception as exc:
             self._warn(exc)
 
 

@@ -16,16 +16,16 @@ import typing
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import failed_precondition, invalid_argument, not_found
+from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.context import RequestContext
-from llmserve.gateway.scheduler_client import SchedulerClient
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.requests import Call
 from llmserve.gateway.result import Collector, Result
+from llmserve.gateway.scheduler_client import SchedulerClient
 from llmserve.gateway.tokens import TokenCounter
-from llmserve.common.state.views import RegistryView
 
 KIND_NAMES = {registry_pb2.MODEL_KIND_GENERATE: "generate", registry_pb2.MODEL_KIND_EMBED: "embed"}
 
@@ -51,7 +51,9 @@ class Pipeline:
         if found is None:
             raise not_found(f"model {call.model!r} not found; ListModels (GET /v1/models) lists the available models")
         version = found.version
-        self.edge.authorize_model(ctx.caller, call.model, version)
+        caller = ctx.caller
+        assert caller is not None, "authenticated first"
+        self.edge.authorize_model(caller, call.model, version)
         if version.kind != call.model_kind:
             use = "CreateEmbeddings" if version.kind == registry_pb2.MODEL_KIND_EMBED else "completions or chat"
             raise invalid_argument(f"model {call.model!r} is a {KIND_NAMES.get(version.kind, '?')} model and cannot "
@@ -62,26 +64,26 @@ class Pipeline:
 
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
         """The request's Result; on_output(task index, output) sees live outputs (not on a cache hit)."""
-        call, version = ctx.call, ctx.version
-        key = cache_key(ctx.caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
+        caller, call, version = ctx.begun()
+        key = cache_key(caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
         cached = await self.cache.get(key) if key is not None else None
         ctx.cache = "bypass" if key is None else "hit" if cached else "miss"
         metrics.CACHE.labels(ctx.cache).inc()
         if cached:
-            result = Result.from_json(cached)
-            await self.edge.admit(ctx.caller, ctx.request_id, version, 0, 0)  # counts as a request
+            hit = Result.from_json(cached)
+            await self.edge.admit(caller, ctx.request_id, version, 0, 0)  # counts as a request
             await context.send_initial_metadata(ctx.metadata())
-            self._record(ctx, result, cache_hit=True, cost_micro=0)
-            return result
+            self._record(ctx, hit, cache_hit=True, cost_micro=0)
+            return hit
         # Tokenized once, only waiting for a tokenizer still loading when a token limit or budget needs the count.
-        ctx.counted = await self.tokens.count(version, wait=self.edge.counts_tokens(ctx.caller),
+        ctx.counted = await self.tokens.count(version, wait=self.edge.counts_tokens(caller),
                                               **call.count_inputs())
         call.check_context_length(version, ctx.counted)
-        reservation = await self.edge.admit(ctx.caller, ctx.request_id, version,
+        reservation = await self.edge.admit(caller, ctx.request_id, version,
                                             ctx.counted.total if ctx.counted else 0, call.max_completion_tokens)
         await context.send_initial_metadata(ctx.metadata())
         collector = Collector(call, version.version)
-        result = None
+        result: Result | None = None
         try:
             async for index, output in self.scheduler.run_all(call.to_tasks(ctx.request_id, version.version),
                                                                context, lambda d: ctx.note_queue_time(d.queue_time_ms)):
@@ -95,12 +97,13 @@ class Pipeline:
             cost = await self.edge.settle(reservation, version, done.prompt_tokens, done.completion_tokens)
             self._record(ctx, done, cache_hit=False, cost_micro=cost)
         if key is not None:
-            await self.cache.put(key, result.to_json())
-        return result
+            await self.cache.put(key, done.to_json())
+        return done
 
     def _record(self, ctx: RequestContext, result: Result, *, cache_hit: bool, cost_micro: int) -> None:
         ctx.prompt_tokens, ctx.completion_tokens = result.prompt_tokens, result.completion_tokens
+        caller, _, version = ctx.begun()
         computed = (0, 0) if cache_hit else (result.prompt_tokens, result.completion_tokens)
-        self.edge.record(ctx.caller, ctx.version.version, prompt_tokens=computed[0], completion_tokens=computed[1],
+        self.edge.record(caller, version.version, prompt_tokens=computed[0], completion_tokens=computed[1],
                          cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit
                          else result.cached_tokens, cache_hit=cache_hit, cost_micro=cost_micro)

@@ -10,8 +10,8 @@ import dataclasses
 import typing
 
 from llmserve.admin.v1 import registry_pb2
-from llmserve.common.config import GatewayConfig
 from llmserve.common import priority
+from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import invalid_argument
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.inference.v1 import inference_pb2 as pb
@@ -118,7 +118,7 @@ class GenerationCall:
                 else:
                     gen = task_pb2.GenerateInput(prompt=self.prompts[i], sampling=self.sampling.to_pb(j))
                 tasks.append(task_pb2.Task(request_id=f"{request_id}-{i * self.n + j}", model_version=version,
-                                           priority=self.priority, generate=gen))
+                                           priority=priority.to_pb(self.priority), generate=gen))
         return tasks
 
 
@@ -158,8 +158,8 @@ class EmbeddingCall:
                                        f"{version.context_length}: shorten or split it")
 
     def to_tasks(self, request_id: str, version: str) -> list[task_pb2.Task]:
-        return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version, priority=self.priority,
-                              embed=task_pb2.EmbedInput(texts=self.inputs))]
+        return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version,
+                              priority=priority.to_pb(self.priority), embed=task_pb2.EmbedInput(texts=self.inputs))]
 
 
 Call = GenerationCall | EmbeddingCall

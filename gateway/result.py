@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.gateway import metrics
@@ -21,7 +22,7 @@ class Result:
     cached_tokens: int = 0  # prompt tokens the workers' prefix cache did not compute again
 
     def to_json(self) -> dict:
-        data = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        data: dict[str, typing.Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
         if self.choices:
             data["choices"] = self.choices
         if self.vectors:
@@ -29,7 +30,7 @@ class Result:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "Result":
+    def from_json(cls, data: dict) -> Result:
         # Served from the response cache: no prompt token is computed again.
         return cls([tuple(c) for c in data.get("choices", ())], data.get("vectors", []), data["prompt_tokens"],
                    data.get("completion_tokens", 0), data["prompt_tokens"])

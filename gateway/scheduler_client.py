@@ -53,7 +53,7 @@ class SchedulerClient:
             try:
                 async for output in self.run_task(task, context, on_dispatched):
                     queue.put_nowait((index, output))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            except BaseException as exc:
                 queue.put_nowait((index, exc))
                 if isinstance(exc, asyncio.CancelledError):
                     raise

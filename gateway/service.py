@@ -59,8 +59,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                       request, context):
         async with observe(method) as ctx:
             self.pipeline.begin(ctx, context, parse, request)
+            _, _, version = ctx.begun()
             header = dict(id=f"{id_prefix}-{ctx.request_id}", object=object_name, created=int(time.time()),
-                          model=ctx.version.version)
+                          model=version.version)
             chunks: asyncio.Queue = asyncio.Queue()
             started: set[int] = set()
             include_usage = not request.HasField("stream_options") or request.stream_options.include_usage

@@ -51,7 +51,7 @@ class TokenCounter:
             loading = self._loading[name]
             try:
                 tokenizer = await asyncio.shield(loading)
-            except Exception as exc:  # noqa: BLE001 - fall back to an upper-bound estimate, once logged
+            except Exception as exc:
                 log.warning("tokenizer unavailable; estimating tokens from bytes", version=name, error=str(exc))
                 tokenizer = None
             self._tokenizers[name] = tokenizer

@@ -5,8 +5,8 @@ from __future__ import annotations
 from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import Service
-from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.common.state.views import RegistryView
+from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.scheduler.dispatcher import Dispatcher
 from llmserve.scheduler.service import SchedulerServicer, scheduler_service_name
 
@@ -24,7 +24,7 @@ class SchedulerApp:
                                                                   self.service.server)
 
     def _members_changed(self) -> None:
-        self.dispatcher.sync_members(self.view.workers.snapshot)
+        self.dispatcher.sync_members(self.view.worker_members())
 
     async def start(self) -> int:
         self.dispatcher.start()

@@ -131,14 +131,16 @@ class Dispatcher:
         for version, queue in self.queues.items():
             workers = self.serving(version)
             if not workers:
-                for entry in queue.drain():
-                    entry.outbox.put_nowait(unavailable(
+                for orphan in queue.drain():
+                    orphan.outbox.put_nowait(unavailable(
                         f"no worker serves model version {version!r} any more; retry later"))
             while len(queue):
                 candidates = [w for w in workers if w.room(version) > 0]
                 if not candidates:
                     break
                 entry = queue.pop()
+                if entry is None:
+                    break
                 deadline = entry.task.deadline_unix_ms
                 if deadline and deadline < now_ms:
                     entry.is_done = True

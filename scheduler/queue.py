@@ -11,9 +11,13 @@ import asyncio
 import collections
 import dataclasses
 import time
+import typing
 
 from llmserve.common.priority import NUM_CLASSES
 from llmserve.dispatch.v1 import task_pb2
+
+if typing.TYPE_CHECKING:
+    from llmserve.scheduler.workers import WorkerConnection
 
 
 @dataclasses.dataclass(eq=False)
@@ -23,7 +27,7 @@ class Entry:
     enqueued: float = dataclasses.field(default_factory=time.monotonic)
     # What the submitter receives: TaskDispatched, TaskOutput, or an exception to raise.
     outbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
-    worker: object | None = None  # the WorkerConnection once dispatched
+    worker: WorkerConnection | None = None  # once dispatched
     is_done: bool = False
 
     @property

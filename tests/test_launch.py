@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 from llmserve.clients.client import Client
-from tests.helpers.local_mesh import LocalMesh
 from tests.conftest import REPO
+from tests.helpers.local_mesh import LocalMesh
 
 QUESTION = "What is the capital of France?"
 

@@ -17,8 +17,8 @@ import urllib.request
 
 import pytest
 
-from tests.helpers.local_mesh import LocalMesh
 from tests.conftest import REPO
+from tests.helpers.local_mesh import LocalMesh
 
 openai = pytest.importorskip("openai", reason="the openai SDK is part of the dev extra (pip install -e '.[dev]')")
 

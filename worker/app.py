@@ -13,8 +13,8 @@ from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
 from llmserve.common.logs import get_logger
 from llmserve.common.server import Service
-from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.common.state.store import Store
+from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
 from llmserve.worker.engine.factory import make_engine
 from llmserve.worker.registration import Registration

@@ -52,7 +52,7 @@ def load_generation_model(source: str, cache_dir: Path, device: str = "cpu", dty
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except Exception as exc:  # transformers raises many types; callers need one
         raise ModelLoadError(f"cannot load generation model from {path}: {exc}") from exc
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' to() stub wants a model
 
 
 def load_embedding_model(source: str, device: str = "cpu"):

@@ -111,7 +111,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 try:
                     await asyncio.wait_for(load_changed.wait(), self.load_report_interval_s)
                     await asyncio.sleep(0.01)  # coalesce bursts of starts and finishes into one report
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
         reader = asyncio.create_task(read())

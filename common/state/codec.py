@@ -5,12 +5,13 @@ from __future__ import annotations
 import typing
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
-M = typing.TypeVar("M")
+M = typing.TypeVar("M", bound=Message)
 
 
-def encode(message) -> bytes:
-    return json_format.MessageToJson(message, indent=None, sort_keys=True).encode()
+def encode(record: Message) -> bytes:
+    return json_format.MessageToJson(record, indent=None, sort_keys=True).encode()
 
 
 def decoder(cls: type[M]) -> typing.Callable[[bytes], M]:

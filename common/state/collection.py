@@ -9,11 +9,12 @@ from __future__ import annotations
 import typing
 
 import aetcd
+from google.protobuf.message import Message
 
 from llmserve.common.state.codec import decoder, encode
 from llmserve.common.state.watcher import PrefixWatcher
 
-M = typing.TypeVar("M")
+M = typing.TypeVar("M", bound=Message)
 
 
 class Collection(typing.Generic[M]):

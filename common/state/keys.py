@@ -11,7 +11,7 @@ import typing
 from llmserve.admin.v1 import keys_pb2
 from llmserve.common.state.collection import Collection
 
-M = typing.TypeVar("M")
+M = typing.TypeVar("M", keys_pb2.ApiKey, keys_pb2.AdminKey)
 
 KEY_PREFIX = "lls_"
 ADMIN_KEY_PREFIX = "llsadm_"

@@ -8,9 +8,10 @@ import zlib
 
 import aetcd
 
-from llmserve.admin.v1 import keys_pb2, registry_pb2
+from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
 from llmserve.common.state.keys import hash_key
 from llmserve.common.state.store import Store
+from llmserve.dispatch.v1 import worker_pb2
 
 
 class Resolution(typing.NamedTuple):
@@ -49,6 +50,14 @@ class RegistryView:
         assert self.keys is not None, "RegistryView built without watch_keys"
         record = self.keys.snapshot.get(hash_key(key))
         return None if record is None or record.revoked else record
+
+    def tenant(self, name: str) -> tenants_pb2.Tenant | None:
+        assert self.tenants is not None, "RegistryView built without watch_keys"
+        return self.tenants.snapshot.get(name)
+
+    def worker_members(self) -> dict[str, worker_pb2.WorkerInfo]:
+        assert self.workers is not None, "RegistryView built without watch_workers"
+        return self.workers.snapshot
 
     def resolve(self, name: str, user: str = "") -> Resolution | None:
         """Model name -> concrete version: a version id as is; an alias by its traffic split.

@@ -49,7 +49,7 @@ class PrefixWatcher(typing.Generic[T]):
         try:
             await asyncio.wait_for(self.ready.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def wait_for(self, predicate: typing.Callable[[dict[str, T]], bool], timeout_s: float) -> bool:
@@ -60,7 +60,7 @@ class PrefixWatcher(typing.Generic[T]):
         try:
             await asyncio.wait_for(_wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def _name(self, key: bytes) -> str:
@@ -69,7 +69,7 @@ class PrefixWatcher(typing.Generic[T]):
     def _set(self, key: bytes, value: bytes) -> None:
         try:
             self.snapshot[self._name(key)] = self._decode(value)
-        except Exception:  # noqa: BLE001 - a bad value must not stop the watcher
+        except Exception:
             log.warning("undecodable value skipped", key=key.decode(errors="replace"))
 
     async def _notify(self) -> None:
@@ -106,7 +106,7 @@ class PrefixWatcher(typing.Generic[T]):
                 if watch is not None:
                     await _quietly(watch.cancel())
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep the snapshot, retry
+            except Exception as exc:
                 if self.connected:
                     log.warning("etcd watch lost; serving the last snapshot", prefix=self._prefix, error=str(exc))
                 self.connected = False
@@ -119,5 +119,5 @@ class PrefixWatcher(typing.Generic[T]):
 async def _quietly(coro) -> None:
     try:
         await asyncio.wait_for(coro, 1.0)
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass

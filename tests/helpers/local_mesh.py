@@ -51,7 +51,7 @@ class LocalMesh:
         self.proc: subprocess.Popen | None = None
         self._ready = threading.Event()
 
-    def start(self) -> "LocalMesh":
+    def start(self) -> LocalMesh:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmserve.clients.cli", "--config", str(self.config_path), "run",
              "--models", str(self.models_file), "--state-dir", str(self.state)],
@@ -94,7 +94,7 @@ class LocalMesh:
             self.proc.wait(30)
         return time.monotonic() - started
 
-    def __enter__(self) -> "LocalMesh":
+    def __enter__(self) -> LocalMesh:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from llmserve.worker.engine.embedding import TorchEmbeddingEngine
 from llmserve.common.sources import ModelLoadError, resolve_source
+from llmserve.worker.engine.embedding import TorchEmbeddingEngine
 from llmserve.worker.models import load_embedding_model, load_generation_model
 from tests.helpers.tiny_models import MINILM_SOURCE
 

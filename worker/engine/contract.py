@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 Priority = int  # 1 interactive, 2 standard, 3 batch (the Priority enum's values; lower is served first)
-FinishReason = typing.Literal["stop", "length", "abort", "error"]
+FinishReason = str  # "stop", "length", "abort" or "error"
 
 
 @dataclass

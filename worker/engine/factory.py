@@ -59,13 +59,17 @@ ENGINES: dict[tuple[str, int], Builder] = {
 }
 
 
+def _kind_name(kind: int) -> str:
+    return registry_pb2.ModelKind.Name(typing.cast(registry_pb2.ModelKind.ValueType, kind))
+
+
 def make_engine(version: registry_pb2.ModelVersion, config: WorkerConfig) -> Engine:
     """Loads the version's weights into its engine (blocking: run it in a thread). Raises ValueError for an
     engine/kind pair that does not exist."""
     key = (version.engine or "torch", version.kind)
     builder = ENGINES.get(key)
     if builder is None:
-        known = ", ".join(f"{e}/{registry_pb2.ModelKind.Name(k)}" for e, k in ENGINES)
+        known = ", ".join(f"{e}/{_kind_name(k)}" for e, k in ENGINES)
         raise ValueError(f"model version {version.version!r}: no engine {key[0]!r} for "
-                         f"{registry_pb2.ModelKind.Name(version.kind)} (known: {known})")
+                         f"{_kind_name(version.kind)} (known: {known})")
     return builder(version, config)

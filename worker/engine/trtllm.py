@@ -41,7 +41,7 @@ class TensorRTLLMEngine:
 
     @classmethod
     def from_pretrained(cls, version: str, model_path: str, *, max_num_seqs: int, context_length: int
-                        ) -> "TensorRTLLMEngine":
+                        ) -> TensorRTLLMEngine:
         trtllm = import_tensorrt_llm(version)
         from transformers import AutoTokenizer
         llm = trtllm.LLM(model=model_path, max_batch_size=max_num_seqs)

@@ -35,7 +35,7 @@ class RequestOutput:
 
 
 class _Result:
-    def __init__(self, llm: "LLM", prompt_ids, params: SamplingParams):
+    def __init__(self, llm: LLM, prompt_ids, params: SamplingParams):
         self.llm, self.params = llm, params
         self.prompt_ids = prompt_ids
         self.aborted = False

@@ -10,8 +10,15 @@ import types
 import pytest
 
 from llmserve.worker.engine import trtllm
-from llmserve.worker.engine.contract import (EmbeddingEngine, EngineLoad, EngineStats, GenerationEngine,
-                                             GenerationOutput, GenerationRequest, SamplingParams)
+from llmserve.worker.engine.contract import (
+    EmbeddingEngine,
+    EngineLoad,
+    EngineStats,
+    GenerationEngine,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+)
 from llmserve.worker.engine.embedding import TorchEmbeddingEngine
 from llmserve.worker.engine.paged.engine import PagedEngine
 from llmserve.worker.models import load_embedding_model

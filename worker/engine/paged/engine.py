@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -152,8 +152,8 @@ class PagedEngine:
             for seq in inbox:
                 self._admit(seq)
             for request_id in aborted:
-                if (seq := self._seqs.get(request_id)) is not None:
-                    self._finish(seq, "abort")
+                if (gone := self._seqs.get(request_id)) is not None:
+                    self._finish(gone, "abort")
             try:
                 self.step()
             except Exception as exc:  # fail what ran; the block manager stays consistent, so go on
@@ -198,7 +198,7 @@ class PagedEngine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
             seq.stop_matcher = StopMatcher(seq.params.stop)
             self.scheduler.add(seq)
-        except Exception as exc:  # noqa: BLE001 - e.g. more KV blocks than the pool: fail only this request
+        except Exception as exc:
             self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
             return
         self._seqs[seq.request_id] = seq

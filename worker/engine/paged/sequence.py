@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import enum
 import itertools
+import typing
 from typing import Any
 
 import torch
+
+if typing.TYPE_CHECKING:
+    from ..detokenizer import IncrementalDetokenizer, StopMatcher
+    from .engine import _Stream
 
 _seq_ids = itertools.count()
 
@@ -40,9 +45,9 @@ class Sequence:
         seed = getattr(params, "seed", None)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         # Set by the engine: text streaming and stop strings (kept here so that the sequence is the one record).
-        self.detokenizer = None
-        self.stop_matcher = None
-        self.stream = None
+        self.detokenizer: IncrementalDetokenizer = None  # type: ignore[assignment]
+        self.stop_matcher: StopMatcher = None  # type: ignore[assignment]
+        self.stream: _Stream = None  # type: ignore[assignment]
         self.finish_reason: str | None = None
 
     def __repr__(self) -> str:

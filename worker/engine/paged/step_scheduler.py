@@ -1,4 +1,5 @@
-"""The engine's step scheduler (not the scheduler service): which sequences run in the next forward pass, and how many tokens each computes."""
+"""The engine's step scheduler (not the scheduler service): which sequences run in the next forward pass, and how
+many tokens each computes."""
 
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ class StepScheduler:
             if seq.status is SequenceStatus.RUNNING:
                 while not self.block_manager.can_append(seq):
                     victim = self._victim(batch, worse_than=None)
+                    assert victim is not None  # with worse_than None, seq itself is always a candidate
                     self._preempt(victim, batch)
                     if victim is seq:
                         break
