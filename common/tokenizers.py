@@ -42,3 +42,17 @@ def load_tokenizer(source: str):
 def load_version_tokenizer(version: registry_pb2.ModelVersion):
     """The tokenizer of a registered model version."""
     return load_tokenizer(tokenizer_source(version))
+
+
+# How a prompt becomes token ids, written once: the engines that run it and the gateway that counts it for limits
+# must agree to the token.
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A raw completion prompt, as is (no special tokens added)."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A conversation in the model's chat template, ready for the assistant's turn."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))

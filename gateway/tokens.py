@@ -13,7 +13,7 @@ import dataclasses
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.logs import get_logger
-from llmserve.common.tokenizers import load_version_tokenizer
+from llmserve.common.tokenizers import chat_prompt_ids, load_version_tokenizer
 
 log = get_logger(__name__)
 
@@ -78,8 +78,7 @@ class TokenCounter:
             return TokenCount(tuple(len(t.encode()) + 8 for t in items), is_exact=False)  # a BPE token >= 1 byte
         if messages is not None:
             conversation = [{"role": r, "content": c} for r, c in messages]
-            ids = await asyncio.to_thread(tokenizer.apply_chat_template, conversation, add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
+            ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, conversation)
             return TokenCount((len(ids),), is_exact=True)
         # As the workers count: encoders add their special tokens ([CLS] ... [SEP]); a prompt is encoded raw.
         special = version.kind == registry_pb2.MODEL_KIND_EMBED

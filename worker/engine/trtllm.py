@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import typing
 
+from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
+
 from .contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest
 from .detokenizer import StopMatcher
 
@@ -55,11 +57,10 @@ class TensorRTLLMEngine:
         return self._context_length
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return prompt_ids(self.tokenizer, text)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self._running), 0, self.max_num_seqs)

@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
+
 from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, eos_token_ids
 from ..detokenizer import IncrementalDetokenizer, StopMatcher
 from .block_manager import BlockManager, num_blocks_for_memory
@@ -80,12 +82,10 @@ class PagedEngine:
         return self._context_length
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return prompt_ids(self.tokenizer, text)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        ))
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox),
