@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .block_manager import allocate_kv_cache
 from .step_scheduler import ScheduledBatch
+from .weights import pack_weights
 
 
 @dataclass
@@ -83,9 +84,10 @@ def _length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 51
     return list(zip(bounds, bounds[1:]))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _roll_half(x: torch.Tensor) -> torch.Tensor:
+    """[x2, x1] for x = [x1, x2] on the last dim (rotate_half without its negation, which moves into sin)."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 class ModelRunner:
@@ -100,6 +102,8 @@ class ModelRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.block_size, self.num_blocks = block_size, num_blocks
         self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.dtype, self.device)
+        self.scaling = self.body.layers[0].self_attn.scaling
+        self.weights = pack_weights(model)  # the model's own weights, re-laid out in place (weights.py)
 
     # ---- inputs ----
 
@@ -108,7 +112,9 @@ class ModelRunner:
         # Decodes first, shortest context first, so that similar lengths sit next to each other for grouping.
         order = sorted(range(len(batch.seqs)),
                        key=lambda i: (batch.num_new_tokens[i] != 1, batch.seqs[i].num_computed_tokens))
-        input_ids, positions, slots = [], [], []
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
         decode_tables, decode_lens, prefills = [], [], []
         last_row = {}
         for i in order:
@@ -151,44 +157,53 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor]:
         """Run one step; return (batch indices of the sequences to sample, their logits [num_sampled, vocab])."""
         inputs = self.prepare(batch)
-        hidden = self.body.embed_tokens(inputs.input_ids)  # [num_tokens, hidden]
+        w = self.weights
+        hidden = F.embedding(inputs.input_ids, w.embed)  # [num_tokens, hidden]
         cos, sin = self.body.rotary_emb(hidden, inputs.positions[None])  # [1, num_tokens, head_dim]
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [num_tokens, 1, head_dim]
-        for layer_idx, layer in enumerate(self.body.layers):
-            residual = hidden
-            hidden = layer.input_layernorm(hidden)
-            hidden = self._attention(layer_idx, layer.self_attn, hidden, cos, sin, inputs)
-            hidden = residual + hidden
-            residual = hidden
-            hidden = layer.mlp(layer.post_attention_layernorm(hidden))
-            hidden = residual + hidden
+        # x * cos + rotate_half(x) * sin == x * cos + roll(x, half) * sin_signed: one rotary over q and k together
+        half = self.head_dim // 2
+        cos = cos[0, :, None, :]  # [num_tokens, 1, head_dim]
+        sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
+        for layer_idx, lw in enumerate(w.layers):
+            hidden = self._attention(layer_idx, lw, hidden, cos, sin, inputs)  # residual added in o_proj's GEMM
+            hidden = self._mlp(lw, hidden)
         if not inputs.sampled:
             return [], hidden.new_empty((0, self.config.vocab_size))
-        hidden = self.body.norm(hidden[inputs.logits_rows])  # [num_sampled, hidden]
-        return inputs.sampled, self.model.lm_head(hidden)  # [num_sampled, vocab]
+        hidden = _rms_norm(w.norm, hidden[inputs.logits_rows])  # [num_sampled, hidden]
+        return inputs.sampled, _matmul(hidden, w.lm_head_t, w.lm_head_bias)  # [num_sampled, vocab]
 
-    def _attention(self, layer_idx: int, attn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    @staticmethod
+    def _mlp(lw, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(post_attention_layernorm(residual))."""
+        gate_up = _matmul(_rms_norm(lw.post_norm, residual), lw.gate_up_t, None)  # [T, 2 * intermediate]
+        gate, up = gate_up[:, :lw.intermediate], gate_up[:, lw.intermediate:]
+        return _matmul_add(residual, lw.act_fn(gate) * up, lw.down_t, None)
+
+    def _attention(self, layer_idx: int, lw, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    inputs: StepInputs) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q = attn.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)  # [T, heads, head_dim]
-        k = attn.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kv_heads, head_dim]
-        v = attn.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms before the rotary embedding
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        k_cache, v_cache = self.kv_cache[layer_idx]  # [num_blocks, block_size, kv_heads, head_dim] each
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, inputs.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, inputs.slot_mapping, v)
+        """residual + self-attention(input_layernorm(residual)) over the paged cache."""
+        num_tokens = residual.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = _matmul(_rms_norm(lw.input_norm, residual), lw.qkv_t, lw.qkv_bias)
+        qkv = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim)
+        qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads:]
+        if lw.q_norm is not None:  # Qwen3-style per-head norms before the rotary embedding
+            qk = torch.cat((lw.q_norm(qk[:, :heads]), lw.k_norm(qk[:, heads:])), dim=1)
+        qk = qk * cos + _roll_half(qk) * sin  # [T, heads + kv_heads, head_dim]
+        q, k = qk[:, :heads], qk[:, heads:]
+        kv_cache = self.kv_cache[layer_idx]  # [2, num_blocks, block_size, kv_heads, head_dim]
+        k_cache, v_cache = kv_cache
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, inputs.slot_mapping, k)
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, inputs.slot_mapping, v)
 
-        out = torch.empty_like(q)  # [T, heads, head_dim]
-        scale = attn.scaling
+        out = q.new_empty(q.shape)  # [T, heads, head_dim]
+        scale = self.scaling
         for g in inputs.decode_groups:
             n, num_slots = g.end - g.start, g.mask.shape[-1]
             # [rows, kv_heads, group's max context, head_dim]
-            blocks = g.block_tables.view(-1)  # index_select copies faster than advanced indexing here
-            keys = k_cache.index_select(0, blocks).view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
-            values = v_cache.index_select(0, blocks).view(n, num_slots, self.num_kv_heads, -1).transpose(1, 2)
+            # One index_select gathers the group's K and V blocks (faster copies than advanced indexing here).
+            kv = kv_cache.index_select(1, g.block_tables.view(-1)).view(2, n, num_slots, kv_heads, head_dim)
+            keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
             out[g.start:g.end] = F.scaled_dot_product_attention(
                 q[g.start:g.end, :, None, :], keys, values, attn_mask=g.mask, scale=scale, enable_gqa=True,
             )[:, :, 0, :]
@@ -199,9 +214,57 @@ class ModelRunner:
                 keys, values = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
             else:  # a later chunk: everything in the cache so far, causal mask shifted by the computed tokens
-                keys = k_cache[p.block_ids].view(-1, self.num_kv_heads, self.head_dim)[: p.num_context_tokens]
-                values = v_cache[p.block_ids].view(-1, self.num_kv_heads, self.head_dim)[: p.num_context_tokens]
+                keys = k_cache[p.block_ids].view(-1, kv_heads, head_dim)[: p.num_context_tokens]
+                values = v_cache[p.block_ids].view(-1, kv_heads, head_dim)[: p.num_context_tokens]
                 o = F.scaled_dot_product_attention(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                    attn_mask=p.mask, scale=scale, enable_gqa=True)
             out[rows] = o[0].transpose(0, 1)
-        return attn.o_proj(out.view(num_tokens, -1))
+        return _matmul_add(residual, out.view(num_tokens, -1), lw.o_t, lw.o_bias)
+
+
+def _onednn_linear():
+    """oneDNN's linear (aten's mkldnn._linear_pointwise) if this torch has it and it computes x @ W.T."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(2, 3), torch.ones(3, 4)
+        return op if torch.equal(op(x, w.t(), None, "none", [], ""), x @ w) else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_LINEAR = _onednn_linear() if torch.backends.mkldnn.is_available() else None
+# fp32 CPU matmuls of ONEDNN_MIN_ROWS <= rows < ONEDNN_MAX_ROWS go through oneDNN's linear (over the [out, in]
+# view of the packed weight) instead of MKL's x @ Wt: on this 2-core AMD EPYC MKL's small-M GEMM is slow (a 4-row
+# decode step 212 -> 144 ms, 16 rows 300 -> 252 ms with oneDNN), while MKL's GEMV at one row and its GEMM on
+# prompt-sized batches are the faster ones (a 128-token prefill 600 ms vs 690 with oneDNN).
+ONEDNN_MIN_ROWS, ONEDNN_MAX_ROWS = 2, 64
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    return (_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and ONEDNN_MIN_ROWS <= x.shape[0] < ONEDNN_MAX_ROWS)
+
+
+def _matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _use_onednn(x):
+        return _LINEAR(x, weight_t.t(), bias, "none", [], "")
+    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def _matmul_add(residual: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """residual + x @ weight_t (+ bias), the add fused into MKL's GEMM (addmm) where that path is taken."""
+    if bias is not None or _use_onednn(x):
+        return residual + _matmul(x, weight_t, bias)
+    return torch.addmm(residual, x, weight_t)
+
+
+def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """HF's LlamaRMSNorm in one op (fp32 statistics, then the weight); other norm modules are called as they are."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or type(norm).__name__ not in _PLAIN_RMS_NORMS:
+        return norm(x)
+    return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
+
+
+_PLAIN_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}

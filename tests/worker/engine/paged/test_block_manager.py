@@ -6,7 +6,12 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from llmserve.worker.engine.paged.block_manager import BlockManager, allocate_kv_cache, block_bytes, num_blocks_for_memory
+from llmserve.worker.engine.paged.block_manager import (
+    BlockManager,
+    allocate_kv_cache,
+    block_bytes,
+    num_blocks_for_memory,
+)
 from llmserve.worker.engine.paged.sequence import Sequence
 
 BLOCK_SIZE = 4

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llmserve.worker.engine.contract import GenerationRequest, SamplingParams
-from llmserve.worker.models import load_generation_model
 from llmserve.worker.engine.paged.engine import PagedEngine
+from llmserve.worker.models import load_generation_model
 from tests.helpers.tiny_models import SMOLLM2_SOURCE, model_cache_dir
 
 PROMPTS = [

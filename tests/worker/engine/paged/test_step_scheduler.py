@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from llmserve.worker.engine.paged.step_scheduler import ScheduledBatch, StepScheduler
 from llmserve.worker.engine.paged.block_manager import BlockManager
 from llmserve.worker.engine.paged.sequence import Sequence, SequenceStatus
+from llmserve.worker.engine.paged.step_scheduler import ScheduledBatch, StepScheduler
 
 BLOCK_SIZE = 4
 

@@ -1,0 +1,121 @@
+"""Latency as a user of `make run` sees it: streaming completions through the gateway of a whole mesh started with
+the shipped defaults (gateway, scheduler, worker as separate processes), at 1 and 4 concurrent streams, with short
+and ~130-token prompts. Prints JSON: TTFT p50/p95, inter-token latency p50, and each row against its target.
+
+    python bench/latency.py [--requests-per-stream 6] [--max-tokens 32] [--worker KEY=VALUE ...]
+
+--worker overrides a worker setting for the run (e.g. --worker dtype=bfloat16), to compare configurations the
+same way; without it the mesh runs exactly as `make run` ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import grpc
+import yaml
+from google.protobuf import wrappers_pb2 as w
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.inference.v1 import inference_pb2_grpc
+from tests.helpers.local_mesh import LocalMesh
+
+VERSION = "smollm2-135m-instruct-v1"
+SHORT = "Request {i}: tell me about the number {i}."
+# ~130 tokens with SmolLM2's tokenizer; the request number first, so that prompts do not share a cached prefix.
+LONG = ("Request {i}. " + "The history of mathematics spans many cultures, from Babylonian tablets and Egyptian "
+        "papyri to Greek geometry, Indian numerals, Islamic algebra and the calculus of Newton and Leibniz. " * 4
+        + "Summarise it in one sentence.")
+TARGETS = {("4", "short"): 200.0, ("4", "long"): 400.0}  # TTFT p95 ms (issue: engine speed)
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def stream_once(stub, metadata, prompt: str, max_tokens: int) -> tuple[float, list[float]]:
+    """(time to first token, gaps between later chunks) in seconds."""
+    request = pb.StreamCompletionRequest(model=VERSION, prompt=prompt, max_tokens=w.Int32Value(value=max_tokens),
+                                         temperature=w.FloatValue(value=0.0), ignore_eos=True, skip_cache=True)
+    started = time.perf_counter()
+    ttft, last, gaps = None, 0.0, []
+    async for chunk in stub.StreamCompletion(request, metadata=metadata):
+        if not (chunk.choices and chunk.choices[0].text):
+            continue
+        now = time.perf_counter()
+        if ttft is None:
+            ttft = now - started
+        else:
+            gaps.append(now - last)
+        last = now
+    assert ttft is not None, "the stream produced no text"
+    return ttft, gaps
+
+
+async def row(stub, metadata, streams: int, template: str, args) -> dict:
+    counter = iter(range(10**6))
+
+    async def client() -> list[tuple[float, list[float]]]:
+        return [await stream_once(stub, metadata, template.format(i=next(counter)), args.max_tokens)
+                for _ in range(args.requests_per_stream)]
+
+    started = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*(client() for _ in range(streams))) for r in rs]
+    wall = time.perf_counter() - started
+    ttfts = [t for t, _ in results]
+    gaps = [g for _, gs in results for g in gs]
+    return {"ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+            "ttft_p95_ms": round(percentile(ttfts, 0.95) * 1000, 1),
+            "inter_token_p50_ms": round(statistics.median(gaps) * 1000, 1),
+            "tokens_per_s": round(len(results) * args.max_tokens / wall, 1), "requests": len(results)}
+
+
+async def measure(args, mesh: LocalMesh) -> dict:
+    channel = grpc.aio.insecure_channel(mesh.gateway)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    metadata = (("authorization", f"Bearer {mesh.api_key}"),)
+    for i in range(3):  # first torch calls, tokenizers, connections
+        await stream_once(stub, metadata, LONG.format(i=-1 - i), 8)
+    rows: dict[str, dict] = {}
+    for streams in (1, 4):
+        for name, template in (("short", SHORT), ("long", LONG)):
+            result = await row(stub, metadata, streams, template, args)
+            target = TARGETS.get((str(streams), name))
+            if target is not None:
+                result["ttft_p95_target_ms"] = target
+                result["meets_target"] = result["ttft_p95_ms"] < target
+            rows[f"{streams}_streams_{name}"] = result
+    await channel.close()
+    ratio = rows["4_streams_short"]["inter_token_p50_ms"] / rows["1_streams_short"]["inter_token_p50_ms"]
+    return {"setup": {"model": VERSION, "max_tokens": args.max_tokens,
+                      "requests_per_stream": args.requests_per_stream, "worker_overrides": args.worker_overrides,
+                      "note": "through the gateway of a mesh started by `llmserve run` (make run's defaults)"},
+            "rows": rows,
+            "inter_token_4_vs_1_streams": {"ratio": round(ratio, 2), "target": 1.3, "meets_target": ratio <= 1.3}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests-per-stream", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--worker", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    args.worker_overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.worker)}
+    with tempfile.TemporaryDirectory(prefix="llmserve-bench-") as tmp, \
+            LocalMesh(tmp, worker=args.worker_overrides or None) as mesh:
+        result = asyncio.run(measure(args, mesh))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
