@@ -246,7 +246,7 @@ def _use_onednn(x: torch.Tensor) -> bool:
 
 
 def _matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _use_onednn(x):
+    if _LINEAR is not None and _use_onednn(x):
         return _LINEAR(x, weight_t.t(), bias, "none", [], "")
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
