@@ -223,35 +223,38 @@ class ModelRunner:
 
 
 def _onednn_linear():
+    """oneDNN's linear (aten's mkldnn._linear_pointwise) if this torch has it and it computes x @ W.T."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         x, w = torch.ones(2, 3), torch.ones(3, 4)
-        if not torch.equal(op(x, w.t(), None, "none", [], ""), x @ w):
-            return None
-        return op
+        return op if torch.equal(op(x, w.t(), None, "none", [], ""), x @ w) else None
     except (AttributeError, RuntimeError):
         return None
 
 
 _LINEAR = _onednn_linear() if torch.backends.mkldnn.is_available() else None
-# Rows from which CPU matmuls go through oneDNN's linear (over the [out, in] view of the packed weight) instead of
-# MKL's x @ Wt: on this 2-core AMD EPYC, MKL's fp32 GEMM is ~2x slower at 2-32 rows (lm_head at 4 rows: 60 ms vs
-# 23) while its GEMV at one row is the fastest path; bf16 x @ Wt is many times slower than oneDNN at any row count.
-ONEDNN_MIN_ROWS = 2
+# fp32 CPU matmuls of ONEDNN_MIN_ROWS <= rows < ONEDNN_MAX_ROWS go through oneDNN's linear (over the [out, in]
+# view of the packed weight) instead of MKL's x @ Wt: on this 2-core AMD EPYC MKL's small-M GEMM is slow (a 4-row
+# decode step 212 -> 144 ms, 16 rows 300 -> 252 ms with oneDNN), while MKL's GEMV at one row and its GEMM on
+# prompt-sized batches are the faster ones (a 128-token prefill 600 ms vs 690 with oneDNN).
+ONEDNN_MIN_ROWS, ONEDNN_MAX_ROWS = 2, 64
+
+
+def _use_onednn(x: torch.Tensor) -> bool:
+    return (_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+            and ONEDNN_MIN_ROWS <= x.shape[0] < ONEDNN_MAX_ROWS)
 
 
 def _matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _LINEAR is not None and x.device.type == "cpu" and (x.shape[0] >= ONEDNN_MIN_ROWS
-                                                           or x.dtype != torch.float32):
+    if _LINEAR is not None and _use_onednn(x):
         return _LINEAR(x, weight_t.t(), bias, "none", [], "")
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
 def _matmul_add(residual: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """residual + x @ weight_t (+ bias): the residual add fused into MKL's GEMM where that path is taken."""
-    if bias is not None or (_LINEAR is not None and x.device.type == "cpu"
-                            and (x.shape[0] >= ONEDNN_MIN_ROWS or x.dtype != torch.float32)):
+    """residual + x @ weight_t (+ bias), the add fused into MKL's GEMM (addmm) where that path is taken."""
+    if bias is not None or _use_onednn(x):
         return residual + _matmul(x, weight_t, bias)
     return torch.addmm(residual, x, weight_t)
 
