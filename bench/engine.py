@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llmserve.worker.engine.compute import compute_thread  # noqa: E402
 from llmserve.worker.engine.contract import GenerationRequest, SamplingParams  # noqa: E402
 from llmserve.worker.engine.paged.engine import PagedEngine  # noqa: E402
 from llmserve.worker.models import load_generation_model  # noqa: E402
@@ -88,6 +89,12 @@ class Run:
         elapsed = time.perf_counter() - start
         watcher.cancel()
         return results, elapsed
+
+
+def on_compute(fn, *args):
+    """Run fn on the engine's compute thread: every torch call of the process goes there, baselines included, since
+    a second thread using torch slows the first (worker/engine/compute.py)."""
+    return compute_thread().submit(fn, *args).result()
 
 
 def make_engine(model, tokenizer, **kwargs) -> PagedEngine:
@@ -166,7 +173,7 @@ def bench_mixed(model, tokenizer, rng, quick: bool) -> dict:
     output_lens = [rng.randint(16, 48 if quick else 256) for _ in range(num)]
     prompts = random_prompts(rng, prompt_lens, model.config.vocab_size)
     ours = paged_throughput(model, tokenizer, prompts, output_lens)
-    static = hf_static(model, tokenizer, prompts, output_lens)
+    static = on_compute(hf_static, model, tokenizer, prompts, output_lens)
     cb = hf_continuous(model, tokenizer, prompts, output_lens)
     row = {"paged": ours, "hf_generate_static": static, "hf_continuous_batching": cb,
            "speedup_vs_static": round(ours["tokens_per_s"] / static["tokens_per_s"], 2),
@@ -180,7 +187,7 @@ def bench_fixed(model, tokenizer, rng, quick: bool) -> dict:
     num, length = (8, 32) if quick else (32, 128)
     prompts = random_prompts(rng, [length] * num, model.config.vocab_size)
     ours = paged_throughput(model, tokenizer, prompts, [length] * num)
-    static = hf_static(model, tokenizer, prompts, [length] * num)
+    static = on_compute(hf_static, model, tokenizer, prompts, [length] * num)
     return {"paged": ours, "hf_generate_static": static,
             "speedup_vs_static": round(ours["tokens_per_s"] / static["tokens_per_s"], 2),
             "share_of_compute_ceiling": share(ours["tokens_per_s"]), "peak_rss_mb": round(peak_rss_mb())}
@@ -271,9 +278,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(REPO / ".llmserve" / "models"))
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    model, tokenizer = load_generation_model(SOURCE, Path(args.cache_dir))
-    report = {"model": "SmolLM2-135M fp32", "threads": torch.get_num_threads(), "quick": args.quick,
+    on_compute(torch.set_num_threads, 2)
+    model, tokenizer = on_compute(load_generation_model, SOURCE, Path(args.cache_dir))
+    report = {"model": "SmolLM2-135M fp32", "threads": on_compute(torch.get_num_threads), "quick": args.quick,
               "compute_ceiling_tokens_per_s": COMPUTE_CEILING_TPS}
     for name in args.rows.split(","):
         rng = random.Random(name)

@@ -16,6 +16,7 @@ from llmserve.common.server import Service
 from llmserve.common.state.store import Store
 from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
+from llmserve.worker.engine.compute import compute_thread
 from llmserve.worker.engine.factory import make_engine
 from llmserve.worker.registration import Registration
 from llmserve.worker.service import ServedModel, WorkerServicer, worker_service_name
@@ -24,7 +25,7 @@ log = get_logger(__name__)
 
 
 def load_model(version: registry_pb2.ModelVersion, config: MeshConfig) -> ServedModel:
-    """Loads one registry version into its engine (blocking; run it in a thread)."""
+    """Loads one registry version into its engine (blocking; run it on the compute thread)."""
     started = time.monotonic()
     engine = make_engine(version, config.worker)
     log.info("model loaded", version=version.version, seconds=round(time.monotonic() - started, 2))
@@ -35,8 +36,9 @@ class WorkerApp:
     def __init__(self, config: MeshConfig):
         self.config = config
         cfg = config.worker
+        self.compute = compute_thread()  # every torch call of this process runs there (engine/compute.py)
         if cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+            self.compute.submit(torch.set_num_threads, cfg.num_threads)  # OpenMP's thread count is per thread
         self.client = etcd.connect(config.etcd)
         self.store = Store(self.client, config.etcd.prefix)
         self.models: dict[str, ServedModel] = {}
@@ -67,7 +69,7 @@ class WorkerApp:
             raise ValueError("worker.models is empty: list the registry model versions this worker serves")
         for name in cfg.models:
             version = await self._registry_version(name)
-            served = await asyncio.to_thread(load_model, version, self.config)
+            served = await self.compute.call(load_model, version, self.config)
             served.engine.start()
             self.models[name] = served
         port = await self.service.start()

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .compute import ComputeThread, compute_thread
 from .contract import EngineLoad, EngineStats
 
 log = logging.getLogger(__name__)
@@ -20,13 +21,15 @@ log = logging.getLogger(__name__)
 class TorchEmbeddingEngine:
     """Mean-pooled, L2-normalised sentence embeddings with dynamic batching across concurrent callers.
 
-    Calls are gathered until max_num_seqs texts or max_wait_ms after the first, then run as one padded
-    batch in a worker thread; each caller gets its own rows back. Implements contract.EmbeddingEngine.
+    Calls are gathered until max_num_seqs texts or max_wait_ms after the first (in a batching thread), then run as
+    one padded batch on the worker's compute thread (compute.py), between generation steps; each caller gets its
+    own rows back. Implements contract.EmbeddingEngine.
     """
 
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 32, max_wait_ms: float = 5.0,
-                 context_length: int | None = None):
+                 context_length: int | None = None, compute: ComputeThread | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self._compute = compute or compute_thread()
         self.max_num_seqs = max_num_seqs
         self.max_wait_s = max_wait_ms / 1000
         limit = min(tokenizer.model_max_length, model.config.max_position_embeddings)
@@ -108,7 +111,8 @@ class TorchEmbeddingEngine:
         try:
             vectors, token_counts = [], []
             for start in range(0, len(texts), self.max_num_seqs):
-                batch_vectors, batch_counts = self._embed_batch(texts[start : start + self.max_num_seqs])
+                batch = texts[start : start + self.max_num_seqs]
+                batch_vectors, batch_counts = self._compute.submit(self._embed_batch, batch).result()
                 vectors.extend(batch_vectors)
                 token_counts.extend(batch_counts)
         except Exception as exc:

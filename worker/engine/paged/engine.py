@@ -1,25 +1,29 @@
 """PagedEngine: continuous batching over a paged KV cache, with chunked prefill, prefix caching and preemption.
 
-Implements contract.GenerationEngine. A background thread runs step() = schedule -> execute -> update until stopped:
+Implements contract.GenerationEngine. The worker's compute thread (compute.py) runs step() = schedule -> execute ->
+update while the engine has work:
   schedule  the StepScheduler picks this step's sequences and token counts (step_scheduler.py);
   execute   the ModelRunner runs one forward over the paged cache; the sampler picks the caught-up rows' tokens;
   update    tokens are appended, detokenized and checked for stops; finished sequences free their blocks
             at once, outputs go to each caller's asyncio loop with call_soon_threadsafe.
 New requests and aborts are taken in between steps, so a request joins the running batch (or leaves it, its
 blocks freed) within one step. Torch releases the GIL, so the asyncio side stays responsive meanwhile.
+All torch work of a process runs on that one thread: a second thread calling torch gets an OpenMP team of its own
+and slows the first severalfold on a few cores (compute.py has the figures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-import threading
 from collections.abc import AsyncIterator
 
 import torch
 
 from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
 
+from ..compute import ComputeThread, compute_thread
 from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, eos_token_ids
 from ..detokenizer import IncrementalDetokenizer, StopMatcher
 from .block_manager import BlockManager, num_blocks_for_memory
@@ -48,9 +52,11 @@ class _Stream:
 class PagedEngine:
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_fraction: float = 0.1,
-                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
+                 compute: ComputeThread | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
+        self._compute = compute or compute_thread()
         config = model.config
         param = next(model.parameters())
         self.device = param.device
@@ -63,16 +69,18 @@ class PagedEngine:
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self.scheduler = StepScheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
+        # Built on the compute thread: packing the weights and filling the cache are the first parallel torch ops.
+        self.runner = self._compute.submit(
+            lambda: ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)).result()
         self._context_length = min(max_model_len, num_kv_blocks * block_size)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = int(config.vocab_size)
         self.num_steps = 0
-        self._cond = threading.Condition()
+        self._cond = self._compute.cond  # guards the inbox, the aborts and the stop flag
         self._inbox: list[Sequence] = []
         self._aborted: set[str] = set()
         self._is_stopping = False
-        self._thread: threading.Thread | None = None
+        self._stopped: concurrent.futures.Future[None] | None = None  # set by start(); done once stopped
         self._seqs: dict[str, Sequence] = {}  # admitted, not finished; touched by the step thread only
 
     # ---- API used from the asyncio side ----
@@ -102,16 +110,16 @@ class PagedEngine:
         )
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="llmserve-paged", daemon=True)
-        self._thread.start()
+        self._stopped = concurrent.futures.Future()
+        self._compute.add_loop(self)
 
     async def stop(self) -> None:
-        """Abort every request and join the step thread."""
+        """Abort every request and wait until the compute thread has let go of the engine."""
         with self._cond:
             self._is_stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._stopped is not None:
+            await asyncio.wrap_future(self._stopped)
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -137,33 +145,35 @@ class PagedEngine:
             if not is_finished:  # consumer left early (aclose, cancellation): free the sequence
                 self.abort(request.request_id)
 
-    # ---- step thread ----
+    # ---- compute thread ----
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._inbox or self._aborted or self._is_stopping or self.scheduler.running
-                           or self.scheduler.waiting):
-                    self._cond.wait()
-                if self._is_stopping:
-                    break
-                inbox, self._inbox = self._inbox, []
-                aborted, self._aborted = self._aborted, set()
-            for seq in inbox:
-                self._admit(seq)
-            for request_id in aborted:
-                if (gone := self._seqs.get(request_id)) is not None:
-                    self._finish(gone, "abort")
-            try:
-                self.step()
-            except Exception as exc:  # fail what ran; the block manager stays consistent, so go on
-                log.exception("engine step failed")
-                for seq in list(self.scheduler.running):
-                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborted or self._is_stopping or self.scheduler.running
+                    or self.scheduler.waiting)
+
+    def run_once(self) -> None:
         with self._cond:
             inbox, self._inbox = self._inbox, []
-        for seq in list(self._seqs.values()) + inbox:
-            self._finish(seq, "abort")
+            aborted, self._aborted = self._aborted, set()
+            is_stopping = self._is_stopping
+        if is_stopping:
+            for seq in list(self._seqs.values()) + inbox:
+                self._finish(seq, "abort")
+            self._compute.remove_loop(self)
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
+            return
+        for seq in inbox:
+            self._admit(seq)
+        for request_id in aborted:
+            if (gone := self._seqs.get(request_id)) is not None:
+                self._finish(gone, "abort")
+        try:
+            self.step()
+        except Exception as exc:  # fail what ran; the block manager stays consistent, so go on
+            log.exception("engine step failed")
+            for seq in list(self.scheduler.running):
+                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
 
     def step(self) -> None:
         batch = self.scheduler.schedule()

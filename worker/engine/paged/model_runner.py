@@ -15,6 +15,7 @@ attention reads them, so the same pass serves prompt chunks and decodes alike, o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,8 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(config, num_blocks, block_size, self.dtype, self.device)
         self.scaling = self.body.layers[0].self_attn.scaling
         self.weights = pack_weights(model)  # the model's own weights, re-laid out in place (weights.py)
+        with torch.inference_mode():
+            self.matmul = Matmuls(self.weights.layers[0], self.dtype, self.device)
 
     # ---- inputs ----
 
@@ -170,21 +173,20 @@ class ModelRunner:
         if not inputs.sampled:
             return [], hidden.new_empty((0, self.config.vocab_size))
         hidden = _rms_norm(w.norm, hidden[inputs.logits_rows])  # [num_sampled, hidden]
-        return inputs.sampled, _matmul(hidden, w.lm_head_t, w.lm_head_bias)  # [num_sampled, vocab]
+        return inputs.sampled, self.matmul(hidden, w.lm_head_t, w.lm_head_bias)  # [num_sampled, vocab]
 
-    @staticmethod
-    def _mlp(lw, residual: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, lw, residual: torch.Tensor) -> torch.Tensor:
         """residual + MLP(post_attention_layernorm(residual))."""
-        gate_up = _matmul(_rms_norm(lw.post_norm, residual), lw.gate_up_t, None)  # [T, 2 * intermediate]
+        gate_up = self.matmul(_rms_norm(lw.post_norm, residual), lw.gate_up_t, None)  # [T, 2 * intermediate]
         gate, up = gate_up[:, :lw.intermediate], gate_up[:, lw.intermediate:]
-        return _matmul_add(residual, lw.act_fn(gate) * up, lw.down_t, None)
+        return self.matmul.add(residual, lw.act_fn(gate) * up, lw.down_t, None)
 
     def _attention(self, layer_idx: int, lw, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    inputs: StepInputs) -> torch.Tensor:
         """residual + self-attention(input_layernorm(residual)) over the paged cache."""
         num_tokens = residual.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = _matmul(_rms_norm(lw.input_norm, residual), lw.qkv_t, lw.qkv_bias)
+        qkv = self.matmul(_rms_norm(lw.input_norm, residual), lw.qkv_t, lw.qkv_bias)
         qkv = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim)
         qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads:]
         if lw.q_norm is not None:  # Qwen3-style per-head norms before the rotary embedding
@@ -219,11 +221,13 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                    attn_mask=p.mask, scale=scale, enable_gqa=True)
             out[rows] = o[0].transpose(0, 1)
-        return _matmul_add(residual, out.view(num_tokens, -1), lw.o_t, lw.o_bias)
+        return self.matmul.add(residual, out.view(num_tokens, -1), lw.o_t, lw.o_bias)
 
 
 def _onednn_linear():
     """oneDNN's linear (aten's mkldnn._linear_pointwise) if this torch has it and it computes x @ W.T."""
+    if not torch.backends.mkldnn.is_available():
+        return None
     try:
         op = torch.ops.mkldnn._linear_pointwise
         x, w = torch.ones(2, 3), torch.ones(3, 4)
@@ -232,31 +236,71 @@ def _onednn_linear():
         return None
 
 
-_LINEAR = _onednn_linear() if torch.backends.mkldnn.is_available() else None
-# fp32 CPU matmuls of ONEDNN_MIN_ROWS <= rows < ONEDNN_MAX_ROWS go through oneDNN's linear (over the [out, in]
-# view of the packed weight) instead of MKL's x @ Wt: on this 2-core AMD EPYC MKL's small-M GEMM is slow (a 4-row
-# decode step 212 -> 144 ms, 16 rows 300 -> 252 ms with oneDNN), while MKL's GEMV at one row and its GEMM on
-# prompt-sized batches are the faster ones (a 128-token prefill 600 ms vs 690 with oneDNN).
-ONEDNN_MIN_ROWS, ONEDNN_MAX_ROWS = 2, 64
+_LINEAR = _onednn_linear()
+# Row counts the calibration tries (one per bucket: rows below the next bucket's floor use this bucket's choice).
+_ROW_BUCKETS = (1, 2, 8, 32, 128)
 
 
-def _use_onednn(x: torch.Tensor) -> bool:
-    return (_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and ONEDNN_MIN_ROWS <= x.shape[0] < ONEDNN_MAX_ROWS)
+def _bucket(rows: int) -> int:
+    return sum(rows >= b for b in _ROW_BUCKETS) - 1
 
 
-def _matmul(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _LINEAR is not None and _use_onednn(x):
-        return _LINEAR(x, weight_t.t(), bias, "none", [], "")
+class Matmuls:
+    """x @ Wt for the runner's packed weights, by the faster of two CPU kernels for the number of rows.
+
+    MKL's GEMM (x @ Wt, addmm) and oneDNN's linear differ severalfold by machine, dtype and rows: on a 2-core AMD
+    EPYC oneDNN ran fp32 at 2-63 rows ~1.5x faster and MKL the rest; on a 2-core Xeon with AMX, MKL wins fp32 at
+    every row count (a 4-row step's linears 14 ms vs 25) and oneDNN bf16. So the runner measures both once, at
+    start, on one layer's weights per row bucket (about 0.1 s), and keeps the faster; CUDA and kernels that fail to
+    build (oneDNN has no primitive for some dtype and layout pairs) use x @ Wt.
+    """
+
+    def __init__(self, layer, dtype: torch.dtype, device: torch.device):
+        self.use_onednn = [False] * len(_ROW_BUCKETS)
+        if _LINEAR is None or device.type != "cpu":
+            return
+        weights = [(layer.qkv_t, layer.qkv_bias), (layer.o_t, layer.o_bias), (layer.gate_up_t, None),
+                   (layer.down_t, None)]
+        for i, rows in enumerate(_ROW_BUCKETS):
+            inputs = [torch.randn(rows, w.shape[0], dtype=dtype, device=device) for w, _ in weights]
+            pairs = list(zip(inputs, weights))
+            try:
+                onednn = _best_of(lambda pairs=pairs: [_LINEAR(x, w.t(), b, "none", [], "") for x, (w, b) in pairs])
+            except RuntimeError:  # e.g. "could not create a primitive descriptor"
+                return
+            mkl = _best_of(lambda pairs=pairs: [_mkl(x, w, b) for x, (w, b) in pairs])
+            self.use_onednn[i] = onednn < mkl
+
+    def __call__(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        bucket = _bucket(x.shape[0])
+        if _LINEAR is not None and self.use_onednn[bucket]:
+            try:
+                return _LINEAR(x, weight_t.t(), bias, "none", [], "")
+            except RuntimeError:  # no oneDNN primitive for this shape after all: MKL from now on
+                self.use_onednn[bucket] = False
+        return _mkl(x, weight_t, bias)
+
+    def add(self, residual: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
+        """residual + x @ weight_t (+ bias), the add fused into MKL's GEMM (addmm) where that path is taken."""
+        if bias is not None or self.use_onednn[_bucket(x.shape[0])]:
+            return residual + self(x, weight_t, bias)
+        return torch.addmm(residual, x, weight_t)
+
+
+def _mkl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
-def _matmul_add(residual: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """residual + x @ weight_t (+ bias), the add fused into MKL's GEMM (addmm) where that path is taken."""
-    if bias is not None or _use_onednn(x):
-        return residual + _matmul(x, weight_t, bias)
-    return torch.addmm(residual, x, weight_t)
+def _best_of(fn, repeats: int = 5) -> float:
+    """Least seconds of fn() over a few runs, after one warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
