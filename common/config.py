@@ -45,7 +45,24 @@ class GatewayConfig:
     max_sequences_per_request: int = 128  # largest prompts x n of one completion request
     max_embedding_inputs: int = 2048  # largest batch of texts in one embeddings request
     max_stop: int = 4  # most stop strings
+    max_stop_length: int = 256  # longest stop string, in characters
+    max_messages: int = 1024  # most messages in one chat request
+    max_model_length: int = 128  # longest `model` (registry names are at most 128 characters)
+    max_user_length: int = 256  # longest `user`
+    # A prompt (a conversation's text, an embeddings input) over context_length x this many UTF-8 bytes cannot fit
+    # the model's context and is refused before it is tokenized; no served tokenizer has a token over 81 bytes.
+    max_prompt_bytes_per_token: int = 128
+    response_cache_max_entry_bytes: int = 1024 * 1024  # larger responses are not written to the response cache
     limits_fail_open: bool = True  # Redis unreachable: admit without rate limits (true) or refuse (false)
+
+    def validate(self) -> None:
+        for name in ("max_n", "max_prompts", "max_sequences_per_request", "max_embedding_inputs", "max_stop_length",
+                     "max_messages", "max_model_length", "max_user_length", "max_prompt_bytes_per_token"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_stop", "response_cache_max_entry_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -91,7 +108,8 @@ class RestConfig:
     host: str = "127.0.0.1"  # listen address of the OpenAI-compatible REST sidecar (grpc-gateway)
     port: int = 8080  # REST port (0: do not start the sidecar)
     gateway_address: str = "127.0.0.1:50051"  # the gRPC gateway it transcodes to
-    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    # Larger request bodies get 413; the gateway refuses larger gRPC requests too (INVALID_ARGUMENT, unparsed).
+    max_body_bytes: int = 4 * 1024 * 1024
     binary: str = "deploy/rest/bin/llmserve-rest"  # built by `make rest` (part of `make install`)
 
 
@@ -132,6 +150,7 @@ class MeshConfig:
             raise ValueError(f"worker.kv_cache_fraction={self.worker.kv_cache_fraction} must be in (0, 1)")
         if self.worker.lease_ttl_s < 2:
             raise ValueError(f"worker.lease_ttl_s={self.worker.lease_ttl_s} must be >= 2")
+        self.gateway.validate()
         if self.gateway.response_cache_ttl_s < 0:
             raise ValueError(f"gateway.response_cache_ttl_s={self.gateway.response_cache_ttl_s} must be >= 0")
         return self

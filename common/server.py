@@ -7,51 +7,97 @@ import signal
 import typing
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from llmserve.common.errors import ServiceError
+from llmserve.common.errors import ServiceError, invalid_argument
 from llmserve.common.logs import get_logger
 
 log = get_logger(__name__)
 
+# Inside the mesh a message carries up to a whole request (a task) or a whole result (embeddings): 64 MiB.
+MESH_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A public server reads messages up to this multiple of its request limit, so that a request somewhat over the
+# limit is refused with INVALID_ARGUMENT naming the limit (grpc itself would answer RESOURCE_EXHAUSTED, which
+# clients read as "retry later"); beyond it grpc refuses the message before it is buffered whole.
+TRANSPORT_CEILING_FACTOR = 4
+
 SERVER_OPTIONS = [
     # grpcio binds with SO_REUSEPORT by default: a second server on a taken port would silently split traffic.
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MESH_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MESH_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
+
+def server_options(max_request_bytes: int | None = None) -> list[tuple[str, typing.Any]]:
+    """SERVER_OPTIONS, with the receive limit of a public server whose requests are capped at max_request_bytes."""
+    if max_request_bytes is None:
+        return list(SERVER_OPTIONS)
+    ceiling = max_request_bytes * TRANSPORT_CEILING_FACTOR
+    return [(k, ceiling if k == "grpc.max_receive_message_length" else v) for k, v in SERVER_OPTIONS]
+
+
 CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MESH_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MESH_MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
+class _Refused:
+    """What a request deserializer returns instead of raising: grpc would answer a raising deserializer with
+    INTERNAL, but a request that is too large or not valid protobuf (bad UTF-8 in a string) is the caller's to fix."""
+
+    def __init__(self, error: ServiceError):
+        self.error = error
+
+
+def _checked_deserializer(deserialize, max_request_bytes: int | None):
+    def wrapper(data: bytes):
+        if max_request_bytes is not None and len(data) > max_request_bytes:
+            # Refused before parsing: parsing costs event-loop time in proportion to the size.
+            return _Refused(invalid_argument(
+                f"the request is {len(data)} bytes; at most {max_request_bytes} bytes are accepted: send fewer or "
+                "shorter messages, prompts or inputs, or split the request"))
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            if "UTF-8" in str(exc):
+                return _Refused(invalid_argument("a string field of the request is not valid UTF-8: send text "
+                                                 "encoded as UTF-8"))
+            return _Refused(invalid_argument("the request is not a valid protobuf message of this method"))
+    return wrapper
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns ServiceError into its status and anything unexpected into INTERNAL (logged with its traceback)."""
+    """Turns ServiceError into its status and anything unexpected into INTERNAL (logged with its traceback, never
+    sent: the caller reads only that it happened). A unary request that cannot be decoded (bad UTF-8) or is over
+    max_request_bytes is INVALID_ARGUMENT, refused before it is parsed or handled."""
+
+    def __init__(self, max_request_bytes: int | None = None):
+        self.max_request_bytes = max_request_bytes
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+        if handler.unary_unary or handler.unary_stream:
+            deserializer = handler.request_deserializer
+            if deserializer is not None:
+                deserializer = _checked_deserializer(deserializer, self.max_request_bytes)
+            make, fn, wrap = ((grpc.unary_unary_rpc_method_handler, handler.unary_unary, _wrap_unary)
+                              if handler.unary_unary else
+                              (grpc.unary_stream_rpc_method_handler, handler.unary_stream, _wrap_stream))
+            return make(wrap(fn, method), request_deserializer=deserializer,
+                        response_serializer=handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
                 _wrap_stream(handler.stream_stream, method),
@@ -66,12 +112,15 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
             context.set_trailing_metadata(exc.trailers)
         await context.abort(exc.code, exc.message)
     log.exception("unexpected error", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+    # Neither the exception's text nor its type: they can name internals (addresses, files, another request).
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; it is logged on the server")
 
 
 def _wrap_unary(fn, method):
     async def wrapper(request, context):
         try:
+            if isinstance(request, _Refused):
+                raise request.error
             return await fn(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -83,6 +132,8 @@ def _wrap_unary(fn, method):
 def _wrap_stream(fn, method):
     async def wrapper(request_or_iterator, context):
         try:
+            if isinstance(request_or_iterator, _Refused):
+                raise request_or_iterator.error
             async for item in fn(request_or_iterator, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -93,12 +144,16 @@ def _wrap_stream(fn, method):
 
 
 class Service:
-    """A gRPC server with the standard extras. `start()` returns the bound port (bind port 0 in tests)."""
+    """A gRPC server with the standard extras. `start()` returns the bound port (bind port 0 in tests).
+
+    max_request_bytes caps the unary requests of a public server (INVALID_ARGUMENT beyond it); internal servers
+    leave it None and receive up to MESH_MAX_MESSAGE_BYTES."""
 
     def __init__(self, name: str, host: str, port: int, service_names: typing.Iterable[str],
-                 interceptors: typing.Sequence[grpc.aio.ServerInterceptor] = ()):
+                 interceptors: typing.Sequence[grpc.aio.ServerInterceptor] = (), max_request_bytes: int | None = None):
         self.name = name
-        self.server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor(max_request_bytes)],
+                                      options=server_options(max_request_bytes))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names = list(service_names)

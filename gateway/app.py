@@ -30,8 +30,11 @@ class GatewayApp:
         self.tokens = TokenCounter()
         self.edge = Edge(self.view, Limiter(self.redis, fail_open=cfg.limits_fail_open), self.redis)
         pipeline = Pipeline(cfg, self.view, SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)),
-                            ResponseCache(self.redis, cfg.response_cache_ttl_s), self.edge, self.tokens)
-        self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()])
+                            ResponseCache(self.redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes),
+                            self.edge, self.tokens)
+        # A request the REST sidecar would refuse as too large is refused over gRPC too, before it is parsed.
+        self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()],
+                               max_request_bytes=config.rest.max_body_bytes)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(pipeline, self.view, self.edge), self.service.server)
 

@@ -23,10 +23,17 @@ def cache_key(tenant: str, version: str, fields: dict) -> str:
     return f"llmserve:cache:v1:{digest}"
 
 
+def min_json_bytes(value: dict) -> int:
+    """A lower bound on the size of `value` as JSON, without serializing it: its texts plus two bytes per number."""
+    texts = sum(len(t) + len(r) for t, r in value.get("choices", ()))
+    return texts + 2 * sum(len(v) for v in value.get("vectors", ()))
+
+
 class ResponseCache:
-    def __init__(self, client: aioredis.Redis, ttl_s: int):
+    def __init__(self, client: aioredis.Redis, ttl_s: int, max_entry_bytes: int = 1024 * 1024):
         self.client = client
         self.ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes  # larger values are not written (nor serialized, when clearly so)
         self._last_warning = 0.0
 
     def _warn(self, op: str, exc: Exception) -> None:
@@ -45,10 +52,16 @@ class ResponseCache:
             return None
         return json.loads(raw) if raw else None
 
-    async def put(self, key: str, value: dict) -> None:
-        if self.ttl_s <= 0:
-            return
+    async def put(self, key: str, value: dict) -> bool:
+        """Writes the value unless it is over max_entry_bytes; whether it was written."""
+        if self.ttl_s <= 0 or min_json_bytes(value) > self.max_entry_bytes:
+            return False
+        data = json.dumps(value, separators=(",", ":"))
+        if len(data) > self.max_entry_bytes:  # ASCII (json escapes the rest): characters are bytes
+            return False
         try:
-            await self.client.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_s)
+            await self.client.set(key, data, ex=self.ttl_s)
         except Exception as exc:
             self._warn("cache_put", exc)
+            return False
+        return True

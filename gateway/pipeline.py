@@ -1,11 +1,13 @@
 """The request pipeline that completions, chat and embeddings share:
 
-    begin:  authenticate -> validate (from_pb) -> resolve the model -> cap the priority
+    begin:  authenticate -> validate (from_pb) -> resolve the model -> prompt bytes against its context
+            -> cap the priority
     run:    response cache -> count prompt tokens once -> context length -> admit (limits, budget)
             -> run the tasks on the scheduler -> settle the reservation -> record usage -> cache the result
 
 Everything that can be refused from what the gateway knows is refused before limits, budgets and queues are
-touched. Streaming and unary responses differ only in what they do with the outputs (on_output) and the Result.
+touched, and whatever is refused by a size is refused before the text is templated or tokenized. Streaming and
+unary responses differ only in what they do with the outputs (on_output) and the Result.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ class Pipeline:
             cfg, view, scheduler, cache, edge, tokens)
 
     def begin(self, ctx: RequestContext, context, parse: typing.Callable[..., Call], request) -> None:
-        """Auth, validation, model resolution and the priority cap, in that order; fills ctx."""
+        """Auth, validation, model resolution, the cheap size rules and the priority cap, in that order; fills ctx."""
         ctx.caller = self.edge.authenticate(context)
         call = parse(request, self.cfg)
         ctx.version = self._resolve(call, ctx)
+        call.check_prompt_bytes(ctx.version, self.cfg)
         priority, ctx.priority_note = self.edge.cap_priority(ctx.caller, call.priority)
         ctx.call = dataclasses.replace(call, priority=priority) if ctx.priority_note else call
 

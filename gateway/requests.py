@@ -1,6 +1,9 @@
 """Public requests -> validated plain records (from_pb), with messages that name the field and the allowed range;
 records -> scheduler tasks (to_pb). The rules that need the model version (context length) live here too.
 
+Every size a caller controls is bounded (GatewayConfig), and the cheap bounds come first: counts before anything
+iterates, bytes against the model's context before anything is templated or tokenized.
+
 Priority is normalised here, once: every task leaves the gateway with priority 1..3 (interactive, standard, batch).
 """
 
@@ -21,6 +24,20 @@ if typing.TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 INT64_MASK = (1 << 63) - 1
+SHOWN_CHARS = 40  # a caller's value quoted in an error message is cut to this many characters
+
+
+def _shown(value: str) -> str:
+    """repr(value) for an error message, cut short: a refusal never echoes megabytes back."""
+    return repr(value) if len(value) <= SHOWN_CHARS else repr(value[:SHOWN_CHARS]) + f"... ({len(value)} characters)"
+
+
+def _check_prompt_bytes(field: str, text_bytes: int, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
+    limit = version.context_length * cfg.max_prompt_bytes_per_token
+    if version.context_length and text_bytes > limit:
+        raise invalid_argument(f"{field} is {text_bytes} bytes, more than model {version.version!r} can take: its "
+                               f"context length of {version.context_length} tokens holds at most {limit} bytes of "
+                               f"text ({cfg.max_prompt_bytes_per_token} per token); shorten the {field}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +103,15 @@ class GenerationCall:
         """What to count prompt tokens of: the prompts, or the conversation (templated)."""
         return {"messages": self.messages} if self.kind == "chat" else {"texts": self.prompts}
 
+    def check_prompt_bytes(self, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
+        """Refuses text that cannot fit the version's context whatever its tokens, before it is tokenized."""
+        if self.kind == "chat":
+            _check_prompt_bytes("messages", sum(len(c.encode()) for _, c in self.messages), version, cfg)
+            return
+        for i, prompt in enumerate(self.prompts):
+            _check_prompt_bytes("prompt" if self.num_inputs == 1 else f"prompts[{i}]", len(prompt.encode()), version,
+                                cfg)
+
     def check_context_length(self, version: registry_pb2.ModelVersion, counted: TokenCount | None) -> None:
         """Refuses prompts the version can never serve, as the worker would (it keeps the final word)."""
         context, max_tokens = version.context_length, self.sampling.max_tokens
@@ -108,17 +134,20 @@ class GenerationCall:
                                        f"max_tokens to at most {context - num_prompt} or shorten the {field}")
 
     def to_tasks(self, request_id: str, version: str) -> list[task_pb2.Task]:
-        """One task per sequence, ids <request id>-<choice index> (choice index = input * n + choice)."""
+        """One task per sequence, ids <request id>-<choice index> (choice index = input * n + choice). The
+        scheduler's unit is one sequence, so each choice carries the input; it is built once per input and
+        copied (in C) into the tasks of its choices, which differ only in their sampling seed."""
         tasks = []
         for i in range(self.num_inputs):
+            if self.kind == "chat":
+                gen = task_pb2.GenerateInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages])
+            else:
+                gen = task_pb2.GenerateInput(prompt=self.prompts[i])
             for j in range(self.n):
-                if self.kind == "chat":
-                    gen = task_pb2.GenerateInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages],
-                                                 sampling=self.sampling.to_pb(j))
-                else:
-                    gen = task_pb2.GenerateInput(prompt=self.prompts[i], sampling=self.sampling.to_pb(j))
-                tasks.append(task_pb2.Task(request_id=f"{request_id}-{i * self.n + j}", model_version=version,
-                                           priority=priority.to_pb(self.priority), generate=gen))
+                task = task_pb2.Task(request_id=f"{request_id}-{i * self.n + j}", model_version=version,
+                                     priority=priority.to_pb(self.priority), generate=gen)
+                task.generate.sampling.CopyFrom(self.sampling.to_pb(j))
+                tasks.append(task)
         return tasks
 
 
@@ -149,6 +178,10 @@ class EmbeddingCall:
     def count_inputs(self) -> dict:
         return {"texts": self.inputs}
 
+    def check_prompt_bytes(self, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
+        for i, text in enumerate(self.inputs):
+            _check_prompt_bytes(f"input[{i}]", len(text.encode()), version, cfg)
+
     def check_context_length(self, version: registry_pb2.ModelVersion, counted: TokenCount | None) -> None:
         if not version.context_length or counted is None or not counted.is_exact:
             return
@@ -173,9 +206,19 @@ def _priority(value: int) -> int:
         raise invalid_argument(str(exc)) from None
 
 
-def _model(name: str) -> str:
+def _model(name: str, cfg: GatewayConfig) -> str:
     if not name:
         raise invalid_argument("model is required: a model alias or version (ListModels shows them)")
+    if len(name) > cfg.max_model_length:
+        raise invalid_argument(f"model is {len(name)} characters; model names are at most {cfg.max_model_length} "
+                               "(ListModels shows them)")
+    return name
+
+
+def _user(name: str, cfg: GatewayConfig) -> str:
+    if len(name) > cfg.max_user_length:
+        raise invalid_argument(f"user is {len(name)} characters; at most {cfg.max_user_length} are allowed: send "
+                               "a shorter id (a hash of it, for example)")
     return name
 
 
@@ -199,8 +242,12 @@ def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
         raise invalid_argument(f"top_k={request.top_k} is out of range: it must be >= 0 (0 disables it)")
     if len(request.stop) > cfg.max_stop:
         raise invalid_argument(f"stop has {len(request.stop)} strings; at most {cfg.max_stop} are allowed")
-    if any(not s for s in request.stop):
-        raise invalid_argument("stop strings must not be empty")
+    for i, stop in enumerate(request.stop):
+        if not stop:
+            raise invalid_argument("stop strings must not be empty")
+        if len(stop) > cfg.max_stop_length:
+            raise invalid_argument(f"stop[{i}] is {len(stop)} characters; at most {cfg.max_stop_length} are "
+                                   "allowed: use a shorter stop string")
     return Sampling(temperature=temperature, top_p=top_p, top_k=request.top_k,
                     seed=request.seed.value & INT64_MASK if request.HasField("seed") else None,
                     max_tokens=max_tokens, max_tokens_is_default=not given,
@@ -219,11 +266,11 @@ def _one_or_many(request, single: str, many: str, limit: int) -> tuple[str, ...]
     one, several = getattr(request, single), getattr(request, many)
     if one and several:
         raise invalid_argument(f"set either {single} or {many}, not both")
+    if len(several) > limit:  # counted before anything iterates them
+        raise invalid_argument(f"{many} has {len(several)} entries; at most {limit} are allowed: split the request")
     texts = (one,) if one else tuple(several)
     if not texts:
         raise invalid_argument(f"{single} is required and must not be empty")
-    if len(texts) > limit:
-        raise invalid_argument(f"{many} has {len(texts)} entries; at most {limit} are allowed")
     for i, text in enumerate(texts):
         if not text:
             raise invalid_argument(f"{many}[{i}] must not be empty")
@@ -231,33 +278,37 @@ def _one_or_many(request, single: str, many: str, limit: int) -> tuple[str, ...]
 
 
 def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
-    model = _model(request.model)
+    model = _model(request.model, cfg)
     prompts = _one_or_many(request, "prompt", "prompts", cfg.max_prompts)
     n = _n(request, cfg)
     if len(prompts) * n > cfg.max_sequences_per_request:
         raise invalid_argument(f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; at most "
                                f"{cfg.max_sequences_per_request} per request: lower n or split the prompts")
     return GenerationCall("completion", model, prompts, (), _sampling(request, cfg, cfg.default_completion_max_tokens),
-                          n, request.user, _priority(request.priority), request.skip_cache)
+                          n, _user(request.user, cfg), _priority(request.priority), request.skip_cache)
 
 
 def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
-    model = _model(request.model)
+    model = _model(request.model, cfg)
     if not request.messages:
         raise invalid_argument("messages is required: at least one {role, content}")
+    if len(request.messages) > cfg.max_messages:  # counted before anything iterates them
+        raise invalid_argument(f"messages has {len(request.messages)} entries; at most {cfg.max_messages} are "
+                               "allowed: send fewer messages (drop or summarize older turns)")
     for i, message in enumerate(request.messages):
         if message.role not in ROLES:
-            raise invalid_argument(f"messages[{i}].role={message.role!r} is invalid; use one of {', '.join(ROLES)}")
+            raise invalid_argument(f"messages[{i}].role={_shown(message.role)} is invalid; use one of "
+                                   f"{', '.join(ROLES)}")
     if not any(m.content for m in request.messages):
         raise invalid_argument("messages must not all be empty: give at least one message some content")
     messages = tuple((m.role, m.content) for m in request.messages)
     return GenerationCall("chat", model, (), messages, _sampling(request, cfg, cfg.default_chat_max_tokens),
-                          _n(request, cfg), request.user, _priority(request.priority), request.skip_cache)
+                          _n(request, cfg), _user(request.user, cfg), _priority(request.priority), request.skip_cache)
 
 
 def embeddings_from_pb(request: pb.CreateEmbeddingsRequest, cfg: GatewayConfig) -> EmbeddingCall:
-    model = _model(request.model)
+    model = _model(request.model, cfg)
     inputs = _one_or_many(request, "input", "inputs", cfg.max_embedding_inputs)
     if request.encoding_format not in ("", "float"):
-        raise invalid_argument(f"encoding_format={request.encoding_format!r} is not supported; use \"float\"")
-    return EmbeddingCall(model, inputs, request.user, _priority(request.priority), request.skip_cache)
+        raise invalid_argument(f"encoding_format={_shown(request.encoding_format)} is not supported; use \"float\"")
+    return EmbeddingCall(model, inputs, _user(request.user, cfg), _priority(request.priority), request.skip_cache)

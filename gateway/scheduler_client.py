@@ -1,4 +1,9 @@
-"""The scheduler hop: one Submit stream per task, all of a request's tasks concurrently, outputs merged as they come."""
+"""The scheduler hop: one Submit stream per task, all of a request's tasks concurrently, outputs merged as they come.
+
+What fails behind the gateway reaches the caller as its status code with a message the gateway chooses
+(public_error): the scheduler's and workers' own text can name workers, internal addresses or internals, so only
+the codes whose messages the mesh writes for the caller (what to change in the request) pass theirs on.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,42 @@ import grpc
 
 from llmserve.common import tracing
 from llmserve.common.errors import ServiceError, code_from_int
+from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 
+log = get_logger(__name__)
+
 OnDispatched = typing.Callable[[scheduler_pb2.TaskDispatched], None]
+
+# Codes whose messages are written for the caller (they name fields, limits, the model version): passed on.
+CALLER_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+                          grpc.StatusCode.OUT_OF_RANGE})
+MAX_DETAIL_CHARS = 500  # of a failure's own text in the gateway's log
+
+
+def public_error(code: grpc.StatusCode, detail: str, task: task_pb2.Task, *, dispatched: bool) -> ServiceError:
+    """The status a caller sees for a task that failed behind the gateway; the detail goes to the log only.
+    dispatched: the task had reached a worker."""
+    log.warning("task failed", code=code.name, detail=detail[:MAX_DETAIL_CHARS], dispatched=dispatched)
+    version = task.model_version
+    if code in CALLER_CODES:
+        return ServiceError(code, detail[:MAX_DETAIL_CHARS])
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if dispatched:
+            return ServiceError(code, f"the worker running this request on model version {version!r} went away "
+                                      "before it finished; retry it")
+        return ServiceError(code, f"no worker serves model version {version!r} right now (or the scheduler is "
+                                  "unreachable); retry later")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServiceError(code, f"the deadline passed before model version {version!r} finished the request; "
+                                  "allow more time or ask for fewer tokens")
+    if code == grpc.StatusCode.CANCELLED:
+        return ServiceError(code, "the request was cancelled")
+    # Anything else is the mesh's fault (an internal call refused, a crash): INTERNAL, with the id to report.
+    request_id = task.request_id.rpartition("-")[0] or task.request_id
+    return ServiceError(grpc.StatusCode.INTERNAL, f"model version {version!r} failed to run the request; retry, "
+                                                  f"or report request id {request_id}")
 
 
 class SchedulerClient:
@@ -26,21 +64,25 @@ class SchedulerClient:
         if remaining is not None:
             task.deadline_unix_ms = int((time.time() + remaining) * 1000)
         call = self.scheduler.Submit(timeout=remaining, metadata=tuple(tracing.inject().items()))
+        dispatched = False
         try:
             await call.write(scheduler_pb2.SubmitRequest(task=task))
             async for response in call:
                 if response.HasField("dispatched"):
+                    dispatched = True
                     on_dispatched(response.dispatched)
                 elif response.HasField("output"):
                     output = response.output
                     if output.HasField("error"):
-                        raise ServiceError(code_from_int(output.error.code), output.error.message)
+                        raise public_error(code_from_int(output.error.code), output.error.message, task,
+                                           dispatched=dispatched)
                     yield output
                     if output.finished:
                         return
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the task without a result; retry")
+            raise public_error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the task without a result", task,
+                               dispatched=dispatched)
         except grpc.aio.AioRpcError as exc:
-            raise ServiceError(exc.code(), exc.details() or "scheduler call failed") from None
+            raise public_error(exc.code(), exc.details() or "", task, dispatched=dispatched) from None
         finally:
             call.cancel()  # no-op when finished; otherwise the scheduler frees the worker's slot
 

@@ -12,12 +12,12 @@ from llmserve.common.state.store import Store
 
 log = get_logger(__name__)
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")  # whole names only (fullmatch: "$" admits "a\n")
 ENGINES = ("torch", "tensorrt_llm")
 
 
 def check_name(field: str, value: str) -> None:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise invalid_argument(
             f"{field}={value!r} is invalid: use 1-128 lowercase letters, digits, '.', '_' or '-', starting with a "
             "letter or digit")

@@ -16,13 +16,13 @@ from llmserve.inference.v1 import inference_pb2
 
 log = get_logger(__name__)
 
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # whole names only (fullmatch: "$" admits "a\n")
 MAX_USAGE_DAYS = 93
 
 
 def validate_tenant(t: tenants_pb2.Tenant) -> tenants_pb2.Tenant:
     t = tenants_pb2.Tenant.FromString(t.SerializeToString())
-    if not TENANT_RE.match(t.name):
+    if not TENANT_RE.fullmatch(t.name):
         raise invalid_argument(f"tenant.name={t.name!r} is invalid: use 1-64 lowercase letters, digits, '-' or '_'")
     for field in ("requests_per_minute", "tokens_per_minute"):
         if getattr(t, field) < 0:

@@ -178,3 +178,62 @@ def test_embedding_inputs_must_fit_the_context():
         call.check_context_length(VERSION, exact(3, 101))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "input[1] is 101 tokens" in err.value.message
     call.check_context_length(VERSION, None)
+
+
+# Every size a caller controls is bounded, each refusal names the field and the limit.
+@pytest.mark.parametrize("make, parse", [(completion, completion_from_pb), (chat, chat_from_pb)])
+@pytest.mark.parametrize("fields, needle", [
+    (dict(stop=["x" * (CFG.max_stop_length + 1)]), f"stop[0] is {CFG.max_stop_length + 1} characters; at most "
+                                                   f"{CFG.max_stop_length}"),
+    (dict(model="m" * (CFG.max_model_length + 1)), f"model is {CFG.max_model_length + 1} characters; model names "
+                                                    f"are at most {CFG.max_model_length}"),
+    (dict(user="u" * (CFG.max_user_length + 1)), f"user is {CFG.max_user_length + 1} characters; at most "
+                                                  f"{CFG.max_user_length}"),
+])
+def test_caller_sizes_are_bounded(make, parse, fields, needle):
+    assert needle in refused(parse, make(**fields))
+
+
+def test_message_count_is_bounded_before_any_message_is_read():
+    # An invalid role past the limit is not reached: the count is checked first.
+    messages = [USER] * CFG.max_messages + [pb.ChatMessage(role="robot")]
+    message = refused(chat_from_pb, pb.CreateChatCompletionRequest(model="m", messages=messages))
+    assert message.startswith(f"messages has {CFG.max_messages + 1} entries; at most {CFG.max_messages}")
+    assert chat_from_pb(pb.CreateChatCompletionRequest(model="m", messages=[USER] * CFG.max_messages), CFG)
+    few = GatewayConfig(max_messages=2)
+    assert "messages has 3 entries; at most 2" in refused(chat_from_pb, chat(messages=[USER] * 3), few)
+
+
+def test_refusals_do_not_echo_huge_values():
+    role = "r" * 100_000
+    message = refused(chat_from_pb, chat(messages=[pb.ChatMessage(role=role, content="x")]))
+    assert "messages[0].role='rrrr" in message and "(100000 characters)" in message and len(message) < 200
+    message = refused(embeddings_from_pb, embeddings(encoding_format="b" * 100_000))
+    assert "encoding_format=" in message and len(message) < 200
+
+
+def test_prompt_bytes_are_checked_against_the_context_before_tokenizing():
+    cfg = GatewayConfig(max_prompt_bytes_per_token=4)
+    version = rpb.ModelVersion(version="m-v1", context_length=10)  # at most 40 bytes of text
+    completion_from_pb(completion(prompt="x" * 40), cfg).check_prompt_bytes(version, cfg)
+    for call, field in [(completion_from_pb(completion(prompt="é" * 21), cfg), "prompt"),  # 42 bytes, 21 chars
+                        (completion_from_pb(completion(prompt="", prompts=["a", "x" * 41]), cfg), "prompts[1]"),
+                        (chat_from_pb(chat(messages=[USER, pb.ChatMessage(role="user", content="x" * 39)]), cfg),
+                         "messages"),
+                        (embeddings_from_pb(embeddings(input="", inputs=["a", "x" * 41]), cfg), "input[1]")]:
+        with pytest.raises(ServiceError) as err:
+            call.check_prompt_bytes(version, cfg)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.message.startswith(f"{field} is ") and "holds at most 40 bytes" in err.value.message
+        assert f"shorten the {field}" in err.value.message
+    # No context length known: nothing to check against.
+    completion_from_pb(completion(prompt="x" * 1000), cfg).check_prompt_bytes(rpb.ModelVersion(version="v"), cfg)
+
+
+def test_a_choice_carries_the_input_built_once():
+    messages = [pb.ChatMessage(role="user", content=f"m{i}") for i in range(3)]
+    call = chat_from_pb(chat(messages=messages, n=w.Int32Value(value=3), seed=w.Int64Value(value=5)), CFG)
+    tasks = call.to_tasks("r", "m-v1")
+    assert [t.request_id for t in tasks] == ["r-0", "r-1", "r-2"]
+    assert all(list(t.generate.messages) == messages for t in tasks)
+    assert [t.generate.sampling.seed for t in tasks] == [5, 6, 7]

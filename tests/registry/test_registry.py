@@ -158,3 +158,25 @@ async def test_view_keeps_last_snapshot_when_etcd_is_down(registry, mesh_config,
         etcd.resume()
         await view.stop()
         await client.close()
+
+
+@pytest.mark.parametrize("name", ["acme\n", "acme\nevil", "\nacme", "acme "])
+def test_names_are_matched_whole(name):
+    from llmserve.admin.v1 import tenants_pb2
+    from llmserve.common.errors import ServiceError
+    from llmserve.registry.service import check_name
+    from llmserve.registry.tenants import validate_tenant
+
+    for check in (lambda: validate_tenant(tenants_pb2.Tenant(name=name)),
+                  lambda: check_name("alias.name", name)):
+        with pytest.raises(ServiceError) as err:
+            check()
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "is invalid" in err.value.message
+    validate_tenant(tenants_pb2.Tenant(name="acme"))
+    check_name("alias.name", "acme")
+
+
+async def test_a_version_name_with_a_trailing_newline_is_refused(registry):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.CreateModelVersion(pb.CreateModelVersionRequest(model_version=version("m-v1\n")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "model_version.version" in err.value.details()
