@@ -22,6 +22,8 @@ def test_yaml_then_environment(tmp_path):
     ("nope: {}\n", {}, "unknown section"),
     ("", {"LLMSERVE_GATEWAY__PORT": "abc"}, "cannot read 'abc' as int"),
     ("", {"LLMSERVE_WORKER__MAX_NUM_SEQS": "0"}, "worker.max_num_seqs=0"),
+    ("", {"LLMSERVE_GATEWAY__MAX_MESSAGES": "0"}, "gateway.max_messages=0 must be >= 1"),
+    ("", {"LLMSERVE_GATEWAY__RESPONSE_CACHE_MAX_ENTRY_BYTES": "-1"}, "gateway.response_cache_max_entry_bytes=-1"),
 ])
 def test_bad_config_names_the_setting(tmp_path, yaml_text, env, needle):
     path = tmp_path / "c.yaml"
