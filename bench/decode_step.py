@@ -10,8 +10,8 @@ Variants are timed interleaved in the same process (A B A B ...) `--repeats` tim
 median ms per step is reported beside tokens/s and the speedup over the baseline; this keeps other load on the
 machine from favouring either side. Each row also gives the CPU pressure (PSI avg10, percent) when it finished:
 2 intra-op threads on 2 cores slow down many-fold while anything else runs. --baseline is a model_runner.py file
-or a git revision (default HEAD) whose worker/engine/paged/model_runner.py is loaded as the baseline; 'none'
-times only this tree.
+or a git revision (default HEAD) whose worker/engine/paged/model_runner.py is loaded as the baseline, in the
+first of --dtypes; 'none' times only this tree.
 --profile adds torch.profiler's top ops by self CPU time for a step of the smallest and largest batch (stderr).
 """
 
@@ -142,7 +142,7 @@ def main() -> None:
     variants = {}
     baseline = load_baseline(args.baseline)
     if baseline is not None:
-        model, _ = load_generation_model(SOURCE, Path(args.cache_dir))
+        model, _ = load_generation_model(SOURCE, Path(args.cache_dir), dtype=args.dtypes.split(",")[0])
         variants["baseline"] = baseline.ModelRunner(model, num_blocks=num_blocks, block_size=BLOCK_SIZE)
     for dtype in args.dtypes.split(","):
         model, _ = load_generation_model(SOURCE, Path(args.cache_dir), dtype=dtype)

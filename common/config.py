@@ -84,7 +84,8 @@ class WorkerConfig:
     models: list[str] = field(default_factory=list)  # registry versions this worker serves
     model_cache_dir: str = ".llmserve/models"  # de-quantized weights are cached here
     device: str = "cpu"  # torch device ("cpu", "cuda", "cuda:1")
-    dtype: str = "float32"  # torch dtype of generation models
+    dtype: str = "auto"  # torch dtype of generation models: float32, bfloat16, float16, or auto (bf16 on CUDA and
+    # on CPUs with AMX, else float32)
     max_num_seqs: int = 16  # sequences batched together per generation model
     max_num_batched_tokens: int = 512  # tokens computed per engine step (prompt chunks + decodes)
     block_size: int = 16  # tokens per KV-cache block

@@ -67,5 +67,6 @@ def _config(etcd, redis_srv) -> MeshConfig:
         section.metrics_port = 0
     config.worker.model_cache_dir = str(model_cache_dir())
     config.worker.lease_ttl_s = 2
+    config.worker.dtype = "float32"  # the same numbers on every machine ("auto" picks by CPU)
     return config
 

@@ -30,6 +30,20 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+AUTO = "auto"
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> str:
+    """The dtype to load weights in: `dtype` itself, or for "auto" bfloat16 where the device computes it fast (a
+    CUDA GPU with bf16, or a CPU with AMX tiles, where oneDNN's bf16 kernels ran a decode step 1.1-2x and a prompt
+    2x faster than fp32), else float32 (CPUs without AMX run bf16 matmuls slower than fp32 at small batches)."""
+    if dtype != AUTO:
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    fast_bf16 = bool(amx and amx()) and torch.backends.mkldnn.is_available()
+    return "bfloat16" if fast_bf16 else "float32"
 
 
 def load_generation_model(source: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32"):
@@ -40,8 +54,9 @@ def load_generation_model(source: str, cache_dir: Path, device: str = "cpu", dty
     # Imported here: transformers takes seconds to import, and resolve_source users should not pay for it.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype, device)
     if dtype not in DTYPES:
-        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {sorted([*DTYPES, AUTO])}")
     path = resolve_source(source)
     if path.is_file() and path.suffix == ".gguf":
         path = _convert_gguf(path, Path(cache_dir))

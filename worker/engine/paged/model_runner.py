@@ -106,7 +106,7 @@ class ModelRunner:
         self.scaling = self.body.layers[0].self_attn.scaling
         self.weights = pack_weights(model)  # the model's own weights, re-laid out in place (weights.py)
         with torch.inference_mode():
-            self.matmul = Matmuls(self.weights.layers[0], self.dtype, self.device)
+            self.matmul = Matmuls(self.weights, self.dtype, self.device)
 
     # ---- inputs ----
 
@@ -250,32 +250,49 @@ class Matmuls:
 
     MKL's GEMM (x @ Wt, addmm) and oneDNN's linear differ severalfold by machine, dtype and rows: on a 2-core AMD
     EPYC oneDNN ran fp32 at 2-63 rows ~1.5x faster and MKL the rest; on a 2-core Xeon with AMX, MKL wins fp32 at
-    every row count (a 4-row step's linears 14 ms vs 25) and oneDNN bf16. So the runner measures both once, at
-    start, on one layer's weights per row bucket (about 0.1 s), and keeps the faster; CUDA and kernels that fail to
-    build (oneDNN has no primitive for some dtype and layout pairs) use x @ Wt.
+    every row count (a 4-row step's linears 14 ms vs 25). For bf16 and fp16 oneDNN gets each weight reordered once
+    into its own blocked layout (what Inductor's CPU backend does when it freezes a model): over 30 layers' linears
+    on that Xeon, 12.8 ms at 1 row and 14.3 at 16 against 19.5 and 20.5 for bf16 F.linear and 16.5 and 46 for fp32
+    (those copies cost the layers' weight memory once more; the plain ones stay, Hugging Face's modules view them).
+    The runner measures both kernels once, at start, on one layer's weights per row bucket (about 0.2 s), and keeps
+    the faster; CUDA, and kernels that fail to build (oneDNN has no primitive for some dtype and layout pairs), use
+    x @ Wt.
     """
 
-    def __init__(self, layer, dtype: torch.dtype, device: torch.device):
+    def __init__(self, weights, dtype: torch.dtype, device: torch.device):
         self.use_onednn = [False] * len(_ROW_BUCKETS)
+        self._onednn_weight: dict[int, torch.Tensor] = {}  # id(weight_t) -> the weight oneDNN multiplies by
         if _LINEAR is None or device.type != "cpu":
             return
-        weights = [(layer.qkv_t, layer.qkv_bias), (layer.o_t, layer.o_bias), (layer.gate_up_t, None),
-                   (layer.down_t, None)]
+        matrices = [m for lw in weights.layers for m in (lw.qkv_t, lw.o_t, lw.gate_up_t, lw.down_t)]
+        matrices.append(weights.lm_head_t)
+        try:
+            for m in matrices:
+                self._onednn_weight[id(m)] = _onednn_weight(m)
+        except RuntimeError:  # this torch cannot reorder the dtype: MKL only
+            self._onednn_weight.clear()
+            return
+        layer = weights.layers[0]
+        pairs = [(layer.qkv_t, layer.qkv_bias), (layer.o_t, layer.o_bias), (layer.gate_up_t, None),
+                 (layer.down_t, None)]
         for i, rows in enumerate(_ROW_BUCKETS):
-            inputs = [torch.randn(rows, w.shape[0], dtype=dtype, device=device) for w, _ in weights]
-            pairs = list(zip(inputs, weights))
+            cases = [(torch.randn(rows, w.shape[0], dtype=dtype, device=device), w, b) for w, b in pairs]
             try:
-                onednn = _best_of(lambda pairs=pairs: [_LINEAR(x, w.t(), b, "none", [], "") for x, (w, b) in pairs])
+                onednn, mkl = _race(lambda cases=cases: [self._onednn(x, w, b) for x, w, b in cases],
+                                    lambda cases=cases: [_mkl(x, w, b) for x, w, b in cases])
             except RuntimeError:  # e.g. "could not create a primitive descriptor"
                 return
-            mkl = _best_of(lambda pairs=pairs: [_mkl(x, w, b) for x, (w, b) in pairs])
-            self.use_onednn[i] = onednn < mkl
+            self.use_onednn[i] = onednn < mkl * (1 - _MARGIN)
+
+    def _onednn(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        assert _LINEAR is not None
+        return _LINEAR(x, self._onednn_weight[id(weight_t)], bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         bucket = _bucket(x.shape[0])
-        if _LINEAR is not None and self.use_onednn[bucket]:
+        if self.use_onednn[bucket]:
             try:
-                return _LINEAR(x, weight_t.t(), bias, "none", [], "")
+                return self._onednn(x, weight_t, bias)
             except RuntimeError:  # no oneDNN primitive for this shape after all: MKL from now on
                 self.use_onednn[bucket] = False
         return _mkl(x, weight_t, bias)
@@ -288,19 +305,34 @@ class Matmuls:
         return torch.addmm(residual, x, weight_t)
 
 
+def _onednn_weight(weight_t: torch.Tensor) -> torch.Tensor:
+    """The [out, in] weight oneDNN's linear takes: a view for fp32, a copy reordered into oneDNN's blocked layout
+    for half types (the batch-size hint changes little: 1-256 rows run within 10% of their best with 16)."""
+    if weight_t.dtype == torch.float32:
+        return weight_t.t()
+    return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous(), 16)
+
+
 def _mkl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
-def _best_of(fn, repeats: int = 5) -> float:
-    """Least seconds of fn() over a few runs, after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+# oneDNN must beat MKL by this share to be used: the measurement runs while the rest of a mesh may be starting on
+# the same cores, and a wrong choice costs up to 2x (oneDNN's 1-row fp32 GEMV is half as fast as MKL's here).
+_MARGIN = 0.1
+
+
+def _race(a, b, rounds: int = 9) -> tuple[float, float]:
+    """Least seconds of a() and of b(), timed alternately (a b a b ...) after a warm-up, so that a burst of other
+    load on the machine slows both rather than one; the least time of each is its undisturbed speed."""
+    a(), b()
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for j, fn in enumerate((a, b)):
+            start = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
