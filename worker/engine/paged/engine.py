@@ -170,10 +170,10 @@ class PagedEngine:
                 self._finish(gone, "abort")
         try:
             self.step()
-        except Exception as exc:  # fail what ran; the block manager stays consistent, so go on
+        except Exception:  # fail what ran; the block manager stays consistent, so go on
             log.exception("engine step failed")
             for seq in list(self.scheduler.running):
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                self._fail(seq, "the engine step computing this request failed")
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -185,10 +185,14 @@ class PagedEngine:
             seqs = [batch.seqs[i] for i in rows]
             tokens = sample(seqs, logits)
         for seq, token in zip(seqs, tokens):
+            if token is None:  # the model's scores for this row were NaN: only this request fails
+                self._fail(seq, "the model produced no valid scores for this request")
+                continue
             try:
                 self._append(seq, token)
-            except Exception as exc:  # e.g. a tokenizer failure: only this request fails
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # e.g. a tokenizer failure: only this request fails
+                log.exception("decoding a sampled token failed")
+                self._fail(seq, "decoding the generated text failed")
         self.num_steps += 1
 
     def _admit(self, seq: Sequence) -> None:
@@ -208,8 +212,12 @@ class PagedEngine:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
             seq.stop_matcher = StopMatcher(seq.params.stop)
             self.scheduler.add(seq)
-        except Exception as exc:
-            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        except ValueError as exc:  # the scheduler's own message: the request cannot fit the KV cache
+            self._finish(seq, "error", error=str(exc))
+            return
+        except Exception:
+            log.exception("admitting a request failed")
+            self._fail(seq, "the request could not be prepared for generation")
             return
         self._seqs[seq.request_id] = seq
 
@@ -241,6 +249,11 @@ class PagedEngine:
             self.scheduler.finish(seq)  # frees its blocks now
         seq.status = SequenceStatus.FINISHED
         self._emit(seq, text, reason, error)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """End one request with an error whose text is safe to show its caller: no exception text of internals
+        (that goes to the log, which never holds prompts)."""
+        self._finish(seq, "error", error=message)
 
     def _emit(self, seq: Sequence, text: str, finish_reason: str | None = None, error: str | None = None) -> None:
         seq.stream.put(GenerationOutput(
