@@ -1,6 +1,7 @@
 """Latency as a user of `make run` sees it: streaming completions through the gateway of a whole mesh started with
 the shipped defaults (gateway, scheduler, worker as separate processes), at 1 and 4 concurrent streams, with short
-and ~130-token prompts. Prints JSON: TTFT p50/p95, inter-token latency p50, and each row against its target.
+and ~130-token prompts. Prints JSON: TTFT p50/p95, inter-token latency p50, and each row against its target, with
+the CPU each part of the mesh spent per generated token (on a 2-core machine every hop competes with the engine).
 
     python bench/latency.py [--requests-per-stream 6] [--max-tokens 32] [--worker KEY=VALUE ...]
 
@@ -20,6 +21,7 @@ import tempfile
 import time
 
 import grpc
+import psutil
 import yaml
 from google.protobuf import wrappers_pb2 as w
 
@@ -36,6 +38,39 @@ LONG = ("Request {i}. " + "The history of mathematics spans many cultures, from 
         "papyri to Greek geometry, Indian numerals, Islamic algebra and the calculus of Newton and Leibniz. " * 4
         + "Summarise it in one sentence.")
 TARGETS = {("4", "short"): 200.0, ("4", "long"): 400.0}  # TTFT p95 ms (issue: engine speed)
+
+
+COMPONENTS = ("gateway", "scheduler", "worker", "registry", "etcd", "redis", "rest")
+
+
+def component(proc: psutil.Process) -> str:
+    """Which part of the mesh a process is, from its command line (`python -m llmserve.worker ...`, etcd, ...)."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "gone"
+    for name in COMPONENTS:
+        if f"llmserve.{name} " in cmdline or f"llmserve.{name}." in cmdline:
+            return name
+    for name in ("etcd", "redis", "rest"):
+        if name in cmdline.split(" ")[0]:
+            return name
+    return "launcher"
+
+
+def cpu_seconds(mesh: LocalMesh) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of the mesh, and by this client process."""
+    assert mesh.proc is not None
+    root = psutil.Process(mesh.proc.pid)
+    totals: dict[str, float] = {"client": sum(psutil.Process().cpu_times()[:2])}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        name = component(proc)
+        totals[name] = totals.get(name, 0.0) + times.user + times.system
+    return totals
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -62,22 +97,30 @@ async def stream_once(stub, metadata, prompt: str, max_tokens: int) -> tuple[flo
     return ttft, gaps
 
 
-async def row(stub, metadata, streams: int, template: str, args) -> dict:
+async def row(stub, metadata, streams: int, template: str, args, mesh: LocalMesh) -> dict:
     counter = iter(range(10**6))
 
     async def client() -> list[tuple[float, list[float]]]:
         return [await stream_once(stub, metadata, template.format(i=next(counter)), args.max_tokens)
                 for _ in range(args.requests_per_stream)]
 
+    cpu_before = cpu_seconds(mesh)
     started = time.perf_counter()
     results = [r for rs in await asyncio.gather(*(client() for _ in range(streams))) for r in rs]
     wall = time.perf_counter() - started
+    cpu_after = cpu_seconds(mesh)
+    tokens = len(results) * args.max_tokens
+    cpu_ms_per_token = {name: round((cpu_after[name] - cpu_before.get(name, 0.0)) * 1000 / tokens, 2)
+                        for name in cpu_after}
     ttfts = [t for t, _ in results]
     gaps = [g for _, gs in results for g in gs]
     return {"ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
             "ttft_p95_ms": round(percentile(ttfts, 0.95) * 1000, 1),
             "inter_token_p50_ms": round(statistics.median(gaps) * 1000, 1),
-            "tokens_per_s": round(len(results) * args.max_tokens / wall, 1), "requests": len(results)}
+            "tokens_per_s": round(tokens / wall, 1), "requests": len(results),
+            "cpu_ms_per_token": cpu_ms_per_token,
+            "cpu_share_of_machine": round(sum(cpu_after.values()) - sum(cpu_before.values()), 2)
+            / round(wall * psutil.cpu_count(), 2)}
 
 
 async def measure(args, mesh: LocalMesh) -> dict:
@@ -89,7 +132,7 @@ async def measure(args, mesh: LocalMesh) -> dict:
     rows: dict[str, dict] = {}
     for streams in (1, 4):
         for name, template in (("short", SHORT), ("long", LONG)):
-            result = await row(stub, metadata, streams, template, args)
+            result = await row(stub, metadata, streams, template, args, mesh)
             target = TARGETS.get((str(streams), name))
             if target is not None:
                 result["ttft_p95_target_ms"] = target

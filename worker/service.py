@@ -137,7 +137,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         model = self.models.get(task.model_version)
         if model is None:
             yield _error(task.request_id, grpc.StatusCode.UNAVAILABLE,
-                         f"worker {self.worker_id} does not serve model version {task.model_version!r}")
+                         f"the worker it was sent to does not serve model version {task.model_version!r}")
             return
         if task.deadline_unix_ms and time.time() * 1000 > task.deadline_unix_ms:
             yield _error(task.request_id, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the task started")
@@ -161,9 +161,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                              f"model {model.version.version!r} cannot run a {kind!r} task")
         except ServiceError as exc:
             yield _error(task.request_id, exc.code, exc.message)
-        except Exception as exc:  # a failing task must not take the stream down
+        except Exception:  # a failing task must not take the stream down
             log.exception("task failed", request_id=task.request_id)
-            yield _error(task.request_id, grpc.StatusCode.INTERNAL, f"worker error: {type(exc).__name__}: {exc}")
+            yield _error(task.request_id, grpc.StatusCode.INTERNAL,
+                         f"internal error in the worker running request {task.request_id}; it is logged there")
         finally:
             span.end()
 
