@@ -72,6 +72,8 @@ class SchedulerConfig:
     metrics_port: int = 9401  # Prometheus /metrics (0 disables it)
     max_queue_per_model: int = 4096  # queued tasks per model beyond which new ones get RESOURCE_EXHAUSTED
     aging_s: float = 2.0  # a waiting task climbs one priority class per this many seconds, so none starves
+    max_backlog_per_request: int = 1024  # outputs buffered for a caller that is not reading; beyond: cancelled
+    slow_consumer_timeout_s: float = 30.0  # a caller with unread outputs this long is cancelled (worker freed)
 
 
 @dataclass

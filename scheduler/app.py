@@ -20,8 +20,9 @@ class SchedulerApp:
         self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,
                                  on_workers_change=self._members_changed)
         self.service = Service("scheduler", cfg.host, cfg.port, [scheduler_service_name()])
-        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(SchedulerServicer(self.dispatcher),
-                                                                  self.service.server)
+        servicer = SchedulerServicer(self.dispatcher, max_backlog=cfg.max_backlog_per_request,
+                                     slow_consumer_timeout_s=cfg.slow_consumer_timeout_s)
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, self.service.server)
 
     def _members_changed(self) -> None:
         self.dispatcher.sync_members(self.view.worker_members())

@@ -29,10 +29,31 @@ class Entry:
     outbox: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     worker: WorkerConnection | None = None  # once dispatched
     is_done: bool = False
+    # Back-pressure: outputs buffered for a submitter that has stopped reading (its client stopped reading, so
+    # gRPC flow control holds the Submit stream) are bounded; beyond max_backlog outputs, or with any backlog
+    # unread for slow_consumer_timeout_s, the request is cancelled so that the worker stops generating for nobody.
+    max_backlog: int = 1024
+    slow_consumer_timeout_s: float = 30.0
+    last_read: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:
         return self.task.request_id
+
+    def deliver(self, item: typing.Any) -> bool:
+        """Queue an output for the submitter; False (and nothing queued) when it is too far behind."""
+        backlog = self.outbox.qsize()
+        if backlog >= self.max_backlog or (
+                backlog and time.monotonic() - self.last_read > self.slow_consumer_timeout_s):
+            return False
+        self.outbox.put_nowait(item)
+        return True
+
+    async def read(self) -> typing.Any:
+        """The submitter's next item (noting when it last read, for deliver())."""
+        item = await self.outbox.get()
+        self.last_read = time.monotonic()
+        return item
 
 
 class ModelQueue:

@@ -18,8 +18,9 @@ tracer = tracing.tracer(__name__)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, dispatcher: Dispatcher):
+    def __init__(self, dispatcher: Dispatcher, *, max_backlog: int = 1024, slow_consumer_timeout_s: float = 30.0):
         self.dispatcher = dispatcher
+        self.max_backlog, self.slow_consumer_timeout_s = max_backlog, slow_consumer_timeout_s
 
     async def Submit(self, request_iterator, context) -> typing.AsyncIterator[scheduler_pb2.SubmitResponse]:
         first = await anext(aiter(request_iterator), None)
@@ -29,7 +30,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not task.request_id or not task.model_version or task.WhichOneof("input") is None:
             raise invalid_argument("task.request_id, task.model_version and task input are required")
         try:
-            entry = Entry(task, priority=priority.from_pb(task.priority))
+            entry = Entry(task, priority=priority.from_pb(task.priority), max_backlog=self.max_backlog,
+                          slow_consumer_timeout_s=self.slow_consumer_timeout_s)
         except ValueError as exc:
             raise invalid_argument(f"task.{exc}") from None
         span = tracer.start_span("SchedulerService/Submit", kind=trace.SpanKind.SERVER,
@@ -56,7 +58,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         finished = False
         try:
             while True:
-                item = await entry.outbox.get()
+                item = await entry.read()
                 if isinstance(item, ServiceError):
                     finished = True
                     span.set_status(trace.Status(trace.StatusCode.ERROR, item.code.name))

@@ -59,6 +59,16 @@ class WorkerConnection:
             self._outbox.put_nowait(worker_pb2.ServeRequest(cancel=task_pb2.CancelTask(request_id=entry.request_id)))
             self._finish(entry)
 
+    def _drop_slow_consumer(self, entry: Entry) -> None:
+        """The submitter stopped reading: cancel the request on the worker instead of buffering for nobody."""
+        log.warning("caller stopped reading the stream; request cancelled", request_id=entry.request_id,
+                    backlog=entry.outbox.qsize())
+        entry.outbox.put_nowait(ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the stream was not read for {entry.slow_consumer_timeout_s:g} s or fell {entry.max_backlog} outputs "
+            "behind; the request was cancelled (read streams as they arrive)"))
+        self.cancel(entry)
+
     def _finish(self, entry: Entry) -> None:
         if self.entries.pop(entry.request_id, None) is not None:
             self.num_inflight[entry.task.model_version] -= 1
@@ -82,8 +92,9 @@ class WorkerConnection:
                     entry = self.entries.get(output.request_id)
                     if entry is None:
                         continue  # cancelled here already
-                    entry.outbox.put_nowait(output)
-                    if output.finished:
+                    if not entry.deliver(output):
+                        self._drop_slow_consumer(entry)
+                    elif output.finished:
                         self._finish(entry)
                 else:
                     self.load = {m.model_version: m for m in message.load.models}

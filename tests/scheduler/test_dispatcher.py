@@ -200,3 +200,44 @@ def test_aging_bounds_how_long_a_batch_task_waits_behind_interactive_traffic():
     queue.fifos[2][0].enqueued = now - 3 * aging_s - 0.5  # one more aging period: it outranks fresh interactive
     assert queue.pop() is batch
     assert [queue.pop().request_id for _ in range(2)] == ["i1", "i2"] and queue.pop() is None
+
+
+def _token(request_id: str, text: str = "x") -> worker_pb2.ServeResponse:
+    return worker_pb2.ServeResponse(output=task_pb2.TaskOutput(request_id=request_id, text_delta=text))
+
+
+async def test_a_caller_that_stops_reading_is_cancelled_on_the_worker_instead_of_buffered(harness):
+    w = harness.workers(a=4)["a"]
+    entry = harness.submit("slow")
+    entry.max_backlog = 50
+    await settle()
+    assert w.task_ids == ["slow"]
+    for _ in range(200):  # the worker generates; nobody reads
+        w.responses.put_nowait(_token("slow"))
+    await settle()
+    # bounded: the backlog stopped at the limit (+ the dispatched note and the error), and the worker was told
+    assert entry.outbox.qsize() <= 52
+    cancels = [r.cancel.request_id for r in w.sent if r.WhichOneof("kind") == "cancel"]
+    assert cancels == ["slow"]
+    assert w.room(MODEL) == 4  # its slot is free again
+    items = [entry.outbox.get_nowait() for _ in range(entry.outbox.qsize())]
+    assert isinstance(items[-1], ServiceError) and items[-1].code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "not read" in items[-1].message
+
+
+async def test_a_backlog_left_unread_past_the_timeout_cancels_but_a_reader_keeps_going(harness):
+    w = harness.workers(a=4)["a"]
+    slow, fast = harness.submit("slow"), harness.submit("fast")
+    slow.slow_consumer_timeout_s = fast.slow_consumer_timeout_s = 0.2
+    await settle()
+    await fast.read()  # the dispatched note
+    w.responses.put_nowait(_token("slow"))
+    await settle()
+    await asyncio.sleep(0.3)
+    for _ in range(10):
+        w.responses.put_nowait(_token("slow"))
+        w.responses.put_nowait(_token("fast"))
+        await settle()
+        assert isinstance(await fast.read(), task_pb2.TaskOutput)  # read as it arrives: never cancelled
+    cancels = [r.cancel.request_id for r in w.sent if r.WhichOneof("kind") == "cancel"]
+    assert cancels == ["slow"]
