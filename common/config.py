@@ -26,7 +26,11 @@ class EtcdConfig:
 
 @dataclass
 class RedisConfig:
-    url: str = "redis://127.0.0.1:6379/0"  # response cache and usage counters; losing it never stops serving
+    # Accounting: rate-limit windows, budget reservations and spend, usage. Run it without eviction and with
+    # persistence (noeviction + AOF): losing it loses money. Gateways journal what it does not confirm.
+    url: str = "redis://127.0.0.1:6379/0"
+    # The response cache: disposable (an LRU Redis may evict it, losing it costs only hits). Empty: `url`.
+    cache_url: str = ""
     timeout_s: float = 0.25  # per-call timeout; past it the call counts as a Redis failure
     max_connections: int = 64  # connection pool size (a blocking pool: callers wait, never fail)
 
@@ -53,13 +57,25 @@ class GatewayConfig:
     # the model's context and is refused before it is tokenized; no served tokenizer has a token over 81 bytes.
     max_prompt_bytes_per_token: int = 128
     response_cache_max_entry_bytes: int = 1024 * 1024  # larger responses are not written to the response cache
-    limits_fail_open: bool = True  # Redis unreachable: admit without rate limits (true) or refuse (false)
+    # Redis unreachable: admit without request and token limits (true) or refuse (false). Budgets always fail
+    # closed: a tenant with a budget is refused (UNAVAILABLE) while its spend cannot be checked.
+    limits_fail_open: bool = True
+    # Accounting operations Redis did not confirm (settlements, usage flushes) are appended here, durably, and
+    # replayed once it answers; one file per running gateway, adopted by the next gateway that starts.
+    journal_dir: str = ".llmserve/journal"
+    # A budget reservation expires this long after its last renewal (the gateway renews those of running
+    # requests every third of it); the reaper then releases the reservations of a gateway that died.
+    reservation_ttl_s: float = 60.0
 
     def validate(self) -> None:
         for name in ("max_n", "max_prompts", "max_sequences_per_request", "max_embedding_inputs", "max_stop_length",
                      "max_messages", "max_model_length", "max_user_length", "max_prompt_bytes_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 1")
+        if self.reservation_ttl_s <= 0:
+            raise ValueError(f"gateway.reservation_ttl_s={self.reservation_ttl_s} must be > 0")
+        if not self.journal_dir:
+            raise ValueError("gateway.journal_dir must name a directory")
         for name in ("max_stop", "response_cache_max_entry_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 0")
@@ -88,6 +104,7 @@ class WorkerConfig:
     device: str = "cpu"  # torch device ("cpu", "cuda", "cuda:1")
     dtype: str = "auto"  # torch dtype of generation models: float32, bfloat16, float16, or auto (bf16 on CUDA and
     # on CPUs with AMX, else float32)
+    quantization: str = ""  # "" (none) or "int8": int8 weight-only linears for small batches (bf16 activations)
     max_num_seqs: int = 16  # sequences batched together per generation model
     max_num_batched_tokens: int = 512  # tokens computed per engine step (prompt chunks + decodes)
     block_size: int = 16  # tokens per KV-cache block
@@ -113,7 +130,37 @@ class RestConfig:
     gateway_address: str = "127.0.0.1:50051"  # the gRPC gateway it transcodes to
     # Larger request bodies get 413; the gateway refuses larger gRPC requests too (INVALID_ARGUMENT, unparsed).
     max_body_bytes: int = 4 * 1024 * 1024
+    # What one client can hold (slowloris and the like). Timeouts in seconds, 0: none. Requests to /v1/* without
+    # an `Authorization: Bearer <token>` header get 401 before their body is read (the gateway checks the key).
+    read_header_timeout_s: float = 10.0  # headers must arrive within this, from their first byte
+    read_timeout_s: float = 60.0  # the whole request, headers and body, must arrive within this
+    # Per write, not per response: each write (a JSON body, one stream event) must complete within this, so a
+    # client that stops reading is cut off while a stream that is read lasts as long as generation does.
+    write_timeout_s: float = 60.0
+    idle_timeout_s: float = 120.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 64 * 1024  # larger request headers get 431
+    # Requests in flight at once (streams included, /health not); beyond it 503 with Retry-After. 0: no limit.
+    max_concurrent_requests: int = 256
     binary: str = "deploy/rest/bin/llmserve-rest"  # built by `make rest` (part of `make install`)
+
+    def validate(self) -> None:
+        for name in ("read_header_timeout_s", "read_timeout_s", "write_timeout_s", "idle_timeout_s",
+                     "max_concurrent_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rest.{name}={getattr(self, name)} must be >= 0 (0: no limit)")
+        for name in ("max_body_bytes", "max_header_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rest.{name}={getattr(self, name)} must be >= 1")
+
+    def flags(self) -> list[str]:
+        """The sidecar binary's command-line flags for these settings (listen address and gateway aside)."""
+        def ms(seconds: float) -> str:  # Go durations; never an exponent
+            return f"{round(seconds * 1000)}ms"
+        return ["--max-body-bytes", str(self.max_body_bytes),
+                "--read-header-timeout", ms(self.read_header_timeout_s), "--read-timeout", ms(self.read_timeout_s),
+                "--write-timeout", ms(self.write_timeout_s), "--idle-timeout", ms(self.idle_timeout_s),
+                "--max-header-bytes", str(self.max_header_bytes),
+                "--max-concurrent-requests", str(self.max_concurrent_requests)]
 
 
 @dataclass

@@ -56,15 +56,34 @@ def cost_micro_usd(prompt_tokens: int, completion_tokens: int, price_prompt_1k: 
                      - 1e-9)
 
 
-async def record(client, rows: typing.Mapping[tuple[str, str, str, str], typing.Mapping[str, int]]) -> None:
-    """Adds counters in one round trip. rows: (tenant, day, key_id, version) -> {counter: amount}."""
+FLUSH_MARKER_TTL_S = 7 * 86400  # how long a flush id is remembered (a replay within it counts once)
+USAGE_TTL_S = 400 * 86400
+
+# KEYS: usage hash, flush marker (same cluster slot: "{<usage key>}:flush:<id>"). ARGV: marker ttl, hash ttl,
+# then field, amount pairs. Adds the amounts unless this flush id was applied before; 1 if applied now.
+RECORD = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
+for i = 3, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+
+
+async def record(client, rows: typing.Mapping[tuple[str, str, str, str], typing.Mapping[str, int]],
+                 flush_id: str) -> None:
+    """Adds counters in one round trip, at most once per flush_id (a flush that timed out after Redis applied
+    it, sent again, adds nothing). rows: (tenant, day, key_id, version) -> {counter: amount}."""
+    per_hash: dict[str, list[str | int]] = {}
+    for (tenant, day, key_id, version), counts in rows.items():
+        fields = per_hash.setdefault(f"llmserve:usage:{tenant}:{day}", [])
+        for name, value in counts.items():
+            if value:
+                fields += [f"{key_id}|{version}|{name}", int(value)]
+    script = client.register_script(RECORD)
     async with client.pipeline(transaction=False) as pipe:
-        for (tenant, day, key_id, version), counts in rows.items():
-            key = f"llmserve:usage:{tenant}:{day}"
-            for name, value in counts.items():
-                if value:
-                    pipe.hincrby(key, f"{key_id}|{version}|{name}", value)
-            pipe.expire(key, 400 * 86400)
+        for key, fields in per_hash.items():
+            await script(keys=[key, f"{{{key}}}:flush:{flush_id}"],
+                         args=[FLUSH_MARKER_TTL_S, USAGE_TTL_S, *fields], client=pipe)
         await pipe.execute()
 
 

@@ -11,6 +11,7 @@ from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
 from llmserve.gateway.edge import Edge
+from llmserve.gateway.journal import Journal
 from llmserve.gateway.limits import Limiter
 from llmserve.gateway.pipeline import Pipeline
 from llmserve.gateway.scheduler_client import SchedulerClient
@@ -25,13 +26,18 @@ class GatewayApp:
         cfg = config.gateway
         self.client = etcd.connect(config.etcd)
         self.view = RegistryView(self.client, config.etcd.prefix, watch_keys=True)
-        self.redis = redisconn.connect(config.redis)
+        self.redis = redisconn.connect(config.redis)  # accounting: limits, spend, usage
+        self.cache_redis = redisconn.connect(config.redis, "cache")  # the response cache, disposable
+        self.journal = Journal(cfg.journal_dir)
         self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
         self.tokens = TokenCounter()
-        self.edge = Edge(self.view, Limiter(self.redis, fail_open=cfg.limits_fail_open), self.redis)
-        pipeline = Pipeline(cfg, self.view, SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)),
-                            ResponseCache(self.redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes),
-                            self.edge, self.tokens)
+        limiter = Limiter(self.redis, fail_open=cfg.limits_fail_open, journal=self.journal,
+                          reservation_ttl_s=cfg.reservation_ttl_s)
+        self.edge = Edge(self.view, limiter, self.redis, self.journal, reservation_ttl_s=cfg.reservation_ttl_s)
+        cache = ResponseCache(self.cache_redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes)
+        self.pipeline = pipeline = Pipeline(
+            cfg, self.view, SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)), cache,
+            self.edge, self.tokens)
         # A request the REST sidecar would refuse as too large is refused over gRPC too, before it is parsed.
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()],
                                max_request_bytes=config.rest.max_body_bytes)
@@ -39,15 +45,17 @@ class GatewayApp:
             InferenceServicer(pipeline, self.view, self.edge), self.service.server)
 
     async def start(self) -> int:
+        self.journal.open()  # what a predecessor could not confirm is replayed by the accounting loop
         await self.view.start()
         self.tokens.warm(self.view.versions.snapshot.values())
-        self.edge.usage.start()
+        self.edge.start()
         return await self.service.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.service.stop(grace_s)
-        await self.edge.usage.stop()
+        await self.edge.stop()  # settles what the stopped streams left, flushes usage, closes the journal
         await self.view.stop()
         await self.channel.close()
         await self.redis.aclose()
+        await self.cache_redis.aclose()
         await self.client.close()

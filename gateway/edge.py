@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import fnmatch
+import time
+import typing
+import uuid
 
 import grpc
 import structlog
@@ -15,9 +19,13 @@ from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
 from llmserve.common import priority as priority_class
 from llmserve.common import usage
 from llmserve.common.errors import ServiceError, unauthenticated
+from llmserve.common.logs import get_logger
 from llmserve.common.state.views import RegistryView
 from llmserve.gateway import metrics
-from llmserve.gateway.limits import Limit, Limiter, LimitExceeded, Reservation, retry_after_header
+from llmserve.gateway.journal import Journal
+from llmserve.gateway.limits import RESERVATIONS_SUFFIX, Limit, Limiter, LimitExceeded, Reservation, retry_after_header
+
+log = get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,48 +36,122 @@ class Caller:
 
 class UsageBuffer:
     """Sums usage in memory and writes it to Redis in one pipeline every `interval_s` (not one round trip per
-    request: the cache-hit path is dominated by round trips). Each request is counted exactly once; a crash can
-    lose at most one interval, and stop() flushes."""
+    request: the cache-hit path is dominated by round trips). Each flush has an id that Redis records with the
+    increments, so a flush sent again after a timeout adds nothing; a flush Redis did not confirm goes to the
+    journal and is replayed from there. A crash can lose at most one interval; stop() flushes."""
 
-    def __init__(self, redis_client, interval_s: float = 0.5):
+    def __init__(self, redis_client, journal: Journal, interval_s: float = 0.5):
         self.redis = redis_client
+        self.journal = journal
         self.interval_s = interval_s
         self.pending: dict[tuple[str, str, str, str], collections.Counter[str]] = collections.defaultdict(
             collections.Counter)
-        self._task: asyncio.Task | None = None
+        journal.on("usage", self._replay)
 
     def add(self, tenant: str, key_id: str, version: str, counts: dict[str, int]) -> None:
         self.pending[(tenant, usage.today().isoformat(), key_id, version)].update(counts)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="usage flush")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.flush()
 
     async def flush(self) -> None:
         if not self.pending:
             return
         rows, self.pending = self.pending, collections.defaultdict(collections.Counter)
+        flush_id = uuid.uuid4().hex
         try:
-            await usage.record(self.redis, rows)
+            # Shielded: a flush interrupted by a cancellation still completes (or is journaled) in its task.
+            await asyncio.shield(self._send(rows, flush_id))
+        except Exception:
+            pass  # journaled by _send
+
+    async def _send(self, rows, flush_id: str) -> None:
+        try:
+            await usage.record(self.redis, rows, flush_id)
         except Exception:
             metrics.REDIS_ERRORS.labels("usage").inc()
-            for row, counts in rows.items():
-                self.pending[row].update(counts)
+            self.journal.append({"op": "usage", "id": flush_id,
+                                 "rows": [[*row, dict(counts)] for row, counts in rows.items()]})
+            raise
 
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-        await self.flush()
+    async def _replay(self, entry: dict) -> None:
+        await usage.record(self.redis, {tuple(r[:4]): r[4] for r in entry["rows"]}, entry["id"])
 
 
 class Edge:
-    def __init__(self, view: RegistryView, limiter: Limiter, redis_client):
-        self.view, self.limiter = view, limiter
-        self.usage = UsageBuffer(redis_client)
+    def __init__(self, view: RegistryView, limiter: Limiter, redis_client, journal: Journal,
+                 reservation_ttl_s: float = 60.0):
+        self.view, self.limiter, self.journal = view, limiter, journal
+        self.usage = UsageBuffer(redis_client, journal)
+        self.reservation_ttl_s = reservation_ttl_s
+        self.open: dict[str, Reservation] = {}  # admitted and not yet settled, by request id
+        self._settling: set[asyncio.Task] = set()  # settlements (and releases) in flight
+        self._task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
+    # ---- background: usage flushes, journal replay, reservation renewal, the reaper ----
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="accounting")
+
+    async def _run(self) -> None:
+        renewed = reaped = time.monotonic()
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.usage.interval_s)
+            await self.usage.flush()
+            if self.journal.entries:
+                await self.journal.replay()
+            now = time.monotonic()
+            if now - renewed >= self.reservation_ttl_s / 3:
+                renewed = now
+                await self.limiter.renew(list(self.open.values()))
+            if now - reaped >= self.reservation_ttl_s:
+                reaped = now
+                try:
+                    await self.limiter.reap()
+                except Exception as exc:
+                    metrics.REDIS_ERRORS.labels("limits").inc()
+                    log.warning("reservation reaper failed; retrying later", error=type(exc).__name__)
+
+    async def stop(self, settle_timeout_s: float = 2.0) -> None:
+        """After the server stopped: settles what is still open (handlers cancelled by the server's stop settle
+        their own; any left over is charged as reserved), flushes usage, replays the journal once, closes it."""
+        deadline = time.monotonic() + settle_timeout_s
+        while self.open and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for reservation in list(self.open.values()):
+            log.warning("settling a reservation at its reserved amount at shutdown", request=reservation.request_id)
+            self._track(self._settle(reservation, {}))
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=max(0.1, deadline - time.monotonic()))
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await self.usage.flush()
+        if self.journal.entries:
+            await self.journal.replay()
+        self.journal.close()
+
+    def _track(self, coro: typing.Coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        return task
+
+    async def _settle(self, reservation: Reservation, actual: dict[str, int]) -> None:
+        try:
+            await self.limiter.reconcile(reservation, actual)  # journaled there if Redis does not confirm
+        finally:
+            self.open.pop(reservation.request_id, None)
+
+    async def _release_when_admitted(self, admission: asyncio.Future) -> None:
+        """The request was cancelled while its admission ran: give back whatever it reserved."""
+        try:
+            reservation = await admission
+        except Exception:
+            return
+        if reservation is not None:
+            await self._settle(reservation, {lim.name: 0 for lim in reservation.limits})
 
     def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
         header = dict(context.invocation_metadata()).get("authorization", "")
@@ -127,20 +209,29 @@ class Edge:
                   for name, k, limit, amount, measure in window]
         if tenant.budget_usd > 0:
             period = usage.period_name(tenant.budget_period)
+            spend = usage.spend_key(tenant.name, period)
             limits.append(Limit(f"{period}ly budget of tenant {tenant.name}", "c",
-                                (usage.spend_key(tenant.name, period),), round(tenant.budget_usd * usage.MICRO),
+                                (spend, spend + RESERVATIONS_SUFFIX), round(tenant.budget_usd * usage.MICRO),
                                 cost_micro, measure="cost", ttl_s=usage.period_seconds_left(period)))
         return limits
 
     async def admit(self, caller: Caller, request_id: str, version: registry_pb2.ModelVersion,
                     prompt_tokens: int, max_completion_tokens: int) -> Reservation | None:
         """Reserves requests, prompt + max completion tokens and their highest cost, or raises
-        RESOURCE_EXHAUSTED with a retry-after. None: Redis failed and the policy is fail open."""
+        RESOURCE_EXHAUSTED with a retry-after. None: Redis failed and the policy is fail open (never for a tenant
+        with a budget: budgets fail closed). A reservation returned is settled by settle(), whatever happens."""
         tokens = prompt_tokens + max_completion_tokens
         cost = usage.cost_micro_usd(prompt_tokens, max_completion_tokens, version.price_per_1k_prompt_tokens,
                                     version.price_per_1k_completion_tokens)
+        limits = self._limits(caller, tokens, cost)
+        # Shielded: a cancellation while the script runs lets it finish, then gives back what it reserved.
+        admission = asyncio.ensure_future(
+            self.limiter.admit(request_id, limits, f"llmserve:rl:{{{caller.tenant.name}}}"))
         try:
-            reservation = await self.limiter.admit(request_id, self._limits(caller, tokens, cost))
+            reservation = await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            self._track(self._release_when_admitted(admission))
+            raise
         except LimitExceeded as exc:
             metrics.LIMITED.labels(exc.limit.measure).inc()
             if exc.retry_after_s is None:
@@ -157,20 +248,35 @@ class Edge:
         except ServiceError:
             raise
         except Exception:
+            if any(lim.kind == "c" and lim.limit > 0 for lim in limits):
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                   f"the budget of tenant {caller.tenant.name!r} cannot be checked (Redis is "
+                                   "unavailable) and budgets fail closed; retry") from None
             raise ServiceError(grpc.StatusCode.UNAVAILABLE,
                                "the rate limiter is unavailable (Redis) and the policy is to fail closed; retry"
                                ) from None
+        if reservation is not None:
+            if any(lim.amount > 0 and lim.measure != "requests" for lim in reservation.limits):
+                self.open[request_id] = reservation
+            else:  # only request counts (a cache hit): nothing to reconcile, nothing that could leak
+                reservation.settled = True
         return reservation
+
+    @staticmethod
+    def cost(version: registry_pb2.ModelVersion, prompt_tokens: int, completion_tokens: int) -> int:
+        """The real cost in micro-USD."""
+        return usage.cost_micro_usd(prompt_tokens, completion_tokens, version.price_per_1k_prompt_tokens,
+                                    version.price_per_1k_completion_tokens)
 
     async def settle(self, reservation: Reservation | None, version: registry_pb2.ModelVersion,
                      prompt_tokens: int, completion_tokens: int) -> int:
-        """Reconciles the reservation to what was computed; returns the real cost in micro-USD."""
-        cost = usage.cost_micro_usd(prompt_tokens, completion_tokens, version.price_per_1k_prompt_tokens,
-                                    version.price_per_1k_completion_tokens)
-        amounts = {"tokens": prompt_tokens + completion_tokens, "cost": cost}
-        if reservation is not None:
-            await self.limiter.reconcile(reservation, {
-                lim.name: amounts[lim.measure] for lim in reservation.limits if lim.measure in amounts})
+        """Reconciles the reservation to what was computed; returns the real cost in micro-USD. The settlement
+        runs in its own task: a cancellation of the caller does not stop it, and stop() waits for it."""
+        cost = self.cost(version, prompt_tokens, completion_tokens)
+        if reservation is not None and reservation.limits and not reservation.settled:
+            amounts = {"tokens": prompt_tokens + completion_tokens, "cost": cost}
+            await asyncio.shield(self._track(self._settle(reservation, {
+                lim.name: amounts[lim.measure] for lim in reservation.limits if lim.measure in amounts})))
         return cost
 
     def record(self, caller: Caller, version: str, *, prompt_tokens: int, completion_tokens: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pathlib
+import tempfile
 
 import pytest
 
@@ -62,6 +63,7 @@ def _config(etcd, redis_srv) -> MeshConfig:
     config.etcd.port = etcd.port
     config.etcd.prefix = f"/test{next(_prefixes)}"
     config.redis.url = f"redis://127.0.0.1:{redis_srv.port}/0"
+    config.gateway.journal_dir = tempfile.mkdtemp(prefix="llmserve-journal-")
     for section in (config.gateway, config.scheduler, config.worker, config.registry):
         section.port = 0
         section.metrics_port = 0

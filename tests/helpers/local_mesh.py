@@ -36,7 +36,7 @@ class LocalMesh:
         self.config_path.write_text(yaml.safe_dump({
             "etcd": {"port": p["etcd"]},
             "redis": {"url": f"redis://127.0.0.1:{p['redis']}/0"},
-            "gateway": {"port": p["gateway"], "metrics_port": m["gateway"],
+            "gateway": {"port": p["gateway"], "metrics_port": m["gateway"], "journal_dir": str(self.state / "journal"),
                         "scheduler_address": f"127.0.0.1:{p['scheduler']}"},
             "scheduler": {"port": p["scheduler"], "metrics_port": m["scheduler"]},
             "worker": {"port": p["worker"], "metrics_port": m["worker"],
