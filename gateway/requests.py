@@ -133,7 +133,7 @@ class GenerationCall:
                                        f"context length of {context} tokens of model {version.version!r}: set "
                                        f"max_tokens to at most {context - num_prompt} or shorten the {field}")
 
-    def to_tasks(self, request_id: str, version: str) -> list[task_pb2.Task]:
+    def to_tasks(self, request_id: str, version: str, cache_salt: str = "") -> list[task_pb2.Task]:
         """One task per sequence, ids <request id>-<choice index> (choice index = input * n + choice). The
         scheduler's unit is one sequence, so each choice carries the input; it is built once per input and
         copied (in C) into the tasks of its choices, which differ only in their sampling seed."""
@@ -145,7 +145,7 @@ class GenerationCall:
                 gen = task_pb2.GenerateInput(prompt=self.prompts[i])
             for j in range(self.n):
                 task = task_pb2.Task(request_id=f"{request_id}-{i * self.n + j}", model_version=version,
-                                     priority=priority.to_pb(self.priority), generate=gen)
+                                     priority=priority.to_pb(self.priority), generate=gen, cache_salt=cache_salt)
                 task.generate.sampling.CopyFrom(self.sampling.to_pb(j))
                 tasks.append(task)
         return tasks
@@ -190,8 +190,8 @@ class EmbeddingCall:
                 raise invalid_argument(f"input[{i}] is {n} tokens, but model {version.version!r} accepts at most "
                                        f"{version.context_length}: shorten or split it")
 
-    def to_tasks(self, request_id: str, version: str) -> list[task_pb2.Task]:
-        return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version,
+    def to_tasks(self, request_id: str, version: str, cache_salt: str = "") -> list[task_pb2.Task]:
+        return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version, cache_salt=cache_salt,
                               priority=priority.to_pb(self.priority), embed=task_pb2.EmbedInput(texts=self.inputs))]
 
 

@@ -357,6 +357,30 @@ async def test_shared_prompt_prefix_is_served_from_the_workers_prefix_cache(mesh
     assert second.usage.prompt_tokens_details.cached_tokens % block == 0
 
 
+async def test_prefix_cache_hits_count_only_for_the_tenant_that_computed_the_blocks(mesh):
+    from llmserve.admin.v1 import tenants_pb2 as tpb
+    await mesh.tenants.CreateTenant(tpb.CreateTenantRequest(tenant=tpb.Tenant(name="other-tenant")))
+    created = await mesh.tenants.CreateApiKey(tpb.CreateApiKeyRequest(tenant="other-tenant"))
+    other = (("authorization", f"Bearer {created.key}"),)
+    assert await mesh.gateway.view.tenants.wait_for(lambda s: "other-tenant" in s, 5)
+    assert await mesh.gateway.view.keys.wait_for(lambda s: created.api_key.key_hash in s, 5)
+    request = completion(prompt="A confidential memo about the merger of two large companies next spring. " * 4,
+                         skip_cache=True)
+    first = await mesh.stub.CreateCompletion(request, metadata=mesh.auth)
+    # Another tenant sending the same prompt computes it all: its usage does not reveal that the prompt was sent.
+    intruder = await mesh.stub.CreateCompletion(request, metadata=other)
+    repeat = await mesh.stub.CreateCompletion(request, metadata=mesh.auth)
+    intruder_repeat = await mesh.stub.CreateCompletion(request, metadata=other)
+    block = mesh.config.worker.block_size
+    assert first.usage.prompt_tokens == intruder.usage.prompt_tokens > 3 * block
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert intruder.usage.prompt_tokens_details.cached_tokens == 0
+    # Each tenant's own repeat is served from its own blocks, with the same text.
+    assert repeat.usage.prompt_tokens_details.cached_tokens >= 3 * block
+    assert intruder_repeat.usage.prompt_tokens_details.cached_tokens >= 3 * block
+    assert first.choices == intruder.choices == repeat.choices == intruder_repeat.choices
+
+
 async def test_metrics_expose_latency_and_kv_cache(mesh):
     from prometheus_client import REGISTRY
     await mesh.stub.CreateCompletion(completion(max_tokens=w.Int32Value(value=4), ignore_eos=True, skip_cache=True),

@@ -192,7 +192,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                    f"to at most {context - num_prompt} or shorten the {field}")
             max_tokens = context - num_prompt
         request = GenerationRequest(task.request_id, prompt_ids, sampling_from_pb(s, max_tokens),
-                                    priority=priority.from_pb(task.priority))
+                                    priority=priority.from_pb(task.priority), cache_salt=task.cache_salt)
         labels = (model.version.version,)
         metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
         async for out in engine.generate(request):

@@ -33,6 +33,8 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: Priority = 2
+    # Prefix-cache partition (the tenant): cached KV is shared only between requests with equal salts. Never logged.
+    cache_salt: str = ""
 
 
 @dataclass

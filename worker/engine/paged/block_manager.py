@@ -1,35 +1,47 @@
 """The paged KV cache: fixed-size blocks of token slots, the block manager that hands them out, and the tensors.
 
-Prefix caching: once a block is full and its K/V computed, it is keyed by a hash chain over its tokens and the
-hash of the block before it, so equal keys mean equal tokens from the start of the sequence. A later sequence
-whose prompt starts with the same full blocks takes them by reference count instead of recomputing them.
+Prefix caching: once a block is full and its K/V computed, it is keyed by a SHA-256 chain that starts from the
+sequence's cache salt (its tenant) and covers every token from the start of the sequence, so equal keys mean the
+same tenant and the same tokens up to the block's end. A later sequence of the same tenant whose prompt starts
+with the same full blocks takes them by reference count instead of recomputing them; another tenant's equal
+prompt shares nothing, so cached_tokens never tell one tenant what another has sent. The keys are a function of
+(salt, prefix tokens) only, equal in every process (see `chain_start` and `hash_block`).
 Free blocks wait in an LRU list: uncached ones are reused first, then cached ones least recently freed, and
 reusing a cached block evicts its key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 from collections import OrderedDict
 
 import torch
 
 from .sequence import Sequence
 
+CHAIN_DOMAIN = b"llmserve.kv-prefix.v1\x00"
 
-def hash_block(prev_hash: int | None, token_ids: list[int]) -> int:
-    # Python's hash of a tuple of ints is not salted per process, and equal chains give equal keys.
-    return hash((prev_hash, tuple(token_ids)))
+
+def chain_start(cache_salt: str) -> bytes:
+    """The digest a sequence's chain starts from: SHA-256 of the domain tag and the UTF-8 salt."""
+    return hashlib.sha256(CHAIN_DOMAIN + cache_salt.encode()).digest()
+
+
+def hash_block(prev: bytes, token_ids: list[int]) -> bytes:
+    """Key of a full block: SHA-256 of the previous block's key (or `chain_start`) and the block's token ids as
+    little-endian uint32. Stable across processes and machines, so a router can compute or compare it."""
+    return hashlib.sha256(prev + struct.pack(f"<{len(token_ids)}I", *token_ids)).digest()
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash: int | None = None  # set once the block is full and computed
-        self.token_ids: list[int] = []  # kept with the hash, so a hash collision never shares wrong K/V
+        self.hash: bytes | None = None  # set once the block is full and computed
 
 
 class BlockManager:
@@ -39,7 +51,7 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = reused first
         self.num_prefix_hit_tokens = 0  # prompt tokens served from the cache, over the manager's life
 
@@ -54,6 +66,15 @@ class BlockManager:
 
     # ---- prefix cache ----
 
+    def block_hash(self, seq: Sequence, i: int) -> bytes:
+        """Key of the sequence's full block i, hashed once per block and kept on the sequence (its tokens never
+        change; a preempted sequence keeps them)."""
+        hashes = seq.block_hashes
+        while len(hashes) <= i:
+            prev = hashes[-1] if hashes else chain_start(seq.cache_salt)
+            hashes.append(hash_block(prev, seq.block_tokens(len(hashes), self.block_size)))
+        return hashes[i]
+
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks equal to the sequence's leading full blocks.
 
@@ -61,12 +82,10 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        hits, prev = [], None
+        hits = []
         for i in range((seq.num_tokens - 1) // self.block_size):
-            tokens = seq.block_tokens(i, self.block_size)
-            prev = hash_block(prev, tokens)
-            block_id = self.hash_to_block.get(prev)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self.hash_to_block.get(self.block_hash(seq, i))
+            if block_id is None:
                 break
             hits.append(block_id)
         return hits
@@ -75,18 +94,14 @@ class BlockManager:
         """Key the sequence's full, computed blocks so that later sequences can share them."""
         if not self.enable_prefix_caching:
             return
-        prev = None
         for i in range(min(seq.num_computed_tokens // self.block_size, len(seq.block_table))):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                tokens = seq.block_tokens(i, self.block_size)
-                key = hash_block(prev, tokens)
+                key = self.block_hash(seq, i)
                 if key in self.hash_to_block:  # an identical block computed by another sequence: keep that one
-                    prev = key
                     continue
-                block.hash, block.token_ids = key, tokens
+                block.hash = key
                 self.hash_to_block[key] = block.block_id
-            prev = block.hash
 
     # ---- the verbs the scheduler uses ----
 
@@ -137,7 +152,7 @@ class BlockManager:
             if block.hash is not None:  # evict the least recently freed cached block
                 if self.hash_to_block.get(block.hash) == block_id:
                     del self.hash_to_block[block.hash]
-                block.hash, block.token_ids = None, []
+                block.hash = None
             block.ref_count = 1
             seq.block_table.append(block_id)
 

@@ -128,7 +128,7 @@ class PagedEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         seq = Sequence(request.prompt_token_ids, request.params, request_id=request.request_id,
-                       priority=request.priority)
+                       priority=request.priority, cache_salt=request.cache_salt)
         seq.stream = _Stream(asyncio.get_running_loop())
         with self._cond:
             if self._is_stopping:

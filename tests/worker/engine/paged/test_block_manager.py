@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from transformers import LlamaConfig
 
+from llmserve.worker.engine.paged import block_manager
 from llmserve.worker.engine.paged.block_manager import (
     BlockManager,
     allocate_kv_cache,
@@ -94,6 +97,60 @@ def test_prefix_chain_keys_on_everything_before_a_block():
     other = make_seq([0, 0, 0, 0, 5, 6, 7, 8, 9])  # second block equal, first block different
     manager.allocate(other)
     assert other.num_computed_tokens == 0
+
+
+def test_block_keys_are_sha256_of_the_salted_chain_equal_in_every_process():
+    # Computed here from the definition alone: SHA-256 of the previous digest and the tokens as little-endian
+    # uint32, starting from SHA-256 of a domain tag and the salt. No Python hash(), so any process (or a router)
+    # gets the same keys.
+    start = hashlib.sha256(b"llmserve.kv-prefix.v1\x00" + b"acme").digest()
+    first = hashlib.sha256(start + b"".join(t.to_bytes(4, "little") for t in [1, 2, 3, 70000])).digest()
+    second = hashlib.sha256(first + b"".join(t.to_bytes(4, "little") for t in [5, 6, 7, 8])).digest()
+    manager = make_manager()
+    seq = make_seq([1, 2, 3, 70000, 5, 6, 7, 8, 9], cache_salt="acme")
+    manager.allocate(seq)
+    compute_all(manager, seq)
+    assert seq.block_hashes == [first, second]
+    assert [manager.blocks[b].hash for b in seq.block_table[:2]] == [first, second]
+    assert set(manager.hash_to_block) == {first, second}
+    assert first.hex() == "d4979218ec548664cc0fb7444d84f00a0a5132b572891c5c202e51ae2d3d18bb"
+
+
+def test_different_salts_share_no_blocks_and_the_same_salt_does():
+    manager = make_manager(num_blocks=16)
+    owner = make_seq(9, cache_salt="tenant-a")
+    manager.allocate(owner)
+    compute_all(manager, owner)
+    for salt in ("tenant-b", "", "tenant-a\x00"):
+        intruder = make_seq(9, cache_salt=salt)
+        manager.allocate(intruder)
+        assert intruder.num_computed_tokens == 0 and intruder.num_cached_tokens == 0
+        compute_all(manager, intruder)
+        assert len(intruder.block_hashes) == 2 and not set(intruder.block_hashes) & set(owner.block_hashes)
+        assert not set(intruder.block_table) & set(owner.block_table)
+    again = make_seq(9, cache_salt="tenant-a")
+    manager.allocate(again)
+    assert again.num_cached_tokens == 8 and again.block_table[:2] == owner.block_table[:2]
+
+
+def test_each_full_block_is_hashed_once_however_often_it_is_looked_up(monkeypatch):
+    calls = []
+    real = block_manager.hash_block
+    monkeypatch.setattr(block_manager, "hash_block", lambda prev, tokens: calls.append(tokens) or real(prev, tokens))
+    manager = make_manager(num_blocks=16)
+    first = make_seq(13)
+    manager.allocate(first)
+    for _ in range(3):  # a step per prompt chunk: each keys the blocks computed so far
+        first.num_computed_tokens = min(first.num_computed_tokens + 5, first.num_tokens)
+        manager.cache_blocks(first)
+    assert len(calls) == 3
+    waiting = make_seq(13)
+    for _ in range(4):  # a waiting sequence is checked every step until it is admitted
+        assert manager.can_allocate(waiting)
+    manager.allocate(waiting)
+    compute_all(manager, waiting)
+    manager.cache_blocks(waiting)
+    assert len(calls) == 6 and waiting.num_cached_tokens == 12
 
 
 def test_an_uncomputed_block_is_never_shared():

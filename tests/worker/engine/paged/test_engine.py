@@ -41,9 +41,11 @@ async def engine(tiny):
     await engine.stop()
 
 
-def request(engine, prompt: str, request_id: str = "r", priority: int = 2, **params) -> GenerationRequest:
+def request(engine, prompt: str, request_id: str = "r", priority: int = 2, cache_salt: str = "",
+            **params) -> GenerationRequest:
     params.setdefault("temperature", 0.0)
-    return GenerationRequest(request_id, engine.encode(prompt), SamplingParams(**params), priority=priority)
+    return GenerationRequest(request_id, engine.encode(prompt), SamplingParams(**params), priority=priority,
+                             cache_salt=cache_salt)
 
 
 async def collect(engine, req: GenerationRequest):
@@ -108,6 +110,25 @@ async def test_prefix_cache_hit_skips_prefill_and_gives_the_same_text(engine, ti
     assert warm_text == cold_text == generate_alone(*tiny, prompt, 16)
     assert warm[-1].cached_tokens == (num_prompt - 1) // 4 * 4  # every full block but the one holding the last token
     assert engine.stats().num_prefix_hit_tokens - hit_before == warm[-1].cached_tokens
+
+
+async def test_prefix_cache_is_partitioned_per_tenant(engine, tiny):
+    prompt = PROMPTS[2] * 3
+    num_hit = (len(engine.encode(prompt)) - 1) // 4 * 4
+    a_text, a = await collect(engine, request(engine, prompt, "a1", cache_salt="tenant-a", max_tokens=12))
+    # Tenant B sends tenant A's prompt: nothing of A's is reused, so B cannot tell that A sent it.
+    hit_before = engine.stats().num_prefix_hit_tokens
+    b_text, b = await collect(engine, request(engine, prompt, "b1", cache_salt="tenant-b", max_tokens=12))
+    assert a[-1].cached_tokens == b[-1].cached_tokens == 0
+    assert engine.stats().num_prefix_hit_tokens == hit_before
+    # Requests without a tenant are a partition of their own too.
+    _, anonymous = await collect(engine, request(engine, prompt, "x1", max_tokens=12))
+    assert anonymous[-1].cached_tokens == 0
+    # Each tenant still hits its own cache, with the same text.
+    a2_text, a2 = await collect(engine, request(engine, prompt, "a2", cache_salt="tenant-a", max_tokens=12))
+    b2_text, b2 = await collect(engine, request(engine, prompt, "b2", cache_salt="tenant-b", max_tokens=12))
+    assert a2[-1].cached_tokens == b2[-1].cached_tokens == num_hit > 0
+    assert a_text == b_text == a2_text == b2_text == generate_alone(*tiny, prompt, 12)
 
 
 async def test_abort_frees_the_blocks_within_one_step(engine):

@@ -164,6 +164,7 @@ class Task(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    CACHE_SALT_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
     EMBED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
@@ -174,6 +175,11 @@ class Task(_message.Message):
     """Scheduling class."""
     deadline_unix_ms: _builtins.int
     """Unix time in milliseconds after which the result is useless; 0 for none."""
+    cache_salt: _builtins.str
+    """Opaque prefix-cache partition key (the gateway sets the tenant's name): a worker reuses cached KV blocks only
+    between tasks with the same cache_salt, so no tenant's cached_tokens reveal another tenant's prompts. Empty is
+    a partition of its own. Never logged.
+    """
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """W3C trace context (traceparent, tracestate) of the span that sent the task, so the worker's span joins the
@@ -196,12 +202,13 @@ class Task(_message.Message):
         priority: _inference_pb2.Priority.ValueType = ...,
         deadline_unix_ms: _builtins.int = ...,
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        cache_salt: _builtins.str = ...,
         generate: Global___GenerateInput | None = ...,
         embed: Global___EmbedInput | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["embed", b"embed", "generate", b"generate", "input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_ms", b"deadline_unix_ms", "embed", b"embed", "generate", b"generate", "input", b"input", "model_version", b"model_version", "priority", b"priority", "request_id", b"request_id", "trace_context", b"trace_context"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "deadline_unix_ms", b"deadline_unix_ms", "embed", b"embed", "generate", b"generate", "input", b"input", "model_version", b"model_version", "priority", b"priority", "request_id", b"request_id", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["generate", "embed"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
