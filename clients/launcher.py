@@ -177,8 +177,12 @@ class Launcher:
             return
         if is_listening("127.0.0.1", cfg.port):
             raise SystemExit(f"rest: port {cfg.port} is already taken; change rest.port in {self.config_path}")
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise SystemExit(f"rest: {exc}; fix it in {self.config_path}") from None
         child = Child("rest", [str(binary), "--listen", f"{cfg.host}:{cfg.port}", "--gateway", cfg.gateway_address,
-                               "--max-body-bytes", str(cfg.max_body_bytes)], self.state / "logs" / "rest.log")
+                               *cfg.flags()], self.state / "logs" / "rest.log")
         self._spawn(child)
         _wait_port(cfg.host, cfg.port, 20, child.proc)
         self.rest_url = f"http://{cfg.host}:{cfg.port}/v1"

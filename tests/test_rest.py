@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import select
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 
 from tests.conftest import REPO
 from tests.helpers.local_mesh import LocalMesh
@@ -38,9 +41,17 @@ def sidecar_binary():
     assert built.returncode == 0, f"deploy/rest/build.sh failed:\n{built.stdout}\n{built.stderr}"
 
 
+# The sidecar's limits for this module's mesh: short enough that tests can outlast them.
+REST_LIMITS = {"read_header_timeout_s": 1.0, "write_timeout_s": 1.0, "max_concurrent_requests": 3}
+
+
 @pytest.fixture(scope="module")
 def mesh(sidecar_binary, tmp_path_factory):
-    m = LocalMesh(tmp_path_factory.mktemp("rest")).start()
+    m = LocalMesh(tmp_path_factory.mktemp("rest"))
+    config = yaml.safe_load(m.config_path.read_text())
+    config["rest"].update(REST_LIMITS)
+    m.config_path.write_text(yaml.safe_dump(config))
+    m.start()
     try:
         assert "rest: OpenAI-compatible API on" in "".join(m.output), "".join(m.output)
         yield m
@@ -296,3 +307,114 @@ def test_rate_limits_are_429_and_an_impossible_request_is_not_retried(mesh):
         limited.completions.create(model="smollm2", prompt="hi", max_tokens=2)
     assert 1 <= int(err.value.response.headers["retry-after"]) <= 60
     assert "requests per minute" in err.value.message
+
+
+# ---- what one client can hold: bearer check, timeouts, concurrency (deploy/rest/limits.go) ----
+
+def _raw(mesh) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", mesh.ports["rest"]), timeout=10)
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict, bytes]:
+    """Status, headers and body of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed inside the response body"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def test_no_bearer_token_is_401_before_the_body_is_read(mesh):
+    # A 3 MiB body (under the 4 MiB limit) that starts as invalid JSON and whose rest never comes: the answer
+    # cannot wait for it, and cannot come from parsing it.
+    with _raw(mesh) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 3145728\r\n\r\n" + b"{" * 65536)
+        started = time.monotonic()
+        sock.settimeout(5)
+        status, headers, body = _read_response(sock)
+        elapsed = time.monotonic() - started
+    error = assert_openai_error(json.loads(body))
+    assert status == 401 and error["code"] == "missing_api_key" and error["type"] == "authentication_error"
+    assert elapsed < 2, f"401 took {elapsed:.2f}s"
+    assert headers.get("connection") == "close" and headers["www-authenticate"].startswith("Bearer")
+
+    # A whole invalid body without a key is 401 too (not 400), and so is a GET; a malformed header likewise.
+    url = mesh.rest_url
+    status, _, body = http("POST", f"{url}/completions", b"{" * (200 * 1024))
+    assert status == 401 and assert_openai_error(body)["code"] == "missing_api_key"
+    assert http("GET", f"{url}/models")[0] == 401
+    req = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Basic {mesh.api_key}"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=10)
+    assert info.value.code == 401
+    assert http("GET", f"{url}/models", key=mesh.api_key)[0] == 200
+
+
+def test_a_slowloris_client_is_cut_off_after_the_header_timeout_while_others_are_served(mesh, client):
+    limit = REST_LIMITS["read_header_timeout_s"]
+    headers = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {mesh.api_key}\r\n"
+               f"X-Pad: {'a' * 400}\r\n\r\n").encode()
+    closed_after = None
+    with _raw(mesh) as sock:
+        started = time.monotonic()
+        served = False
+        for i in range(len(headers)):
+            try:
+                sock.sendall(headers[i:i + 1])
+                if select.select([sock], [], [], 0.05)[0] and not sock.recv(1):
+                    closed_after = time.monotonic() - started
+                    break
+            except OSError:  # reset or broken pipe: closed by the sidecar
+                closed_after = time.monotonic() - started
+                break
+            if not served and i == 5:  # meanwhile, a normal request is served
+                assert [m.id for m in client.models.list()]
+                served = True
+            if time.monotonic() - started > limit + 5:
+                break
+    assert served
+    assert closed_after is not None, f"a client trickling its headers was not cut off in {limit + 5}s"
+    assert limit * 0.8 <= closed_after <= limit + 3, closed_after
+
+
+def test_a_stream_longer_than_the_write_timeout_is_not_cut(client):
+    started = time.monotonic()
+    chunks = list(client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=64, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "skip_cache": True}))
+    elapsed = time.monotonic() - started
+    assert chunks[-1].usage.completion_tokens == 64 and chunks[-2].choices[0].finish_reason == "length"
+    assert elapsed > REST_LIMITS["write_timeout_s"], f"the stream took only {elapsed:.2f}s: it proves nothing"
+
+
+def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after(mesh, base, client):
+    limit = REST_LIMITS["max_concurrent_requests"]
+    streams = []
+    try:
+        for _ in range(limit):
+            stream = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "Tell me a long story."}], max_tokens=200,
+                stream=True, extra_body={"ignore_eos": True, "skip_cache": True})
+            streams.append(stream)
+            next(iter(stream))  # its first chunk: the request is in flight
+        status, headers, body = http("GET", f"{mesh.rest_url}/models", key=mesh.api_key)
+        assert status == 503 and headers["Retry-After"] == "1", (status, headers, body)
+        assert assert_openai_error(body)["code"] == "server_overloaded"
+        assert http("GET", f"{base}/health")[0] == 200  # probes are not counted
+    finally:
+        for stream in streams:
+            stream.close()
+    deadline = time.monotonic() + 20
+    while (status := http("GET", f"{mesh.rest_url}/models", key=mesh.api_key)[0]) == 503:
+        assert time.monotonic() < deadline, "the slots of closed streams did not come back"
+        time.sleep(0.1)
+    assert status == 200

@@ -75,7 +75,7 @@ if [ -z "$(go env GOCACHE 2>/dev/null)" ] || [ "$(go env GOCACHE 2>/dev/null)" =
   export GOCACHE="$BUILD/go-cache"
 fi
 if [ "$MODE" = "--test" ]; then  # the Go tests only; the binary is left as it is
-  cd "$PKG" && exec go test -count=1 -vet=off .
+  cd "$PKG" && exec go test -count=1 -vet=off -timeout 300s .
 fi
 (cd "$PKG" && go build -trimpath -o "$BIN.tmp" .)
 mv -f "$BIN.tmp" "$BIN"

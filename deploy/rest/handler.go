@@ -1,7 +1,8 @@
 package main
 
-// The front http.Handler: one access-log line per request, GET /health, the body limit, and the JSON
-// normalisation that lets OpenAI-shaped bodies reach grpc-gateway (which then decodes them into the protos).
+// The front http.Handler: one access-log line per request, GET /health, the bearer check and the in-flight
+// limit (both before any body is read), the body limit, and the JSON normalisation that lets OpenAI-shaped
+// bodies reach grpc-gateway (which then decodes them into the protos).
 
 import (
 	"bytes"
@@ -11,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -43,16 +45,19 @@ func stateFrom(ctx context.Context) *requestState {
 }
 
 type frontHandler struct {
-	mux     *runtime.ServeMux
-	conn    *grpc.ClientConn
-	maxBody int64
-	gateway string
+	mux          *runtime.ServeMux
+	conn         *grpc.ClientConn
+	maxBody      int64
+	gateway      string
+	inFlight     inFlight      // requests being served (nil: no limit)
+	writeTimeout time.Duration // per write: each Write/Flush moves the connection's write deadline (0: none)
 }
 
 func (h *frontHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	started := time.Now()
 	state := &requestState{}
-	rec := &recorder{ResponseWriter: w, status: http.StatusOK}
+	rec := &recorder{ResponseWriter: w, status: http.StatusOK, conn: connFrom(r.Context()), writeTimeout: h.writeTimeout}
+	rec.extendWriteDeadline()
 	path := r.URL.EscapedPath()
 	defer func() {
 		// One line per request; never bodies, never headers (the Authorization header holds the key).
@@ -71,10 +76,27 @@ func (h *frontHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}()
 	r = r.WithContext(context.WithValue(r.Context(), stateKey{}, state))
 
-	switch {
-	case r.URL.Path == "/health":
+	if r.URL.Path == "/health" { // not counted against the limit: probes answer while the sidecar is full
 		h.health(rec, r)
 		return
+	}
+	// Cheap refusals first, before any body is read: no bearer token (the gateway still checks the key itself),
+	// then no free slot.
+	if (r.URL.Path == "/v1" || strings.HasPrefix(r.URL.Path, "/v1/")) && !hasBearerToken(r) {
+		rec.Header().Set("WWW-Authenticate", `Bearer realm="llmserve"`)
+		refuseUnread(rec, r, http.StatusUnauthorized, "You didn't provide an API key: send it in one "+
+			"`Authorization: Bearer <key>` header.", "missing_api_key")
+		return
+	}
+	if !h.inFlight.tryAcquire() {
+		rec.Header().Set("Retry-After", "1")
+		refuseUnread(rec, r, http.StatusServiceUnavailable, fmt.Sprintf("the REST sidecar is serving its maximum "+
+			"of %d concurrent requests; retry shortly", cap(h.inFlight)), "server_overloaded")
+		return
+	}
+	defer h.inFlight.release()
+
+	switch {
 	case r.Method == http.MethodPost:
 		if !h.prepareBody(rec, r, state) {
 			return
@@ -140,6 +162,13 @@ func (h *frontHandler) prepareBody(w http.ResponseWriter, r *http.Request, state
 		return tooLarge()
 	}
 	raw, err := io.ReadAll(io.LimitReader(r.Body, h.maxBody+1))
+	var netErr net.Error
+	if errors.As(err, &netErr) && netErr.Timeout() { // the body did not arrive within --read-timeout
+		w.Header().Set("Connection", "close")
+		writeOpenAIError(w, r, http.StatusRequestTimeout, "the request body did not arrive within the sidecar's "+
+			"read timeout", "", "request_timeout")
+		return false
+	}
 	if err != nil {
 		writeOpenAIError(w, r, http.StatusBadRequest, "could not read the request body: "+err.Error(), "", "invalid_body")
 		return false
@@ -166,6 +195,31 @@ func (h *frontHandler) prepareBody(w http.ResponseWriter, r *http.Request, state
 	r.Header.Set("Content-Type", "application/json")
 	r.Header.Del("Content-Encoding")
 	return true
+}
+
+// hasBearerToken: exactly one Authorization header, scheme Bearer (any case), and a token without blanks.
+// Only the shape is checked here; the gateway checks the key.
+func hasBearerToken(r *http.Request) bool {
+	values := r.Header.Values("Authorization")
+	if len(values) != 1 {
+		return false
+	}
+	v := values[0]
+	if len(v) <= len("Bearer ") || !strings.EqualFold(v[:len("Bearer ")], "Bearer ") {
+		return false
+	}
+	token := strings.TrimSpace(v[len("Bearer "):])
+	return token != "" && !strings.ContainsAny(token, " \t")
+}
+
+// refuseUnread answers without reading the body. With a body on the way the connection closes after the answer
+// (net/http would otherwise read up to 256 KiB of it before answering, and then nobody knows where the next
+// request starts).
+func refuseUnread(w http.ResponseWriter, r *http.Request, httpStatus int, message, code string) {
+	if r.ContentLength != 0 {
+		w.Header().Set("Connection", "close")
+	}
+	writeOpenAIError(w, r, httpStatus, message, "", code)
 }
 
 // drainLimit bounds how much of an oversized body is read and discarded before the 413.
@@ -529,11 +583,20 @@ func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyE
 
 // ---- access-log recorder ----
 
-// recorder remembers the status for the access log and keeps http.Flusher (streams need it).
+// recorder remembers the status for the access log, keeps http.Flusher (streams need it), and moves the
+// connection's write deadline before each write (limits.go: write-timeout is per write, not per response).
 type recorder struct {
 	http.ResponseWriter
-	status      int
-	wroteHeader bool
+	status       int
+	wroteHeader  bool
+	conn         net.Conn
+	writeTimeout time.Duration
+}
+
+func (r *recorder) extendWriteDeadline() {
+	if r.conn != nil && r.writeTimeout > 0 {
+		r.conn.SetWriteDeadline(time.Now().Add(r.writeTimeout))
+	}
 }
 
 func (r *recorder) WriteHeader(code int) {
@@ -541,15 +604,18 @@ func (r *recorder) WriteHeader(code int) {
 		r.status = code
 		r.wroteHeader = true
 	}
+	r.extendWriteDeadline()
 	r.ResponseWriter.WriteHeader(code)
 }
 
 func (r *recorder) Write(b []byte) (int, error) {
 	r.wroteHeader = true
+	r.extendWriteDeadline()
 	return r.ResponseWriter.Write(b)
 }
 
 func (r *recorder) Flush() {
+	r.extendWriteDeadline()
 	if f, ok := r.ResponseWriter.(http.Flusher); ok {
 		f.Flush()
 	}

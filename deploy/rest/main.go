@@ -3,7 +3,9 @@
 // It transcodes HTTP/JSON to the gateway's gRPC InferenceService with grpc-gateway (v1, Debian's 1.6.4),
 // shaped so that the official OpenAI SDKs work unmodified with base_url="http://HOST:PORT/v1":
 //
-//	handler.go  the front http.Handler: access log, /health, body limit, JSON normalisation, "stream": true routing
+//	handler.go  the front http.Handler: access log, /health, bearer check, concurrency limit, body limit, JSON
+//	            normalisation, "stream": true routing
+//	limits.go   the http.Server's timeouts and header cap, per-write deadlines, the in-flight request limit
 //	forward.go  response forwarders: unary JSON and server-sent events (data: {...}, data: [DONE])
 //	errors.go   gRPC status -> HTTP status + OpenAI error body, Retry-After, unknown routes
 //
@@ -36,37 +38,45 @@ var accessLog = log.New(os.Stderr, "", 0)
 func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "HOST:PORT the REST API listens on")
 	gateway := flag.String("gateway", "127.0.0.1:50051", "HOST:PORT of the llmserve gateway (gRPC)")
-	maxBody := flag.Int64("max-body-bytes", 4<<20, "larger request bodies get 413")
 	shutdownGrace := flag.Duration("shutdown-grace", 5*time.Second, "on SIGTERM/SIGINT, how long running requests may finish")
+	lim := defaultLimits()
+	flag.Int64Var(&lim.maxBody, "max-body-bytes", lim.maxBody, "larger request bodies get 413")
+	flag.DurationVar(&lim.readHeaderTimeout, "read-header-timeout", lim.readHeaderTimeout,
+		"a request's headers must arrive within this (slower clients are disconnected); 0: no limit")
+	flag.DurationVar(&lim.readTimeout, "read-timeout", lim.readTimeout,
+		"a whole request, headers and body, must arrive within this; 0: no limit")
+	flag.DurationVar(&lim.writeTimeout, "write-timeout", lim.writeTimeout,
+		"each write of a response (a JSON body, one stream event) must complete within this; a client that stops "+
+			"reading is disconnected, a stream that keeps being read lasts as long as generation; 0: no limit")
+	flag.DurationVar(&lim.idleTimeout, "idle-timeout", lim.idleTimeout,
+		"an idle keep-alive connection is closed after this; 0: no limit")
+	flag.IntVar(&lim.maxHeaderBytes, "max-header-bytes", lim.maxHeaderBytes, "larger request headers get 431")
+	flag.IntVar(&lim.maxConcurrent, "max-concurrent-requests", lim.maxConcurrent,
+		"requests in flight at once (streams included; /health excluded); beyond it 503 with Retry-After; 0: no limit")
 	flag.Parse()
-	if *maxBody <= 0 {
-		fmt.Fprintln(os.Stderr, "llmserve-rest: --max-body-bytes must be > 0")
+	if err := lim.validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
 		os.Exit(2)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
-	conn, handler, err := newSidecar(ctx, *gateway, *maxBody)
+	conn, handler, err := newSidecar(ctx, *gateway, lim)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
 		os.Exit(1)
 	}
 	defer conn.Close()
 
-	server := &http.Server{
-		Handler:           handler,
-		ReadHeaderTimeout: 30 * time.Second,
-		IdleTimeout:       120 * time.Second,
-		// No WriteTimeout: streams last as long as generation does.
-	}
+	server := newServer(handler, lim)
 	listener, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "llmserve-rest: cannot listen on %s: %v\n", *listen, err)
 		os.Exit(1)
 	}
-	accessLog.Printf("%s llmserve-rest listening on http://%s (gateway %s, max body %d bytes)",
-		timestamp(), listener.Addr(), *gateway, *maxBody)
+	accessLog.Printf("%s llmserve-rest listening on http://%s (gateway %s, %s)", timestamp(), listener.Addr(),
+		*gateway, lim)
 
 	done := make(chan struct{})
 	go func() {
@@ -89,14 +99,14 @@ func main() {
 }
 
 // newSidecar connects to the gateway and returns the whole HTTP handler (also used by the Go tests).
-func newSidecar(ctx context.Context, gateway string, maxBody int64) (*grpc.ClientConn, http.Handler, error) {
+func newSidecar(ctx context.Context, gateway string, lim limits) (*grpc.ClientConn, http.Handler, error) {
 	// Non-blocking dial: the sidecar starts (and answers 503) while the gateway is down.
 	conn, err := grpc.DialContext(ctx, gateway,
 		grpc.WithInsecure(),
 		grpc.WithStreamInterceptor(captureStreamTrailers),
 		grpc.WithDefaultCallOptions(
 			grpc.MaxCallRecvMsgSize(256<<20), // a batch of 2048 embeddings is far above grpc's default 4 MiB
-			grpc.MaxCallSendMsgSize(int(maxBody)+(1<<20)),
+			grpc.MaxCallSendMsgSize(int(lim.maxBody)+(1<<20)),
 		))
 	if err != nil {
 		return nil, nil, fmt.Errorf("cannot set up a connection to %s: %v", gateway, err)
@@ -106,7 +116,8 @@ func newSidecar(ctx context.Context, gateway string, maxBody int64) (*grpc.Clien
 		conn.Close()
 		return nil, nil, fmt.Errorf("registering the InferenceService handlers: %v", err)
 	}
-	return conn, &frontHandler{mux: mux, conn: conn, maxBody: maxBody, gateway: gateway}, nil
+	return conn, &frontHandler{mux: mux, conn: conn, maxBody: lim.maxBody, gateway: gateway,
+		inFlight: newInFlight(lim.maxConcurrent), writeTimeout: lim.writeTimeout}, nil
 }
 
 // newGatewayMux is grpc-gateway's mux configured for the OpenAI wire shape.

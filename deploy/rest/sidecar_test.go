@@ -16,9 +16,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -36,6 +38,10 @@ type fakeGateway struct {
 	md         metadata.MD
 	completion *CreateCompletionRequest
 	chatStream *StreamChatCompletionRequest
+	calls      int           // RPCs that reached the gateway
+	arrived    chan struct{} // model "hold": one value per request that is being held
+	hold       chan struct{} // model "hold": closed to let the held requests finish
+	floodEnded chan struct{} // model "flood": closed when the flooding stream's context ends
 }
 
 // failure picks an error by model name, with a retry-after trailer for "rate-limited".
@@ -70,7 +76,19 @@ func (f *fakeGateway) CreateCompletion(ctx context.Context, req *CreateCompletio
 	md, _ := metadata.FromIncomingContext(ctx)
 	f.mu.Lock()
 	f.md, f.completion = md, req
+	f.calls++
 	f.mu.Unlock()
+	switch req.Model {
+	case "hold": // stays in flight until the test releases it
+		f.arrived <- struct{}{}
+		select {
+		case <-f.hold:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	case "delay": // answers after longer than the harness's write timeout
+		time.Sleep(400 * time.Millisecond)
+	}
 	if err := failure(req.Model, func(t metadata.MD) { grpc.SetTrailer(ctx, t) }); err != nil {
 		return nil, err
 	}
@@ -85,6 +103,7 @@ func (f *fakeGateway) StreamChatCompletion(req *StreamChatCompletionRequest, str
 	md, _ := metadata.FromIncomingContext(stream.Context())
 	f.mu.Lock()
 	f.md, f.chatStream = md, req
+	f.calls++
 	f.mu.Unlock()
 	if err := failure(req.Model, stream.SetTrailer); err != nil {
 		return err
@@ -94,6 +113,24 @@ func (f *fakeGateway) StreamChatCompletion(req *StreamChatCompletionRequest, str
 		return &StreamChatCompletionResponse{Id: "chatcmpl-1", Object: "chat.completion.chunk", Created: 1700000000,
 			Model: "smollm2-v1", Choices: []*ChatChunkChoice{{Index: 0, FinishReason: reason,
 				Delta: &ChatDelta{Role: role, Content: content}}}}
+	}
+	switch req.Model {
+	case "ticking": // a stream that lasts several write timeouts, one chunk every 100 ms
+		for i := 0; i < 6; i++ {
+			if err := stream.Send(chunk("", "tick", "")); err != nil {
+				return err
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		stream.Send(chunk("", "", "stop"))
+		return nil
+	case "flood": // 64 KiB chunks as fast as they can go, until the call is cancelled
+		big := strings.Repeat("x", 64<<10)
+		for stream.Send(chunk("", big, "")) == nil {
+		}
+		<-stream.Context().Done()
+		close(f.floodEnded)
+		return stream.Context().Err()
 	}
 	stream.Send(chunk("assistant", "Hel", ""))
 	if req.Model == "midstream" {
@@ -123,25 +160,34 @@ type harness struct {
 }
 
 func newHarness(t *testing.T) *harness {
+	lim := defaultLimits()
+	lim.maxBody = 4096
+	return newHarnessWith(t, lim)
+}
+
+// newHarnessWith serves the sidecar from the same http.Server as main (newServer), with these limits.
+func newHarnessWith(t *testing.T, lim limits) *harness {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	server := grpc.NewServer()
-	fake := &fakeGateway{}
+	fake := &fakeGateway{arrived: make(chan struct{}, 16), hold: make(chan struct{}), floodEnded: make(chan struct{})}
 	RegisterInferenceServiceServer(server, fake)
 	hs := health.NewServer()
 	hs.SetServingStatus(inferenceService, grpc_health_v1.HealthCheckResponse_SERVING)
 	grpc_health_v1.RegisterHealthServer(server, hs)
 	go server.Serve(lis)
 	ctx, cancel := context.WithCancel(context.Background())
-	conn, handler, err := newSidecar(ctx, lis.Addr().String(), 4096)
+	conn, handler, err := newSidecar(ctx, lis.Addr().String(), lim)
 	if err != nil {
 		t.Fatal(err)
 	}
 	logs := &bytes.Buffer{}
 	accessLog.SetOutput(logs)
-	web := httptest.NewServer(handler)
+	web := httptest.NewUnstartedServer(handler)
+	web.Config = newServer(handler, lim)
+	web.Start()
 	t.Cleanup(func() {
 		web.Close()
 		conn.Close()
@@ -440,5 +486,323 @@ func TestSeedAndWrappers(t *testing.T) {
 	req := h.gateway.completion
 	if req.Seed.GetValue() != 9007199254740993 || req.Temperature == nil || req.N.GetValue() != 2 {
 		t.Errorf("wrappers: %+v", req)
+	}
+}
+
+// ---- what one client can hold: bearer check, timeouts, header cap, concurrency limit (limits.go) ----
+
+// request sends one request with exactly these headers (no Authorization unless given).
+func (h *harness) request(method, path, body string, header http.Header) (*http.Response, string) {
+	h.t.Helper()
+	req, _ := http.NewRequest(method, h.url+path, strings.NewReader(body))
+	for k, vs := range header {
+		for _, v := range vs {
+			req.Header.Add(k, v)
+		}
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	return resp, string(raw)
+}
+
+func (h *harness) dial() net.Conn {
+	h.t.Helper()
+	c, err := net.Dial("tcp", strings.TrimPrefix(h.url, "http://"))
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	h.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func (h *harness) calls() int {
+	h.gateway.mu.Lock()
+	defer h.gateway.mu.Unlock()
+	return h.gateway.calls
+}
+
+func TestMissingBearerIs401BeforeTheBody(t *testing.T) {
+	h := newHarness(t)
+	completion := `{"model":"m","prompt":"x"}`
+	for _, c := range []struct {
+		name   string
+		method string
+		path   string
+		auth   []string
+	}{
+		{"no header", "POST", "/v1/completions", nil},
+		{"basic auth", "POST", "/v1/completions", []string{"Basic dXNlcjpwYXNz"}},
+		{"empty token", "POST", "/v1/chat/completions", []string{"Bearer "}},
+		{"blank in token", "POST", "/v1/completions", []string{"Bearer sk a"}},
+		{"two headers", "POST", "/v1/completions", []string{testKey, testKey}},
+		{"models", "GET", "/v1/models", nil},
+		{"unknown route", "POST", "/v1/nope", nil},
+		{"invalid JSON", "POST", "/v1/completions", []string{"Token x"}},
+	} {
+		body := completion
+		if c.name == "invalid JSON" {
+			body = `{{{{`
+		}
+		resp, out := h.request(c.method, c.path, body, http.Header{"Authorization": c.auth})
+		if resp.StatusCode != 401 {
+			t.Errorf("%s: status %d, want 401: %s", c.name, resp.StatusCode, out)
+			continue
+		}
+		if e := parseError(t, out); e.Error.Code == nil || *e.Error.Code != "missing_api_key" ||
+			e.Error.Type != "authentication_error" {
+			t.Errorf("%s: error %s", c.name, out)
+		}
+		if !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Bearer") {
+			t.Errorf("%s: WWW-Authenticate %q", c.name, resp.Header.Get("WWW-Authenticate"))
+		}
+	}
+	if n := h.calls(); n != 0 {
+		t.Errorf("%d requests without a bearer token reached the gateway", n)
+	}
+	// The scheme is case-insensitive; the key itself is the gateway's to judge.
+	if resp, out := h.request("POST", "/v1/completions", completion,
+		http.Header{"Authorization": {"bearer sk-test-secret"}}); resp.StatusCode != 200 {
+		t.Errorf("lower-case bearer: %d %s", resp.StatusCode, out)
+	}
+	if resp, out := h.request("GET", "/health", "", nil); resp.StatusCode != 200 {
+		t.Errorf("/health needs no key: %d %s", resp.StatusCode, out)
+	}
+
+	// Not even read: a body announced as 1 MB (over the 4096-byte limit, which would be 413 once read) whose
+	// first bytes are garbage and whose rest never comes still gets its 401 at once, and the connection closes.
+	c := h.dial()
+	io.WriteString(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+		"Content-Length: 1000000\r\n\r\n{{{{garbage")
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	started := time.Now()
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer to a request whose body never arrives: %v", err)
+	}
+	raw, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 401 || time.Since(started) > time.Second || !resp.Close {
+		t.Errorf("status %d after %v, close %v: %s", resp.StatusCode, time.Since(started), resp.Close, raw)
+	}
+	parseError(t, string(raw))
+}
+
+// A client that sends its headers one byte at a time is cut off after the header timeout (counted from the
+// first byte, not per byte), while others are served meanwhile.
+func TestSlowHeadersAreCutOff(t *testing.T) {
+	lim := defaultLimits()
+	lim.readHeaderTimeout = 300 * time.Millisecond
+	h := newHarnessWith(t, lim)
+	c := h.dial()
+	closed := make(chan time.Duration, 1)
+	started := time.Now()
+	go func() {
+		io.Copy(io.Discard, c) // returns when the server closes the connection
+		closed <- time.Since(started)
+	}()
+	headers := "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: " + testKey + "\r\nX-Pad: " +
+		strings.Repeat("a", 200) + "\r\n\r\n"
+	served := false
+	for i := 0; i < len(headers); i++ {
+		select {
+		case took := <-closed:
+			if took < 250*time.Millisecond || took > 2*time.Second {
+				t.Errorf("cut off after %v, want about %v", took, lim.readHeaderTimeout)
+			}
+			if !served {
+				t.Errorf("no normal request was served while the slow client held its connection")
+			}
+			return
+		default:
+		}
+		if _, err := c.Write([]byte{headers[i]}); err != nil {
+			break // the server has closed it
+		}
+		if !served && i == 3 {
+			if resp, out := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x"}`); resp.StatusCode != 200 {
+				t.Errorf("a normal request meanwhile: %d %s", resp.StatusCode, out)
+			}
+			served = true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	select {
+	case took := <-closed:
+		if took > 2*time.Second {
+			t.Errorf("cut off after %v", took)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatalf("a client trickling its headers for %v was not cut off", time.Since(started))
+	}
+}
+
+// A body that trickles in is refused (408) when the read timeout passes, and the gateway never sees it.
+func TestSlowBodyIsCutOff(t *testing.T) {
+	lim := defaultLimits()
+	lim.readTimeout = 400 * time.Millisecond
+	h := newHarnessWith(t, lim)
+	c := h.dial()
+	io.WriteString(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "+testKey+
+		"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+	answered := make(chan *http.Response, 1)
+	go func() {
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			resp = nil
+		}
+		answered <- resp
+	}()
+	started := time.Now()
+	for {
+		select {
+		case resp := <-answered:
+			if resp == nil || resp.StatusCode != http.StatusRequestTimeout {
+				t.Fatalf("slow body: %+v", resp)
+			}
+			if took := time.Since(started); took > 2*time.Second {
+				t.Errorf("answered after %v", took)
+			}
+			if h.calls() != 0 {
+				t.Errorf("the unfinished request reached the gateway")
+			}
+			return
+		case <-time.After(50 * time.Millisecond):
+			c.Write([]byte(" "))
+		}
+		if time.Since(started) > 3*time.Second {
+			t.Fatal("a trickling body was not cut off")
+		}
+	}
+}
+
+// The write timeout is per write: a stream that lasts several write timeouts and a unary answer that takes
+// longer than one both arrive whole (a whole-response WriteTimeout would cut them).
+func TestWriteTimeoutDoesNotCutLongResponses(t *testing.T) {
+	lim := defaultLimits()
+	lim.writeTimeout = 200 * time.Millisecond
+	h := newHarnessWith(t, lim)
+	started := time.Now()
+	resp, body := h.do("POST", "/v1/chat/completions",
+		`{"model":"ticking","messages":[{"role":"user","content":"x"}],"stream":true}`)
+	data := sseData(t, body)
+	if resp.StatusCode != 200 || len(data) != 8 || data[7] != "[DONE]" || time.Since(started) < 500*time.Millisecond {
+		t.Fatalf("status %d after %v, frames %q", resp.StatusCode, time.Since(started), data)
+	}
+	if resp, body := h.do("POST", "/v1/completions", `{"model":"delay","prompt":"x"}`); resp.StatusCode != 200 ||
+		!strings.Contains(body, `"text":"a"`) {
+		t.Fatalf("a slow unary answer: %d %s", resp.StatusCode, body)
+	}
+}
+
+// A client that stops reading a stream is cut off once a write blocks for the write timeout, and the gRPC
+// call is cancelled (generation stops).
+func TestStalledReaderIsCutOff(t *testing.T) {
+	lim := defaultLimits()
+	lim.writeTimeout = 300 * time.Millisecond
+	h := newHarnessWith(t, lim)
+	c := h.dial()
+	body := `{"model":"flood","messages":[{"role":"user","content":"x"}],"stream":true}`
+	io.WriteString(c, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: "+testKey+
+		"\r\nContent-Type: application/json\r\nContent-Length: "+strconv.Itoa(len(body))+"\r\n\r\n"+body)
+	// ... and never reads.
+	select {
+	case <-h.gateway.floodEnded:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a client that stopped reading still holds its stream after 10 s")
+	}
+	if resp, out := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x"}`); resp.StatusCode != 200 {
+		t.Errorf("after the stalled reader: %d %s", resp.StatusCode, out)
+	}
+}
+
+func TestIdleConnectionsAreClosed(t *testing.T) {
+	lim := defaultLimits()
+	lim.idleTimeout = 300 * time.Millisecond
+	h := newHarnessWith(t, lim)
+	c := h.dial()
+	io.WriteString(c, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 || resp.Close {
+		t.Fatalf("health on a keep-alive connection: %v %+v", err, resp)
+	}
+	io.Copy(io.Discard, resp.Body)
+	started := time.Now()
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, err := br.ReadByte(); err != io.EOF || time.Since(started) > 2*time.Second {
+		t.Errorf("idle connection: %v after %v, want EOF after about %v", err, time.Since(started), lim.idleTimeout)
+	}
+}
+
+func TestLargeHeadersAre431(t *testing.T) {
+	lim := defaultLimits()
+	lim.maxHeaderBytes = 1024
+	h := newHarnessWith(t, lim)
+	// net/http allows 4096 bytes of slack over MaxHeaderBytes.
+	resp, _ := h.request("GET", "/health", "", http.Header{"X-Big": {strings.Repeat("a", 8<<10)}})
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("8 KiB of headers over a 1 KiB cap: %d", resp.StatusCode)
+	}
+	if resp, _ := h.request("GET", "/health", "", nil); resp.StatusCode != 200 {
+		t.Errorf("small headers: %d", resp.StatusCode)
+	}
+}
+
+// Beyond max-concurrent-requests: 503 with Retry-After and an OpenAI error, before the body is read; /health
+// still answers; the slots come back when requests end.
+func TestConcurrencyLimit(t *testing.T) {
+	lim := defaultLimits()
+	lim.maxConcurrent = 2
+	h := newHarnessWith(t, lim)
+	var once sync.Once
+	release := func() { once.Do(func() { close(h.gateway.hold) }) }
+	t.Cleanup(release) // a failing test must not leave held requests behind (the server would wait for them)
+	var wg sync.WaitGroup
+	statuses := make(chan int, 2)
+	for i := 0; i < 2; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, _ := h.do("POST", "/v1/completions", `{"model":"hold","prompt":"x"}`)
+			statuses <- resp.StatusCode
+		}()
+	}
+	for i := 0; i < 2; i++ {
+		select {
+		case <-h.gateway.arrived:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the held requests did not reach the gateway")
+		}
+	}
+	calls := h.calls()
+	resp, body := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x"}`)
+	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") != "1" {
+		t.Fatalf("a third request with two in flight: %d (Retry-After %q) %s", resp.StatusCode,
+			resp.Header.Get("Retry-After"), body)
+	}
+	if e := parseError(t, body); e.Error.Code == nil || *e.Error.Code != "server_overloaded" {
+		t.Errorf("503 body: %s", body)
+	}
+	if h.calls() != calls {
+		t.Errorf("the refused request reached the gateway")
+	}
+	if resp, body := h.do("GET", "/health", ""); resp.StatusCode != 200 {
+		t.Errorf("/health while full: %d %s", resp.StatusCode, body)
+	}
+	release()
+	wg.Wait()
+	close(statuses)
+	for s := range statuses {
+		if s != 200 {
+			t.Errorf("a held request ended with %d", s)
+		}
+	}
+	for i := 0; i < 3; i++ {
+		if resp, body := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x"}`); resp.StatusCode != 200 {
+			t.Errorf("after the held requests ended: %d %s", resp.StatusCode, body)
+		}
 	}
 }
