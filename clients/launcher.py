@@ -126,22 +126,39 @@ class Launcher:
         self.say(f"etcd: started on {cfg.host}:{cfg.port} (data in {data})")
 
     def _start_redis(self) -> None:
+        """The accounting Redis (`redis.url`: limits, spend, usage) persists (AOF) and never evicts; a separate
+        cache Redis (`redis.cache_url`, when it names another local port) is an LRU that may lose anything."""
+        accounting = self._start_redis_at(self.config.redis.url, "redis", [
+            "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"])
+        cache = self.config.redis.cache_url
+        if cache and self._redis_address(cache) != accounting:
+            self._start_redis_at(cache, "redis-cache", [
+                "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"])
+
+    @staticmethod
+    def _redis_address(url: str) -> tuple[str, int]:
         from urllib.parse import urlparse
-        url = urlparse(self.config.redis.url)
-        host, port = url.hostname or "127.0.0.1", url.port or 6379
+        parsed = urlparse(url)
+        return parsed.hostname or "127.0.0.1", parsed.port or 6379
+
+    def _start_redis_at(self, url: str, name: str, policy: list[str]) -> tuple[str, int]:
+        host, port = self._redis_address(url)
         if is_listening(host, port):
-            self.say(f"redis: reusing the server on {host}:{port}")
-            return
+            self.say(f"{name}: reusing the server on {host}:{port}")
+            return host, port
         binary = shutil.which("redis-server") or next(
             (p for p in ("/usr/sbin/redis-server", "/usr/bin/redis-server") if os.path.exists(p)), None)
         if binary is None:
-            self.say("redis: not installed; serving WITHOUT the response cache and usage counters")
-            return
-        child = Child("redis", [binary, "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
-                                "--dir", str(self.state)], self.state / "logs" / "redis.log")
+            self.say(f"{name}: not installed; serving WITHOUT the response cache and usage counters")
+            return host, port
+        data = self.state / name
+        data.mkdir(parents=True, exist_ok=True)
+        child = Child(name, [binary, "--bind", host, "--port", str(port), "--save", "", *policy,
+                             "--dir", str(data)], self.state / "logs" / f"{name}.log")
         self._spawn(child)
         _wait_port(host, port, 20, child.proc)
-        self.say(f"redis: started on {host}:{port}")
+        self.say(f"{name}: started on {host}:{port} (data in {data})")
+        return host, port
 
     # ---- services ----
 

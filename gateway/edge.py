@@ -128,8 +128,9 @@ class Edge:
             await self._task
             self._task = None
         await self.usage.flush()
-        if self.journal.entries:
-            await self.journal.replay()
+        if self.journal.entries and not await self.journal.replay():
+            log.warning("stopping with unconfirmed accounting operations; the next gateway on this journal "
+                        "directory replays them", path=str(self.journal.path), count=len(self.journal.entries))
         self.journal.close()
 
     def _track(self, coro: typing.Coroutine) -> asyncio.Task:

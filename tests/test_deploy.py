@@ -53,3 +53,52 @@ def test_alerts_and_dashboard_use_existing_metrics():
     exprs += [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"llmserve_[a-z_]+", e)}
     assert used and used <= known, f"unknown metrics: {sorted(used - known)}"
+
+
+def _k8s_config(tmp_path):
+    configmap = yaml.safe_load((DEPLOY / "k8s" / "config.yaml").read_text())
+    path = tmp_path / "llmserve.yaml"
+    path.write_text(configmap["data"]["llmserve.yaml"])
+    return load_config(path, env={})
+
+
+def _redis_args(service: str) -> tuple[list[str], dict]:
+    """(args of the Redis container behind a Service of redis.yaml, its workload)."""
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "redis.yaml").read_text()))
+    (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == service]
+    (workload,) = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+                   and d["spec"]["template"]["metadata"]["labels"] == svc["spec"]["selector"]]
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container["args"], workload
+
+
+def _flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_accounting_redis_never_evicts_and_persists_and_the_cache_is_another(tmp_path):
+    from urllib.parse import urlparse
+    config = _k8s_config(tmp_path)
+    accounting, cache = urlparse(config.redis.url).hostname, urlparse(config.redis.cache_url).hostname
+    assert accounting and cache and accounting != cache
+    args, workload = _redis_args(accounting)
+    assert _flag(args, "--maxmemory-policy") == "noeviction" and _flag(args, "--appendonly") == "yes"
+    # The append-only file lives on a persistent volume, not in the container.
+    claims = {c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])}
+    mounts = {m["mountPath"]: m["name"] for m in workload["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert workload["kind"] == "StatefulSet" and mounts.get(_flag(args, "--dir")) in claims
+    cache_args, _ = _redis_args(cache)
+    assert _flag(cache_args, "--maxmemory-policy") == "allkeys-lru" and _flag(cache_args, "--maxmemory")
+
+
+def test_gateway_journal_is_on_a_volume(tmp_path):
+    config = _k8s_config(tmp_path)
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "gateway.yaml").read_text()))
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (gateway,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway"]
+    assert config.gateway.journal_dir in {m["mountPath"] for m in gateway["volumeMounts"]}
+
+
+def test_local_config_separates_the_cache_from_accounting():
+    config = load_config(DEPLOY / "local" / "llmserve.yaml", env={})
+    assert config.redis.cache_url and config.redis.cache_url != config.redis.url
