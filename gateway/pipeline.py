@@ -84,10 +84,11 @@ class Pipeline:
         call.check_context_length(version, ctx.counted)
         reservation = await self.edge.admit(caller, ctx.request_id, version,
                                             ctx.counted.total if ctx.counted else 0, call.max_completion_tokens)
-        await context.send_initial_metadata(ctx.metadata())
+        # From here to the settlement, no await is outside the try: a cancellation anywhere still settles.
         collector = Collector(call, version.version)
         result: Result | None = None
         try:
+            await context.send_initial_metadata(ctx.metadata())
             tasks = call.to_tasks(ctx.request_id, version.version, cache_salt=caller.tenant.name)
             async for index, output in self.scheduler.run_all(tasks, context,
                                                                lambda d: ctx.note_queue_time(d.queue_time_ms)):
@@ -97,9 +98,11 @@ class Pipeline:
             result = collector.result()
         finally:
             # Settle what was really computed, also when the request failed or the client went away.
+            # Usage first (no await), then the settlement in its own task, which a cancellation cannot stop.
             done = result or collector.result()
-            cost = await self.edge.settle(reservation, version, done.prompt_tokens, done.completion_tokens)
-            self._record(ctx, done, cache_hit=False, cost_micro=cost)
+            self._record(ctx, done, cache_hit=False,
+                         cost_micro=self.edge.cost(version, done.prompt_tokens, done.completion_tokens))
+            await self.edge.settle(reservation, version, done.prompt_tokens, done.completion_tokens)
         if key is not None:
             await self.cache.put(key, done.to_json())
         return done
