@@ -36,7 +36,8 @@ def _pids_with(marker: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    mesh = LocalMesh(tmp_path_factory.mktemp("launch"), worker={"lease_ttl_s": 3}).start()
+    # fp32 for the exact "Paris" answer: dtype auto picks bf16 on AMX CPUs, where its first token is a near-tie.
+    mesh = LocalMesh(tmp_path_factory.mktemp("launch"), worker={"lease_ttl_s": 3, "dtype": "float32"}).start()
     yield mesh
     mesh.stop()
 

@@ -53,7 +53,7 @@ class PagedEngine:
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_fraction: float = 0.1,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 compute: ComputeThread | None = None):
+                 quantization: str = "", compute: ComputeThread | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
         self._compute = compute or compute_thread()
@@ -71,7 +71,8 @@ class PagedEngine:
                                    max_num_batched_tokens=max_num_batched_tokens)
         # Built on the compute thread: packing the weights and filling the cache are the first parallel torch ops.
         self.runner = self._compute.submit(
-            lambda: ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)).result()
+            lambda: ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size,
+                                quantization=quantization)).result()
         self._context_length = min(max_model_len, num_kv_blocks * block_size)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = int(config.vocab_size)

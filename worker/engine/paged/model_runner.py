@@ -16,6 +16,7 @@ attention reads them, so the same pass serves prompt chunks and decodes alike, o
 from __future__ import annotations
 
 import time
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +92,17 @@ def _roll_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x2, x1), dim=-1)
 
 
+QUANTIZATIONS = ("", "int8")  # "" none; "int8": int8 weight-only (per output channel) next to the bf16 weights
+
+
+def _int8(quantization: str) -> bool:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of {list(QUANTIZATIONS)}")
+    return quantization == "int8"
+
+
 class ModelRunner:
-    def __init__(self, model, *, num_blocks: int, block_size: int):
+    def __init__(self, model, *, num_blocks: int, block_size: int, quantization: str = ""):
         self.model, self.config = model, model.config
         self.body = model.model
         param = next(model.parameters())
@@ -106,7 +116,11 @@ class ModelRunner:
         self.scaling = self.body.layers[0].self_attn.scaling
         self.weights = pack_weights(model)  # the model's own weights, re-laid out in place (weights.py)
         with torch.inference_mode():
-            self.matmul = Matmuls(self.weights, self.dtype, self.device)
+            self.matmul = Matmuls(self.weights, self.dtype, self.device, int8=_int8(quantization))
+            # Half-precision models keep the residual stream in fp32 (projections still read and write bf16):
+            # adding each layer's bf16 output to a bf16 residual rounds Llama's large residuals every time, and that
+            # error, not the matmuls', moved SmolLM2's logits furthest from fp32 (1.7% mean error -> 0.7%).
+            self.residual_fp32 = self.dtype != torch.float32 and self.device.type == "cpu"
 
     # ---- inputs ----
 
@@ -163,6 +177,8 @@ class ModelRunner:
         w = self.weights
         hidden = F.embedding(inputs.input_ids, w.embed)  # [num_tokens, hidden]
         cos, sin = self.body.rotary_emb(hidden, inputs.positions[None])  # [1, num_tokens, head_dim]
+        if self.residual_fp32:
+            hidden = hidden.float()
         # x * cos + rotate_half(x) * sin == x * cos + roll(x, half) * sin_signed: one rotary over q and k together
         half = self.head_dim // 2
         cos = cos[0, :, None, :]  # [num_tokens, 1, head_dim]
@@ -172,12 +188,16 @@ class ModelRunner:
             hidden = self._mlp(lw, hidden)
         if not inputs.sampled:
             return [], hidden.new_empty((0, self.config.vocab_size))
+        if self.residual_fp32:
+            hidden = _rms_norm(w.norm, hidden[inputs.logits_rows], out_dtype=torch.float32)
+            logits = self.matmul(hidden.to(self.dtype), w.lm_head_t, w.lm_head_bias)
+            return inputs.sampled, _refine_top_logits(logits, hidden, w.lm_head_t, w.lm_head_bias)
         hidden = _rms_norm(w.norm, hidden[inputs.logits_rows])  # [num_sampled, hidden]
         return inputs.sampled, self.matmul(hidden, w.lm_head_t, w.lm_head_bias)  # [num_sampled, vocab]
 
     def _mlp(self, lw, residual: torch.Tensor) -> torch.Tensor:
         """residual + MLP(post_attention_layernorm(residual))."""
-        gate_up = self.matmul(_rms_norm(lw.post_norm, residual), lw.gate_up_t, None)  # [T, 2 * intermediate]
+        gate_up = self.matmul(_rms_norm(lw.post_norm, residual, out_dtype=self.dtype), lw.gate_up_t, None)
         gate, up = gate_up[:, :lw.intermediate], gate_up[:, lw.intermediate:]
         return self.matmul.add(residual, lw.act_fn(gate) * up, lw.down_t, None)
 
@@ -186,7 +206,7 @@ class ModelRunner:
         """residual + self-attention(input_layernorm(residual)) over the paged cache."""
         num_tokens = residual.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.matmul(_rms_norm(lw.input_norm, residual), lw.qkv_t, lw.qkv_bias)
+        qkv = self.matmul(_rms_norm(lw.input_norm, residual, out_dtype=self.dtype), lw.qkv_t, lw.qkv_bias)
         qkv = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim)
         qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads:]
         if lw.q_norm is not None:  # Qwen3-style per-head norms before the rotary embedding
@@ -246,7 +266,7 @@ def _bucket(rows: int) -> int:
 
 
 class Matmuls:
-    """x @ Wt for the runner's packed weights, by the faster of two CPU kernels for the number of rows.
+    """x @ Wt for the runner's packed weights, by the fastest CPU kernel for the number of rows.
 
     MKL's GEMM (x @ Wt, addmm) and oneDNN's linear differ severalfold by machine, dtype and rows: on a 2-core AMD
     EPYC oneDNN ran fp32 at 2-63 rows ~1.5x faster and MKL the rest; on a 2-core Xeon with AMX, MKL wins fp32 at
@@ -254,55 +274,114 @@ class Matmuls:
     into its own blocked layout (what Inductor's CPU backend does when it freezes a model): over 30 layers' linears
     on that Xeon, 12.8 ms at 1 row and 14.3 at 16 against 19.5 and 20.5 for bf16 F.linear and 16.5 and 46 for fp32
     (those copies cost the layers' weight memory once more; the plain ones stay, Hugging Face's modules view them).
-    The runner measures both kernels once, at start, on one layer's weights per row bucket (about 0.2 s), and keeps
-    the faster; CUDA, and kernels that fail to build (oneDNN has no primitive for some dtype and layout pairs), use
-    x @ Wt.
+    With int8=True each weight is also quantized to int8 per output channel (symmetric, weight-only) for aten's
+    _weight_int8pack_mm with bf16 activations: it reads a quarter of fp32's bytes, so it wins at few rows, and loses
+    at many (no AMX path: 16 rows ran 31 ms against bf16's 14), where the bf16 weights serve; int8 mode skips the
+    oneDNN copies, so it holds 1.5x the bf16 weight bytes.
+    The runner times every kernel once, at start, on one layer's weights per row bucket (alternating them, about
+    0.3 s), and keeps the fastest where it beats the default (below) by a margin; CUDA, and kernels that fail to
+    build (oneDNN has no primitive for some dtype and layout pairs), use x @ Wt.
     """
 
-    def __init__(self, weights, dtype: torch.dtype, device: torch.device):
-        self.use_onednn = [False] * len(_ROW_BUCKETS)
+    def __init__(self, weights, dtype: torch.dtype, device: torch.device, *, int8: bool = False):
+        self.kernels: dict[str, typing.Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]]
+        self.kernels = {"mkl": _mkl}
+        self.choice = ["mkl"] * len(_ROW_BUCKETS)  # the kernel of each row bucket
+        self.default = "mkl"
+        self.fuse_add = dtype == torch.float32
         self._onednn_weight: dict[int, torch.Tensor] = {}  # id(weight_t) -> the weight oneDNN multiplies by
-        if _LINEAR is None or device.type != "cpu":
+        self._int8_weight: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight_t) -> (int8, scales)
+        if device.type != "cpu":
             return
         matrices = [m for lw in weights.layers for m in (lw.qkv_t, lw.o_t, lw.gate_up_t, lw.down_t)]
         matrices.append(weights.lm_head_t)
-        try:
+        if int8:
+            if dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"int8 weights need bf16 or fp16 activations, not {dtype}")
             for m in matrices:
-                self._onednn_weight[id(m)] = _onednn_weight(m)
-        except RuntimeError:  # this torch cannot reorder the dtype: MKL only
-            self._onednn_weight.clear()
-            return
-        layer = weights.layers[0]
+                self._int8_weight[id(m)] = _quantize_int8(m)
+            self.kernels["int8"] = self._int8
+        elif _LINEAR is not None:
+            try:
+                for m in matrices:
+                    self._onednn_weight[id(m)] = _onednn_weight(m)
+                self.kernels["onednn"] = self._onednn
+            except RuntimeError:  # this torch cannot reorder the dtype: MKL only
+                self._onednn_weight.clear()
+        # What a row bucket uses unless another kernel measures clearly faster: the reordered oneDNN weights for half
+        # types (faster at every row count on both machines we measured), else MKL.
+        self.default = "onednn" if "onednn" in self.kernels and dtype != torch.float32 else "mkl"
+        self.choice = [self.default] * len(_ROW_BUCKETS)
+        if len(self.kernels) > 1:
+            self._calibrate(weights.layers[0], dtype, device)
+
+    def _calibrate(self, layer, dtype: torch.dtype, device: torch.device) -> None:
         pairs = [(layer.qkv_t, layer.qkv_bias), (layer.o_t, layer.o_bias), (layer.gate_up_t, None),
                  (layer.down_t, None)]
         for i, rows in enumerate(_ROW_BUCKETS):
             cases = [(torch.randn(rows, w.shape[0], dtype=dtype, device=device), w, b) for w, b in pairs]
-            try:
-                onednn, mkl = _race(lambda cases=cases: [self._onednn(x, w, b) for x, w, b in cases],
-                                    lambda cases=cases: [_mkl(x, w, b) for x, w, b in cases])
-            except RuntimeError:  # e.g. "could not create a primitive descriptor"
-                return
-            self.use_onednn[i] = onednn < mkl * (1 - _MARGIN)
+            runs = {name: _run_all(kernel, cases) for name, kernel in self.kernels.items()}
+            for name, run in list(runs.items()):
+                try:
+                    run()
+                except RuntimeError:  # e.g. oneDNN's "could not create a primitive descriptor"
+                    del runs[name]
+            times = _race(runs)
+            best = min(times, key=times.__getitem__)
+            default = self.default if self.default in times else "mkl"
+            self.choice[i] = best if times[best] < times[default] * (1 - _MARGIN) else default
 
     def _onednn(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         assert _LINEAR is not None
         return _LINEAR(x, self._onednn_weight[id(weight_t)], bias, "none", [], "")
 
+    def _int8(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight, scales = self._int8_weight[id(weight_t)]
+        out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales)
+        return out if bias is None else out + bias
+
     def __call__(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         bucket = _bucket(x.shape[0])
-        if self.use_onednn[bucket]:
+        name = self.choice[bucket]
+        if name != "mkl":
             try:
-                return self._onednn(x, weight_t, bias)
-            except RuntimeError:  # no oneDNN primitive for this shape after all: MKL from now on
-                self.use_onednn[bucket] = False
+                return self.kernels[name](x, weight_t, bias)
+            except RuntimeError:  # no primitive for this shape after all: MKL from now on
+                self.choice[bucket] = "mkl"
         return _mkl(x, weight_t, bias)
 
     def add(self, residual: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor,
             bias: torch.Tensor | None) -> torch.Tensor:
-        """residual + x @ weight_t (+ bias), the add fused into MKL's GEMM (addmm) where that path is taken."""
-        if bias is not None or self.use_onednn[_bucket(x.shape[0])]:
-            return residual + self(x, weight_t, bias)
-        return torch.addmm(residual, x, weight_t)
+        """residual + x @ weight_t (+ bias). In fp32 the add is fused into MKL's GEMM (addmm). In bf16 it is not:
+        adding the rounded product to the residual, as Hugging Face does, kept SmolLM2's logits closer to fp32's
+        (1.7% mean error over 5 chat prompts, every greedy token right) than one fused rounding (addmm, or oneDNN's
+        sum post-op: 2.8%, and one greedy answer wrong)."""
+        if self.fuse_add and bias is None and self.choice[_bucket(x.shape[0])] == "mkl":
+            return torch.addmm(residual, x, weight_t)
+        return residual + self(x, weight_t, bias)
+
+
+REFINED_LOGITS = 8
+
+
+def _refine_top_logits(logits: torch.Tensor, hidden: torch.Tensor, weight_t: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """fp32 logits whose top REFINED_LOGITS per row are recomputed in fp32 from the fp32 hidden state.
+
+    bf16 logits near 25 are rounded to steps of 0.125, so close candidates tie and greedy answers flip (SmolLM2's
+    "The" and "L" for "What is the capital of France?" are 0.09 apart in fp32, and tie in bf16). Recomputing the
+    few candidates that can win costs a [rows, 8] gather-and-dot instead of an fp32 lm_head (10 ms at 16 rows)."""
+    logits = logits.float()
+    top = logits.topk(min(REFINED_LOGITS, logits.shape[-1]), dim=-1).indices  # [rows, k]
+    columns = weight_t[:, top.reshape(-1)].float().view(weight_t.shape[0], *top.shape)  # [hidden, rows, k]
+    exact = torch.einsum("rh,hrk->rk", hidden, columns)
+    if bias is not None:
+        exact = exact + bias.float()[top]
+    return logits.scatter_(1, top, exact)
+
+
+def _run_all(kernel, cases: list) -> typing.Callable[[], object]:
+    return lambda: [kernel(x, w, b) for x, w, b in cases]
 
 
 def _onednn_weight(weight_t: torch.Tensor) -> torch.Tensor:
@@ -313,34 +392,51 @@ def _onednn_weight(weight_t: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight_t.t().contiguous(), 16)
 
 
+def _quantize_int8(weight_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a [in, out] weight: ([out, in] int8, [out] scales in its dtype)."""
+    w = weight_t.t().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scales.to(weight_t.dtype)
+
+
 def _mkl(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
-# oneDNN must beat MKL by this share to be used: the measurement runs while the rest of a mesh may be starting on
-# the same cores, and a wrong choice costs up to 2x (oneDNN's 1-row fp32 GEMV is half as fast as MKL's here).
+# Another kernel must beat MKL by this share to be used: the measurement runs while the rest of a mesh may be
+# starting on the same cores, and a wrong choice costs up to 2x (oneDNN's 1-row fp32 GEMV is half as fast as MKL's).
 _MARGIN = 0.1
 
 
-def _race(a, b, rounds: int = 9) -> tuple[float, float]:
-    """Least seconds of a() and of b(), timed alternately (a b a b ...) after a warm-up, so that a burst of other
-    load on the machine slows both rather than one; the least time of each is its undisturbed speed."""
-    a(), b()
-    best = [float("inf"), float("inf")]
+def _race(runs: dict[str, typing.Callable[[], object]], rounds: int = 9) -> dict[str, float]:
+    """Least seconds of each run, timed alternately (a b c a b c ...) after a warm-up, so that a burst of other load
+    on the machine slows all of them rather than one; the least time of each is its undisturbed speed."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
-        for j, fn in enumerate((a, b)):
+        for name, run in runs.items():
             start = time.perf_counter()
-            fn()
-            best[j] = min(best[j], time.perf_counter() - start)
-    return best[0], best[1]
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """HF's LlamaRMSNorm in one op (fp32 statistics, then the weight); other norm modules are called as they are."""
+def _rms_norm(norm, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """HF's LlamaRMSNorm in one op (fp32 statistics, then the weight), as out_dtype (default x's). With an fp32 x and
+    a half-precision norm it follows HF's order: normalise in fp32, round, then multiply by the weight; other norm
+    modules are called as they are."""
+    out_dtype = out_dtype or x.dtype
     eps = getattr(norm, "variance_epsilon", None)
     if eps is None or type(norm).__name__ not in _PLAIN_RMS_NORMS:
-        return norm(x)
-    return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
+        return norm(x).to(out_dtype)
+    weight = norm.weight
+    if x.dtype == weight.dtype:
+        return F.rms_norm(x, weight.shape, weight, eps).to(out_dtype)
+    if out_dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight.float(), eps)
+    return F.rms_norm(x, weight.shape, None, eps).to(weight.dtype) * weight
 
 
 _PLAIN_RMS_NORMS = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}

@@ -81,7 +81,7 @@ def test_bfloat16_runner_stays_close_to_hf_bfloat16(tiny_llama_dir, tmp_path_fac
     seqs = sequences([5, 12], model.config.vocab_size, seed=1)
     for seq, logits in zip(seqs, run_prompt_then_decode(runner, seqs)):
         expected = hf_logits(model, seq.token_ids)[-1]
-        assert logits.dtype == torch.bfloat16
+        assert logits.dtype == torch.float32  # half-precision models compute their logits in fp32
         assert (logits.float() - expected.float()).abs().mean() < 0.05
 
 
@@ -92,10 +92,11 @@ def test_every_row_bucket_gives_the_same_logits_whichever_kernel_it_picked(tiny_
     model, _ = load_generation_model(str(tiny_llama_dir), tmp_path_factory.mktemp("cache"), dtype=dtype)
     runner = ModelRunner(model, num_blocks=256, block_size=BLOCK_SIZE)
     seqs = sequences([4, 7, 9, 33], model.config.vocab_size, seed=2)
-    chosen = list(runner.matmul.use_onednn)
+    kernels = list(runner.matmul.kernels)
+    assert len(kernels) >= 1 and set(runner.matmul.choice) <= set(kernels)
     results = []
-    for forced in (False, True):
-        runner.matmul.use_onednn = [forced] * len(chosen)
+    for forced in ("mkl", kernels[-1]):
+        runner.matmul.choice = [forced] * len(runner.matmul.choice)
         for s in seqs:
             s.num_computed_tokens = 0
         results.append(run_prompt_then_decode(runner, seqs))
@@ -104,3 +105,20 @@ def test_every_row_bucket_gives_the_same_logits_whichever_kernel_it_picked(tiny_
         expected = hf_logits(model, seq.token_ids)[-1].float()
         assert (mkl.float() - onednn.float()).abs().mean() < tolerance
         assert (mkl.float() - expected).abs().mean() < tolerance
+
+
+def test_int8_weights_stay_close_to_the_bf16_logits(tiny_llama_dir, tmp_path_factory):
+    model, _ = load_generation_model(str(tiny_llama_dir), tmp_path_factory.mktemp("cache"), dtype="bfloat16")
+    runner = ModelRunner(model, num_blocks=64, block_size=BLOCK_SIZE, quantization="int8")
+    runner.matmul.choice = ["int8"] * len(runner.matmul.choice)  # every row count through the int8 kernel
+    seqs = sequences([6, 11], model.config.vocab_size, seed=3)
+    for seq, logits in zip(seqs, run_prompt_then_decode(runner, seqs)):
+        expected = hf_logits(model, seq.token_ids)[-1].float()
+        error = (logits.float() - expected).abs().mean() / expected.abs().mean()
+        assert error < 0.05, error
+
+
+def test_int8_needs_half_precision_activations(tiny_llama_dir, tmp_path_factory):
+    model, _ = load_generation_model(str(tiny_llama_dir), tmp_path_factory.mktemp("cache"))
+    with pytest.raises(ValueError, match="bf16"):
+        ModelRunner(model, num_blocks=8, block_size=BLOCK_SIZE, quantization="int8")
