@@ -194,25 +194,70 @@ def bench_fixed(model, tokenizer, rng, quick: bool) -> dict:
             "share_of_compute_ceiling": share(ours["tokens_per_s"]), "peak_rss_mb": round(peak_rss_mb())}
 
 
-def bench_batch1(model, tokenizer, rng, quick: bool) -> dict:
+LLAMA_CPP_SCRIPT = """
+import json, sys, time
+from llama_cpp import Llama
+path, prompt, num_out = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], int(sys.argv[3])
+llm = Llama(model_path=path, n_threads=2, n_ctx=1024, verbose=False)
+llm.create_completion(prompt[:8], max_tokens=4, temperature=0)  # warm
+times = []
+start = time.perf_counter()
+for _ in llm.create_completion(prompt, max_tokens=num_out, temperature=0, stream=True):
+    times.append(time.perf_counter())
+print(json.dumps({"tokens": len(times), "ttft": times[0] - start, "latency": times[-1] - start}))
+"""
+
+
+def llama_cpp_batch1(python: str, prompt: list[int], num_out: int) -> dict | None:
+    """llama.cpp on the same GGUF (Q4_1, 2 threads, the same prompt ids), in its own process: batch-1 decode."""
+    import subprocess
+
+    from llmserve.common.sources import resolve_source
+
+    gguf = resolve_source(SOURCE)
+    done = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, str(gguf), ",".join(map(str, prompt)), str(num_out)],
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        print(f"llama.cpp row skipped: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"decode_tokens_per_s": round((r["tokens"] - 1) / (r["latency"] - r["ttft"]), 1),
+            "ttft_s": round(r["ttft"], 3), "python": python}
+
+
+def bench_batch1(model, tokenizer, rng, quick: bool, llama_python: str = "") -> dict:
+    """Batch-1 decode of the model as loaded, and of its int8 variant (quantization="int8", bf16 activations), against
+    the weights' memory roofline and, with --llama-python, llama.cpp on the same GGUF."""
     num_out = 32 if quick else 128
     prompt = random_prompts(rng, [128], model.config.vocab_size)[0]
 
-    async def go():
-        engine = make_engine(model, tokenizer)
-        try:
-            r = await Run(engine).one("b1", prompt, num_out)
-        finally:
-            await engine.stop()
-        return r
-    r = asyncio.run(go())
-    decode_tps = (r["tokens"] - 1) / (r["latency"] - r["ttft"])
+    def decode(quantization: str) -> float:
+        async def go():
+            engine = make_engine(model, tokenizer, quantization=quantization)
+            try:
+                return await Run(engine).one("b1", prompt, num_out)
+            finally:
+                await engine.stop()
+        r = asyncio.run(go())
+        return (r["tokens"] - 1) / (r["latency"] - r["ttft"])
+
+    decode_tps = decode("")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = on_compute(read_bandwidth_gbs)
     roofline = bandwidth * 1e9 / weight_bytes
-    return {"paged_decode_tokens_per_s": round(decode_tps, 1), "roofline_tokens_per_s": round(roofline, 1),
-            "read_bandwidth_gbs": round(bandwidth, 1), "weight_mb": round(weight_bytes / 1e6),
-            "share_of_roofline": round(decode_tps / roofline, 3), "peak_rss_mb": round(peak_rss_mb())}
+    row: dict = {"paged_decode_tokens_per_s": round(decode_tps, 1), "roofline_tokens_per_s": round(roofline, 1),
+                 "read_bandwidth_gbs": round(bandwidth, 1), "weight_mb": round(weight_bytes / 1e6),
+                 "share_of_roofline": round(decode_tps / roofline, 3),
+                 "fp32_roofline_tokens_per_s": round(bandwidth * 1e9 / (weight_bytes * 4 / next(
+                     model.parameters()).element_size()), 1)}
+    if next(model.parameters()).dtype != torch.float32:
+        int8_tps = decode("int8")
+        row["int8_decode_tokens_per_s"] = round(int8_tps, 1)
+        row["int8_roofline_tokens_per_s"] = round(bandwidth * 1e9 / (weight_bytes / 2), 1)
+    if llama_python:
+        row["llama_cpp_q4_1"] = llama_cpp_batch1(llama_python, prompt, num_out)
+    row["peak_rss_mb"] = round(peak_rss_mb())
+    return row
 
 
 def bench_prefix(model, tokenizer, rng, quick: bool) -> dict:
@@ -277,6 +322,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small workloads, for a smoke run")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {list(ROWS)}")
     parser.add_argument("--cache-dir", default=str(REPO / ".llmserve" / "models"))
+    parser.add_argument("--llama-python", default="", help="a Python with llama-cpp-python (pip install "
+                        "llama-cpp-python==0.3.36, a ~6 min build) for the llama.cpp batch-1 row")
     parser.add_argument("--dtype", default="auto", help="weights' dtype, for ours and HF's alike (auto: as make run)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -288,7 +335,8 @@ def main() -> None:
     for name in args.rows.split(","):
         rng = random.Random(name)
         start = time.perf_counter()
-        report[name] = ROWS[name](model, tokenizer, rng, args.quick)
+        extra = {"llama_python": args.llama_python} if name == "batch1_decode" else {}
+        report[name] = ROWS[name](model, tokenizer, rng, args.quick, **extra)
         report[name]["bench_seconds"] = round(time.perf_counter() - start, 1)
         print(f"{name}: {json.dumps(report[name])}", file=sys.stderr, flush=True)
     text = json.dumps(report, indent=2)
