@@ -218,8 +218,8 @@ def llama_cpp_batch1(python: str, prompt: list[int], num_out: int) -> dict | Non
     done = subprocess.run([python, "-c", LLAMA_CPP_SCRIPT, str(gguf), ",".join(map(str, prompt)), str(num_out)],
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
-        print(f"llama.cpp row skipped: {done.stderr.strip()[-300:]}", file=sys.stderr)
-        return None
+        print(f"llama.cpp row skipped: exit {done.returncode} {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return {"error": f"llama.cpp exited with {done.returncode}"}
     r = json.loads(done.stdout.strip().splitlines()[-1])
     return {"decode_tokens_per_s": round((r["tokens"] - 1) / (r["latency"] - r["ttft"]), 1),
             "ttft_s": round(r["ttft"], 3), "python": python}

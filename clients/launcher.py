@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import os
 import pathlib
+import secrets
 import shutil
 import signal
 import socket
@@ -97,6 +98,8 @@ class Launcher:
         self.rest_url = ""
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        if not self.config.security.mesh_token:  # internal services refuse callers without it (common/meshauth.py)
+            self.env["LLMSERVE_SECURITY__MESH_TOKEN"] = secrets.token_urlsafe(32)
 
     def say(self, message: str) -> None:
         print(f"[llmserve] {message}", flush=True)

@@ -175,6 +175,13 @@ class TelemetryConfig:
 
 
 @dataclass
+class SecurityConfig:
+    # Shared secret that internal services (scheduler, workers) require in call metadata; empty: not checked.
+    # `llmserve run` generates one per start when this is empty; set it (from a secret) when processes start apart.
+    mesh_token: str = ""
+
+
+@dataclass
 class MeshConfig:
     etcd: EtcdConfig = field(default_factory=EtcdConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -185,6 +192,7 @@ class MeshConfig:
     rest: RestConfig = field(default_factory=RestConfig)
     log: LogConfig = field(default_factory=LogConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def validate(self) -> MeshConfig:
         for section in ("gateway", "scheduler", "worker", "registry"):

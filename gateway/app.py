@@ -35,9 +35,8 @@ class GatewayApp:
                           reservation_ttl_s=cfg.reservation_ttl_s)
         self.edge = Edge(self.view, limiter, self.redis, self.journal, reservation_ttl_s=cfg.reservation_ttl_s)
         cache = ResponseCache(self.cache_redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes)
-        self.pipeline = pipeline = Pipeline(
-            cfg, self.view, SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel)), cache,
-            self.edge, self.tokens)
+        scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token)
+        self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens)
         # A request the REST sidecar would refuse as too large is refused over gRPC too, before it is parsed.
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()],
                                max_request_bytes=config.rest.max_body_bytes)

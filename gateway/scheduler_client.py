@@ -16,6 +16,7 @@ import grpc
 from llmserve.common import tracing
 from llmserve.common.errors import ServiceError, code_from_int
 from llmserve.common.logs import get_logger
+from llmserve.common.meshauth import mesh_metadata
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 
 log = get_logger(__name__)
@@ -54,8 +55,9 @@ def public_error(code: grpc.StatusCode, detail: str, task: task_pb2.Task, *, dis
 
 
 class SchedulerClient:
-    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerServiceStub):
+    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerServiceStub, mesh_token: str = ""):
         self.scheduler = scheduler
+        self.mesh_metadata = mesh_metadata(mesh_token)  # the scheduler refuses callers outside the mesh
 
     async def run_task(self, task: task_pb2.Task, context, on_dispatched: OnDispatched
                        ) -> typing.AsyncIterator[task_pb2.TaskOutput]:
@@ -63,7 +65,8 @@ class SchedulerClient:
         remaining = context.time_remaining()
         if remaining is not None:
             task.deadline_unix_ms = int((time.time() + remaining) * 1000)
-        call = self.scheduler.Submit(timeout=remaining, metadata=tuple(tracing.inject().items()))
+        call = self.scheduler.Submit(timeout=remaining,
+                                     metadata=(*tracing.inject().items(), *self.mesh_metadata))
         dispatched = False
         try:
             await call.write(scheduler_pb2.SubmitRequest(task=task))

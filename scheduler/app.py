@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
+from llmserve.common.meshauth import MeshTokenInterceptor
 from llmserve.common.server import Service
 from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.scheduler.dispatcher import Dispatcher
 from llmserve.scheduler.service import SchedulerServicer, scheduler_service_name
+from llmserve.scheduler.workers import WorkerConnection
 
 
 class SchedulerApp:
@@ -16,10 +20,13 @@ class SchedulerApp:
         self.config = config
         cfg = config.scheduler
         self.client = etcd.connect(config.etcd)
-        self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s)
+        token = config.security.mesh_token
+        self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s,
+                                     connect=functools.partial(WorkerConnection, mesh_token=token))
         self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,
                                  on_workers_change=self._members_changed)
-        self.service = Service("scheduler", cfg.host, cfg.port, [scheduler_service_name()])
+        self.service = Service("scheduler", cfg.host, cfg.port, [scheduler_service_name()],
+                               interceptors=[MeshTokenInterceptor(token)])
         servicer = SchedulerServicer(self.dispatcher, max_backlog=cfg.max_backlog_per_request,
                                      slow_consumer_timeout_s=cfg.slow_consumer_timeout_s)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, self.service.server)

@@ -9,6 +9,7 @@ import grpc
 
 from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
+from llmserve.common.meshauth import mesh_metadata
 from llmserve.common.server import CHANNEL_OPTIONS
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.scheduler.queue import Entry
@@ -20,8 +21,9 @@ class WorkerConnection:
     """The scheduler's side of one worker. Counts its own in-flight tasks per model to decide room at once;
     the worker's last load report breaks ties between workers with room (utilization)."""
 
-    def __init__(self, info: worker_pb2.WorkerInfo, on_change: typing.Callable[[], None]):
+    def __init__(self, info: worker_pb2.WorkerInfo, on_change: typing.Callable[[], None], mesh_token: str = ""):
         self.info = info
+        self._metadata = mesh_metadata(mesh_token)  # workers refuse callers outside the mesh
         self.worker_id = info.worker_id
         self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
         self.num_inflight = {m.model_version: 0 for m in info.models}
@@ -81,7 +83,7 @@ class WorkerConnection:
 
     def _serve(self) -> typing.AsyncIterator[worker_pb2.ServeResponse]:
         """The worker's side of the Serve stream (the one place that touches the network)."""
-        return worker_pb2_grpc.WorkerServiceStub(self._channel).Serve(self._requests())
+        return worker_pb2_grpc.WorkerServiceStub(self._channel).Serve(self._requests(), metadata=self._metadata)
 
     async def _run(self) -> None:
         reason = "stream ended"

@@ -102,3 +102,20 @@ def test_gateway_journal_is_on_a_volume(tmp_path):
 def test_local_config_separates_the_cache_from_accounting():
     config = load_config(DEPLOY / "local" / "llmserve.yaml", env={})
     assert config.redis.cache_url and config.redis.cache_url != config.redis.url
+
+
+def test_mesh_members_share_the_mesh_token_from_one_secret():
+    """The scheduler and workers refuse callers without the mesh token: every pod that calls or serves them gets it
+    from the same Secret (never a literal in the manifests)."""
+    refs = {}
+    for name in ("gateway", "scheduler", "worker"):
+        for doc in yaml.safe_load_all((DEPLOY / "k8s" / f"{name}.yaml").read_text()):
+            if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
+                continue
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                for env in container.get("env", []):
+                    if env["name"] == "LLMSERVE_SECURITY__MESH_TOKEN":
+                        assert "value" not in env
+                        refs[name] = env["valueFrom"]["secretKeyRef"]
+    assert set(refs) == {"gateway", "scheduler", "worker"}
+    assert len({(r["name"], r["key"]) for r in refs.values()}) == 1

@@ -53,6 +53,32 @@ def test_dev_key_file_is_private(launched):
     assert launched.api_key.startswith("lls_")
 
 
+def test_internal_services_refuse_callers_outside_the_mesh(launched):
+    """`llmserve run` gives its processes a mesh token: a caller that goes straight to the scheduler or a worker
+    (skipping the gateway's keys, limits and budgets) is refused, while health checks stay open for probes."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2, worker_pb2, worker_pb2_grpc
+
+    task = task_pb2.Task(request_id="direct", model_version="smollm2-135m-instruct-v1",
+                         generate=task_pb2.GenerateInput(prompt="hi"))
+    with grpc.insecure_channel(launched.address("scheduler")) as channel:
+        call = scheduler_pb2_grpc.SchedulerServiceStub(channel).Submit(
+            iter([scheduler_pb2.SubmitRequest(task=task)]), timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "mesh token" in err.value.details()
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(launched.address("worker")) as channel:
+        call = worker_pb2_grpc.WorkerServiceStub(channel).Serve(iter([worker_pb2.ServeRequest(task=task)]),
+                                                                timeout=10)
+        with pytest.raises(grpc.RpcError) as err:
+            list(call)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_greedy_chat_answers_paris_and_stream_equals_unary(client):
     unary = client.chat("smollm2", [("user", QUESTION)], temperature=0, max_tokens=32)
     text = unary.choices[0].message.content
@@ -147,3 +173,4 @@ def test_ctrl_c_stops_everything_and_frees_the_ports(launched):
     for name in ("gateway", "scheduler", "worker", "registry", "etcd", "redis"):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", launched.ports[name])) != 0, f"{name} still listens"
+

@@ -12,6 +12,7 @@ from llmserve.admin.v1 import registry_pb2
 from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
 from llmserve.common.logs import get_logger
+from llmserve.common.meshauth import MeshTokenInterceptor
 from llmserve.common.server import Service
 from llmserve.common.state.store import Store
 from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
@@ -42,7 +43,8 @@ class WorkerApp:
         self.client = etcd.connect(config.etcd)
         self.store = Store(self.client, config.etcd.prefix)
         self.models: dict[str, ServedModel] = {}
-        self.service = Service("worker", cfg.host, cfg.port, [worker_service_name()])
+        self.service = Service("worker", cfg.host, cfg.port, [worker_service_name()],
+                               interceptors=[MeshTokenInterceptor(config.security.mesh_token)])
         self.worker_id = ""
         # Registered before the server starts (grpc does not take handlers later); the id is known after binding.
         self.servicer = WorkerServicer("", self.models, cfg.load_report_interval_s)
