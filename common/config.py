@@ -105,7 +105,7 @@ class WorkerConfig:
     dtype: str = "auto"  # torch dtype of generation models: float32, bfloat16, float16, or auto (bf16 on CUDA and
     # on CPUs with AMX, else float32)
     quantization: str = ""  # "" (none) or "int8": int8 weight-only linears for small batches (bf16 activations)
-    max_num_seqs: int = 16  # sequences batched together per generation model
+    max_num_seqs: int = 32  # sequences batched together per generation model (32 mixed requests: +11% tokens/s over 16)
     max_num_batched_tokens: int = 512  # tokens computed per engine step (prompt chunks + decodes)
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int = 0  # KV-cache blocks per generation model; 0: kv_cache_fraction of free memory
