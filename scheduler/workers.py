@@ -110,10 +110,11 @@ class WorkerConnection:
             for entry in lost:
                 entry.outbox.put_nowait(ServiceError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"worker {self.worker_id} went away while running the request ({reason}); retry it"))
+                    "the worker running the request went away; retry it"))  # which one, and why: the log
                 self._finish(entry)
             if lost:
-                log.warning("worker lost with tasks in flight", worker_id=self.worker_id, num_tasks=len(lost))
+                log.warning("worker lost with tasks in flight", worker_id=self.worker_id, num_tasks=len(lost),
+                            reason=reason)
             self._on_change()
 
     async def close(self) -> None:

@@ -163,7 +163,8 @@ async def test_broken_stream_fails_its_tasks_and_the_worker_is_reconnected(harne
     await settle()
     w["a"].break_stream()
     item = await next_item(lost)
-    assert item.code == grpc.StatusCode.UNAVAILABLE
+    assert item.code == grpc.StatusCode.UNAVAILABLE and "went away" in item.message
+    assert "a" not in item.message.split() and "127.0.0.1" not in item.message  # no worker id or address
     for _ in range(50):  # reconnect_delay_s is 0.05
         if len(harness.connections) == 2 and harness.dispatcher.workers["a"].is_alive:
             break
