@@ -116,7 +116,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         reader = asyncio.create_task(read())
         reporter = asyncio.create_task(report())
-        log.info("scheduler stream opened", peer=context.peer())
+        # The peer is read once, now: grpc core's peer string can be freed once the call is cancelled, and reading
+        # it then (in the finally below) crashed the process (use after free, grpc/grpc#29069).
+        peer = context.peer()
+        log.info("scheduler stream opened", peer=peer)
         try:
             while True:
                 item = await outbox.get()
@@ -130,7 +133,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 task.cancel()
             if running:
                 log.warning("scheduler stream closed; cancelled its tasks", num_tasks=len(running))
-            log.info("scheduler stream closed", peer=context.peer())
+            log.info("scheduler stream closed", peer=peer)
 
     async def execute(self, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
         """Runs one task; every failure becomes a final TaskOutput with a status code (never a broken stream)."""
