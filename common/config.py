@@ -114,6 +114,11 @@ class WorkerConfig:
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     lease_ttl_s: int = 5  # registration lease in etcd; refreshed every third of it
     load_report_interval_s: float = 1.0  # periodic load report on each scheduler stream
+    # Back-pressure on a scheduler stream that stops reading (a hung scheduler, a stalled network): outputs wait in
+    # a queue of at most this many messages; a task whose output cannot be queued for stalled_stream_timeout_s is
+    # cancelled, freeing its engine slots, instead of generating for nobody.
+    max_outbox_messages: int = 4096
+    stalled_stream_timeout_s: float = 30.0
 
 
 @dataclass

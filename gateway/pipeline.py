@@ -66,7 +66,7 @@ class Pipeline:
         return version
 
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
-        """The request's Result; on_output(task index, output) sees live outputs (not on a cache hit)."""
+        """The request's Result; on_output(choice index, output) sees live outputs (not on a cache hit)."""
         caller, call, version = ctx.begun()
         key = cache_key(caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
         cached = await self.cache.get(key) if key is not None else None
@@ -89,9 +89,11 @@ class Pipeline:
         result: Result | None = None
         try:
             await context.send_initial_metadata(ctx.metadata())
-            tasks = call.to_tasks(ctx.request_id, version.version, cache_salt=caller.tenant.name)
-            async for index, output in self.scheduler.run_all(tasks, context,
-                                                               lambda d: ctx.note_queue_time(d.queue_time_ms)):
+            tasks = call.to_tasks(ctx.request_id, version.version, cache_salt=caller.tenant.name,
+                                  counted=ctx.counted)
+            async for task_index, output in self.scheduler.run_all(tasks, context,
+                                                                    lambda d: ctx.note_queue_time(d.queue_time_ms)):
+                index = task_index * call.n + output.index  # the choice: input * n + choice
                 collector.add(index, output)
                 if on_output is not None:
                     await on_output(index, output)

@@ -55,9 +55,9 @@ class Sampling:
     def is_deterministic(self) -> bool:
         return self.temperature == 0 or self.seed is not None
 
-    def to_pb(self, choice: int = 0) -> task_pb2.SamplingParams:
-        """The sampling of one sequence: choice j of an input draws from seed + j, so choices differ."""
-        seed = None if self.seed is None else (self.seed + choice) & INT64_MASK
+    def to_pb(self) -> task_pb2.SamplingParams:
+        """The sampling of a task (the worker draws choice j from seed + j, so choices differ)."""
+        seed = None if self.seed is None else self.seed & INT64_MASK
         return task_pb2.SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, has_seed=seed is not None,
             seed=seed or 0, max_tokens=self.max_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
@@ -82,8 +82,8 @@ class GenerationCall:
         return len(self.prompts) if self.kind == "completion" else 1
 
     @property
-    def num_tasks(self) -> int:
-        return self.num_inputs * self.n  # one scheduler task per generated sequence
+    def num_sequences(self) -> int:
+        return self.num_inputs * self.n  # choices, by index input * n + choice
 
     @property
     def is_cacheable(self) -> bool:
@@ -92,7 +92,7 @@ class GenerationCall:
     @property
     def max_completion_tokens(self) -> int:
         """What the limits reserve for the completion before it runs."""
-        return self.num_tasks * self.sampling.max_tokens
+        return self.num_sequences * self.sampling.max_tokens
 
     def cache_fields(self) -> dict:
         """What decides the output: everything but user, priority and cache control."""
@@ -133,21 +133,25 @@ class GenerationCall:
                                        f"context length of {context} tokens of model {version.version!r}: set "
                                        f"max_tokens to at most {context - num_prompt} or shorten the {field}")
 
-    def to_tasks(self, request_id: str, version: str, cache_salt: str = "") -> list[task_pb2.Task]:
-        """One task per sequence, ids <request id>-<choice index> (choice index = input * n + choice). The
-        scheduler's unit is one sequence, so each choice carries the input; it is built once per input and
-        copied (in C) into the tasks of its choices, which differ only in their sampling seed."""
+    def to_tasks(self, request_id: str, version: str, cache_salt: str = "", counted: TokenCount | None = None
+                 ) -> list[task_pb2.Task]:
+        """One task per input, ids <request id>-<input index>, each sampling the n choices of its input on one
+        worker: the prompt travels, is tokenized and is prefilled once per input, not once per choice. With the
+        gateway's exact count, the task carries the token ids and the worker does not tokenize again."""
+        ids = counted.ids if counted is not None and counted.is_exact else ()
+        sampling = self.sampling.to_pb()
         tasks = []
         for i in range(self.num_inputs):
             if self.kind == "chat":
                 gen = task_pb2.GenerateInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages])
             else:
                 gen = task_pb2.GenerateInput(prompt=self.prompts[i])
-            for j in range(self.n):
-                task = task_pb2.Task(request_id=f"{request_id}-{i * self.n + j}", model_version=version,
-                                     priority=priority.to_pb(self.priority), generate=gen, cache_salt=cache_salt)
-                task.generate.sampling.CopyFrom(self.sampling.to_pb(j))
-                tasks.append(task)
+            gen.sampling.CopyFrom(sampling)
+            gen.n = self.n
+            if len(ids) == self.num_inputs:
+                gen.prompt_token_ids.extend(ids[i])
+            tasks.append(task_pb2.Task(request_id=f"{request_id}-{i}", model_version=version,
+                                       priority=priority.to_pb(self.priority), generate=gen, cache_salt=cache_salt))
         return tasks
 
 
@@ -156,7 +160,7 @@ class EmbeddingCall:
     model_kind: typing.ClassVar[int] = registry_pb2.MODEL_KIND_EMBED
     kind: typing.ClassVar[str] = "embedding"
     n: typing.ClassVar[int] = 1
-    num_tasks: typing.ClassVar[int] = 1  # the worker batches the texts of one call
+    num_sequences: typing.ClassVar[int] = 1  # the worker batches the texts of one call
     max_completion_tokens: typing.ClassVar[int] = 0
     model: str
     inputs: tuple[str, ...]
@@ -190,7 +194,8 @@ class EmbeddingCall:
                 raise invalid_argument(f"input[{i}] is {n} tokens, but model {version.version!r} accepts at most "
                                        f"{version.context_length}: shorten or split it")
 
-    def to_tasks(self, request_id: str, version: str, cache_salt: str = "") -> list[task_pb2.Task]:
+    def to_tasks(self, request_id: str, version: str, cache_salt: str = "", counted: TokenCount | None = None
+                 ) -> list[task_pb2.Task]:
         return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version, cache_salt=cache_salt,
                               priority=priority.to_pb(self.priority), embed=task_pb2.EmbedInput(texts=self.inputs))]
 

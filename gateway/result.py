@@ -42,10 +42,10 @@ class Result:
 
 
 class Collector:
-    """Task outputs by task index (= choice index: input * n + choice) -> one Result, timing text deltas."""
+    """Task outputs by choice index (input * n + choice) -> one Result, timing text deltas."""
 
     def __init__(self, call: Call, version: str):
-        num_tasks = call.num_tasks
+        num_tasks = call.num_sequences
         self.n, self.is_embedding, self.version = call.n, call.kind == "embedding", version
         self.texts: list[list[str]] = [[] for _ in range(num_tasks)]
         self.reasons = [""] * num_tasks
@@ -68,7 +68,7 @@ class Collector:
         self.prompt_tokens[index] = output.prompt_tokens
         self.completion_tokens[index] = output.completion_tokens
         self.cached_tokens[index] = output.cached_tokens
-        if output.finished:
+        if output.finish_reason:  # the choice's last output (finished: the task's last)
             self.reasons[index] = output.finish_reason
         if output.embeddings:
             self.vectors = [list(v.values) for v in output.embeddings]

@@ -1,7 +1,7 @@
 """InferenceService: the public API. Each RPC is the shared pipeline (gateway/pipeline.py) between its from_pb and
 its response: unary RPCs build one response from the Result, streaming ones turn outputs into chunks as they come.
 
-A request becomes one scheduler task per generated sequence (prompt x n) or one task per embeddings call; the
+A request becomes one scheduler task per prompt (carrying its n choices) or one task per embeddings call; the
 tasks run concurrently over Submit streams and their outputs are merged back into OpenAI-shaped responses.
 """
 
@@ -67,7 +67,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             include_usage = not request.HasField("stream_options") or request.stream_options.include_usage
 
             async def on_output(index: int, output: task_pb2.TaskOutput) -> None:
-                if output.text_delta or output.finished:
+                if output.text_delta or output.finish_reason:
                     is_first = index not in started
                     started.add(index)
                     chunks.put_nowait(response_cls(**header, choices=[

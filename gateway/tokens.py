@@ -22,6 +22,8 @@ log = get_logger(__name__)
 class TokenCount:
     per_input: tuple[int, ...]  # tokens per text, or one entry for a templated conversation
     is_exact: bool  # counted by the model's tokenizer; False: an upper-bound estimate from bytes
+    # The token ids per input when exact (tasks carry them, so the worker does not tokenize again).
+    ids: tuple[list[int], ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def total(self) -> int:
@@ -79,8 +81,8 @@ class TokenCounter:
         if messages is not None:
             conversation = [{"role": r, "content": c} for r, c in messages]
             ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, conversation)
-            return TokenCount((len(ids),), is_exact=True)
+            return TokenCount((len(ids),), is_exact=True, ids=(ids,))
         # As the workers count: encoders add their special tokens ([CLS] ... [SEP]); a prompt is encoded raw.
         special = version.kind == registry_pb2.MODEL_KIND_EMBED
         encoded = await asyncio.to_thread(lambda: tokenizer(list(texts), add_special_tokens=special)["input_ids"])
-        return TokenCount(tuple(len(ids) for ids in encoded), is_exact=True)
+        return TokenCount(tuple(len(ids) for ids in encoded), is_exact=True, ids=tuple(encoded))

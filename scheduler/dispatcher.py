@@ -135,7 +135,11 @@ class Dispatcher:
                     orphan.outbox.put_nowait(unavailable(
                         f"no worker serves model version {version!r} any more; retry later"))
             while len(queue):
-                candidates = [w for w in workers if w.room(version) > 0]
+                head = queue.peek()
+                if head is None:
+                    break
+                # The head waits for a worker its n sequences fit on (those behind it wait too: none starves).
+                candidates = [w for w in workers if w.fits(head)]
                 if not candidates:
                     break
                 entry = queue.pop()

@@ -40,6 +40,11 @@ class Entry:
     def request_id(self) -> str:
         return self.task.request_id
 
+    @property
+    def weight(self) -> int:
+        """Engine sequences the task occupies on its worker: its n choices (an embeddings call is one)."""
+        return max(1, self.task.generate.n) if self.task.WhichOneof("input") == "generate" else 1
+
     def deliver(self, item: typing.Any) -> bool:
         """Queue an output for the submitter; False (and nothing queued) when it is too far behind."""
         backlog = self.outbox.qsize()

@@ -39,7 +39,13 @@ class WorkerConnection:
         return version in self.capacity
 
     def room(self, version: str) -> int:
+        """Sequences of the model the worker can take now."""
         return self.capacity.get(version, 0) - self.num_inflight.get(version, 0) if self.is_alive else 0
+
+    def fits(self, entry: Entry) -> bool:
+        """Whether the task's sequences fit now (one wider than the whole model waits for an idle worker)."""
+        version = entry.task.model_version
+        return self.room(version) >= min(entry.weight, self.capacity.get(version, 0)) > 0
 
     def utilization(self, version: str) -> float:
         """Busy share of the model's slots: our own count, or the worker's last report when that says more
@@ -53,7 +59,7 @@ class WorkerConnection:
     def dispatch(self, entry: Entry) -> None:
         entry.worker = self
         self.entries[entry.request_id] = entry
-        self.num_inflight[entry.task.model_version] += 1
+        self.num_inflight[entry.task.model_version] += entry.weight
         self._outbox.put_nowait(worker_pb2.ServeRequest(task=entry.task))
 
     def cancel(self, entry: Entry) -> None:
@@ -73,7 +79,7 @@ class WorkerConnection:
 
     def _finish(self, entry: Entry) -> None:
         if self.entries.pop(entry.request_id, None) is not None:
-            self.num_inflight[entry.task.model_version] -= 1
+            self.num_inflight[entry.task.model_version] -= entry.weight
             entry.is_done = True
             self._on_change()
 

@@ -76,6 +76,35 @@ async def test_batch_prompts_and_n(mesh):
     assert [c.text for c in again.choices] == [c.text for c in response.choices]  # the seed reproduces
 
 
+async def test_n_choices_travel_once_and_share_one_prefill(mesh):
+    (served,) = [m for m in mesh.workers[0].models.values() if m.version.version == TINY]
+    blocks = served.engine.block_manager
+    prompt = " ".join(f"w{i}" for i in range(60))  # several KV blocks long
+    request = completion(prompt=prompt, n=w.Int32Value(value=4), temperature=w.FloatValue(value=1.0),
+                         seed=w.Int64Value(value=11), max_tokens=w.Int32Value(value=6), ignore_eos=True,
+                         skip_cache=True)
+    hits_before = blocks.num_prefix_hit_tokens
+    response = await mesh.stub.CreateCompletion(request, metadata=mesh.auth)
+    num_prompt = response.usage.prompt_tokens
+    assert num_prompt > 2 * blocks.block_size
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in response.choices)
+    assert response.usage.completion_tokens == 4 * 6 and response.usage.prompt_tokens == num_prompt
+    assert len({c.text for c in response.choices}) > 1  # choice j draws from seed + j
+    # Choices 1..3 read the prompt's full blocks that choice 0 computed: the prompt is prefilled once.
+    full_blocks = (num_prompt - 1) // blocks.block_size * blocks.block_size
+    assert blocks.num_prefix_hit_tokens - hits_before >= 3 * full_blocks
+    # Streams carry each choice's deltas and finish reason, by choice index.
+    stream = pb.StreamCompletionRequest.FromString(request.SerializeToString())
+    texts, reasons = ["", "", "", ""], {}
+    async for chunk in mesh.stub.StreamCompletion(stream, metadata=mesh.auth):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+            if ch.finish_reason:
+                reasons[ch.index] = ch.finish_reason
+    assert texts == [c.text for c in response.choices] and reasons == dict.fromkeys(range(4), "length")
+
+
 async def test_chat_stream_deltas(mesh):
     request = pb.StreamChatCompletionRequest(model="tiny", messages=[pb.ChatMessage(role="user", content="Hi")],
                                              max_tokens=w.Int32Value(value=5), ignore_eos=True, skip_cache=True)

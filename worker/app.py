@@ -47,7 +47,9 @@ class WorkerApp:
                                interceptors=[MeshTokenInterceptor(config.security.mesh_token)])
         self.worker_id = ""
         # Registered before the server starts (grpc does not take handlers later); the id is known after binding.
-        self.servicer = WorkerServicer("", self.models, cfg.load_report_interval_s)
+        self.servicer = WorkerServicer("", self.models, cfg.load_report_interval_s,
+                                       max_outbox_messages=cfg.max_outbox_messages,
+                                       stalled_stream_timeout_s=cfg.stalled_stream_timeout_s)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.service.server)
         self.registration: Registration | None = None
 

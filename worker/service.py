@@ -7,6 +7,7 @@ stream breaking, cancels it, which aborts the sequence in the engine (its slot i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import typing
@@ -19,7 +20,13 @@ from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
-from llmserve.worker.engine.contract import EmbeddingEngine, GenerationEngine, GenerationRequest, SamplingParams
+from llmserve.worker.engine.contract import (
+    EmbeddingEngine,
+    GenerationEngine,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+)
 
 log = get_logger(__name__)
 tracer = tracing.tracer(__name__)
@@ -51,11 +58,15 @@ class ServedModel:
                                   num_waiting=load.num_waiting, max_num_seqs=self.max_num_seqs)
 
 
-def sampling_from_pb(s: task_pb2.SamplingParams, max_tokens: int) -> SamplingParams:
-    """The task's sampling parameters as the engine takes them (max_tokens already fitted to the context)."""
+SEED_MASK = (1 << 63) - 1
+
+
+def sampling_from_pb(s: task_pb2.SamplingParams, max_tokens: int, choice: int = 0) -> SamplingParams:
+    """The sampling parameters of one choice as the engine takes them (max_tokens already fitted to the context):
+    choice j draws from seed + j, so choices differ and each reproduces."""
     return SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
-                          seed=s.seed if s.has_seed else None, max_tokens=max_tokens, stop=list(s.stop),
-                          ignore_eos=s.ignore_eos)
+                          seed=(s.seed + choice) & SEED_MASK if s.has_seed else None, max_tokens=max_tokens,
+                          stop=list(s.stop), ignore_eos=s.ignore_eos)
 
 
 def _error(request_id: str, code: grpc.StatusCode, message: str) -> task_pb2.TaskOutput:
@@ -64,23 +75,35 @@ def _error(request_id: str, code: grpc.StatusCode, message: str) -> task_pb2.Tas
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, worker_id: str, models: dict[str, ServedModel], load_report_interval_s: float = 1.0):
+    def __init__(self, worker_id: str, models: dict[str, ServedModel], load_report_interval_s: float = 1.0, *,
+                 max_outbox_messages: int = 4096, stalled_stream_timeout_s: float = 30.0):
         self.worker_id = worker_id
         self.models = models
         self.load_report_interval_s = load_report_interval_s
+        self.max_outbox_messages = max_outbox_messages
+        self.stalled_stream_timeout_s = stalled_stream_timeout_s
 
     def load_report(self) -> task_pb2.LoadReport:
         return task_pb2.LoadReport(worker_id=self.worker_id, models=[m.load() for m in self.models.values()])
 
     async def Serve(self, request_iterator, context):
-        outbox: asyncio.Queue[worker_pb2.ServeResponse | None] = asyncio.Queue()
+        # Bounded: when the scheduler stops reading, tasks wait to queue their outputs (and stop pulling from the
+        # engine), and one that waits longer than stalled_stream_timeout_s is cancelled.
+        outbox: asyncio.Queue[worker_pb2.ServeResponse | None] = asyncio.Queue(self.max_outbox_messages)
         running: dict[str, asyncio.Task] = {}
         load_changed = asyncio.Event()
 
         async def run_task(task: task_pb2.Task) -> None:
             try:
-                async for output in self.execute(task):
-                    outbox.put_nowait(worker_pb2.ServeResponse(output=output))
+                async with contextlib.aclosing(self.execute(task)) as outputs:  # closed (engine aborted) on any exit
+                    async for output in outputs:
+                        try:
+                            await asyncio.wait_for(outbox.put(worker_pb2.ServeResponse(output=output)),
+                                                   self.stalled_stream_timeout_s)
+                        except TimeoutError:
+                            log.warning("scheduler stream stalled; task cancelled", request_id=task.request_id,
+                                        stalled_s=self.stalled_stream_timeout_s)
+                            return
             finally:
                 running.pop(task.request_id, None)
                 load_changed.set()
@@ -91,7 +114,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if kind == "task":
                     request_id = message.task.request_id
                     if request_id in running:
-                        outbox.put_nowait(worker_pb2.ServeResponse(output=_error(
+                        await outbox.put(worker_pb2.ServeResponse(output=_error(
                             request_id, grpc.StatusCode.ALREADY_EXISTS, f"task {request_id} is already running")))
                         continue
                     running[request_id] = asyncio.create_task(run_task(message.task))
@@ -102,11 +125,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                         task.cancel()
             # The scheduler closed its side: finish what runs, then end the stream.
             await asyncio.gather(*running.values(), return_exceptions=True)
-            outbox.put_nowait(None)
+            await outbox.put(None)
 
         async def report() -> None:
             while True:
-                outbox.put_nowait(worker_pb2.ServeResponse(load=self.load_report()))
+                if not outbox.full():  # a stalled stream skips reports; the next one is current again
+                    outbox.put_nowait(worker_pb2.ServeResponse(load=self.load_report()))
                 load_changed.clear()
                 try:
                     await asyncio.wait_for(load_changed.wait(), self.load_report_interval_s)
@@ -135,7 +159,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 log.warning("scheduler stream closed; cancelled its tasks", num_tasks=len(running))
             log.info("scheduler stream closed", peer=peer)
 
-    async def execute(self, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
+    async def execute(self, task: task_pb2.Task) -> typing.AsyncGenerator[task_pb2.TaskOutput, None]:
         """Runs one task; every failure becomes a final TaskOutput with a status code (never a broken stream)."""
         model = self.models.get(task.model_version)
         if model is None:
@@ -172,16 +196,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             span.end()
 
     async def _generate(self, model: ServedModel, task: task_pb2.Task) -> typing.AsyncIterator[task_pb2.TaskOutput]:
+        """The task's n choices, tokenized once (or not at all: the gateway's ids) and merged into one stream of
+        outputs by choice index; the last output (finished) is the one that ends the last choice."""
         engine = typing.cast(GenerationEngine, model.engine)
         gen = task.generate
-        if gen.messages:
+        field = "messages" if gen.messages else "prompt"
+        if gen.prompt_token_ids:
+            prompt_ids = list(gen.prompt_token_ids)  # the engine checks them against its vocabulary
+        elif gen.messages:
             messages = [{"role": m.role, "content": m.content} for m in gen.messages]
             prompt_ids = await asyncio.to_thread(engine.apply_chat_template, messages)
-            field = "messages"
         else:
             prompt_ids = await asyncio.to_thread(engine.encode, gen.prompt)
-            field = "prompt"
         num_prompt, context, s = len(prompt_ids), model.context_length, gen.sampling
+        num_choices = max(1, gen.n)
+        if num_choices > model.max_num_seqs:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"n={num_choices} is more sequences than model {model.version.version!r} runs at once "
+                               f"on a worker ({model.max_num_seqs}): lower n")
         max_tokens = s.max_tokens
         if num_prompt >= context:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -194,21 +226,65 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                    f"length of {context} tokens of model {model.version.version!r}: set max_tokens "
                                    f"to at most {context - num_prompt} or shorten the {field}")
             max_tokens = context - num_prompt
-        request = GenerationRequest(task.request_id, prompt_ids, sampling_from_pb(s, max_tokens),
-                                    priority=priority.from_pb(task.priority), cache_salt=task.cache_salt)
         labels = (model.version.version,)
         metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
-        async for out in engine.generate(request):
-            if out.finish_reason == "error":
-                raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
-            if out.finish_reason == "abort":
-                return
-            if out.finished:
-                metrics.COMPLETION_TOKENS.labels(*labels).inc(out.completion_tokens)
-            yield task_pb2.TaskOutput(request_id=task.request_id, text_delta=out.text_delta,
-                                      prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                                      cached_tokens=out.cached_tokens,
-                                      finished=out.finished, finish_reason=out.finish_reason or "")
+
+        def request(j: int) -> GenerationRequest:
+            request_id = task.request_id if num_choices == 1 else f"{task.request_id}#{j}"
+            return GenerationRequest(request_id, prompt_ids, sampling_from_pb(s, max_tokens, choice=j),
+                                     priority=priority.from_pb(task.priority), cache_salt=task.cache_salt)
+
+        outputs: asyncio.Queue[tuple[int, GenerationOutput] | BaseException] = asyncio.Queue()
+        prefilled = asyncio.Event()
+
+        async def run_choice(j: int) -> None:
+            try:
+                async for out in engine.generate(request(j)):
+                    prefilled.set()
+                    outputs.put_nowait((j, out))
+            except BaseException as exc:  # handed to the merging loop, which re-raises it
+                outputs.put_nowait(exc)
+                raise
+
+        choices: list[asyncio.Task] = []
+
+        async def start_choices() -> None:
+            first = asyncio.create_task(run_choice(0))
+            choices.append(first)
+            if num_choices > 1:
+                # Choices 1..n-1 start once choice 0 has prefilled, so that an engine with a prefix cache computes
+                # the prompt once and the others read its cached blocks.
+                if getattr(engine, "caches_prefixes", False):
+                    waiter = asyncio.create_task(prefilled.wait())
+                    await asyncio.wait([first, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                choices.extend(asyncio.create_task(run_choice(j)) for j in range(1, num_choices))
+
+        starter = asyncio.create_task(start_choices())
+        running = num_choices
+        try:
+            while running:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    if isinstance(item, asyncio.CancelledError):
+                        continue  # a choice cancelled below, on our own failure path
+                    raise item
+                j, out = item
+                if out.finish_reason == "error":
+                    raise ServiceError(grpc.StatusCode.INTERNAL, f"generation failed: {out.error}")
+                if out.finish_reason == "abort":
+                    return
+                if out.finished:
+                    running -= 1
+                    metrics.COMPLETION_TOKENS.labels(*labels).inc(out.completion_tokens)
+                yield task_pb2.TaskOutput(request_id=task.request_id, index=j, text_delta=out.text_delta,
+                                          prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+                                          cached_tokens=out.cached_tokens, finished=out.finished and not running,
+                                          finish_reason=(out.finish_reason or "") if out.finished else "")
+        finally:
+            starter.cancel()
+            for choice in choices:
+                choice.cancel()  # leaving early aborts the engine's sequences
 
     async def _embed(self, model: ServedModel, task: task_pb2.Task) -> task_pb2.TaskOutput:
         engine = typing.cast(EmbeddingEngine, model.engine)

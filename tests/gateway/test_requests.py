@@ -113,16 +113,16 @@ def test_defaults_and_priority_normalised_once():
     assert given.max_tokens == 7 and not given.max_tokens_is_default
 
 
-def test_tasks_carry_one_sequence_each_with_its_own_seed():
+def test_a_task_per_prompt_carries_its_n_choices():
     call = completion_from_pb(completion(prompt="", prompts=["a", "b"], n=w.Int32Value(value=2),
                                          seed=w.Int64Value(value=-1), stop=["."], top_k=5,
                                          priority=pb.PRIORITY_INTERACTIVE), CFG)
     tasks = call.to_tasks("req", "m-v1")
-    assert [t.request_id for t in tasks] == ["req-0", "req-1", "req-2", "req-3"]
-    assert [t.generate.prompt for t in tasks] == ["a", "a", "b", "b"]
+    assert [t.request_id for t in tasks] == ["req-0", "req-1"]
+    assert [t.generate.prompt for t in tasks] == ["a", "b"] and all(t.generate.n == 2 for t in tasks)
     assert all(t.model_version == "m-v1" and t.priority == pb.PRIORITY_INTERACTIVE for t in tasks)
-    seeds = [t.generate.sampling.seed for t in tasks]
-    assert seeds[0] == (1 << 63) - 1 and seeds[1] == 0 and seeds[2] == seeds[0]  # masked to int64, choice j: +j
+    assert [t.generate.sampling.seed for t in tasks] == [(1 << 63) - 1] * 2  # masked to int64; the worker adds j
+    assert not tasks[0].generate.prompt_token_ids  # not counted: the worker tokenizes
     s = tasks[0].generate.sampling
     assert s.has_seed and s.top_k == 5 and list(s.stop) == ["."] and s.max_tokens_is_default
     (chat_task,) = chat_from_pb(chat(), CFG).to_tasks("r", "m-v1")
@@ -230,10 +230,12 @@ def test_prompt_bytes_are_checked_against_the_context_before_tokenizing():
     completion_from_pb(completion(prompt="x" * 1000), cfg).check_prompt_bytes(rpb.ModelVersion(version="v"), cfg)
 
 
-def test_a_choice_carries_the_input_built_once():
+def test_the_prompt_travels_once_as_the_gateway_counted_it():
     messages = [pb.ChatMessage(role="user", content=f"m{i}") for i in range(3)]
     call = chat_from_pb(chat(messages=messages, n=w.Int32Value(value=3), seed=w.Int64Value(value=5)), CFG)
-    tasks = call.to_tasks("r", "m-v1")
-    assert [t.request_id for t in tasks] == ["r-0", "r-1", "r-2"]
-    assert all(list(t.generate.messages) == messages for t in tasks)
-    assert [t.generate.sampling.seed for t in tasks] == [5, 6, 7]
+    counted = TokenCount((4,), is_exact=True, ids=([1, 2, 3, 4],))
+    (task,) = call.to_tasks("r", "m-v1", counted=counted)
+    assert task.request_id == "r-0" and task.generate.n == 3 and task.generate.sampling.seed == 5
+    assert list(task.generate.messages) == messages and list(task.generate.prompt_token_ids) == [1, 2, 3, 4]
+    estimate = TokenCount((40,), is_exact=False)  # bytes, not tokens: never sent as ids
+    assert not call.to_tasks("r", "m-v1", counted=estimate)[0].generate.prompt_token_ids

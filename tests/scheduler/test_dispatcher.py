@@ -74,10 +74,10 @@ class Harness:
         self.dispatcher.sync_members(members)
         return {name: self.dispatcher.workers[name] for name in capacities}  # type: ignore[misc]
 
-    def submit(self, request_id: str, priority: int = 2, deadline_ms: float = 0) -> Entry:
+    def submit(self, request_id: str, priority: int = 2, deadline_ms: float = 0, n: int = 1) -> Entry:
         task = task_pb2.Task(request_id=request_id, model_version=MODEL, priority=priority,
                              deadline_unix_ms=int(deadline_ms),
-                             generate=task_pb2.GenerateInput(prompt="hi"))
+                             generate=task_pb2.GenerateInput(prompt="hi", n=n))
         entry = Entry(task, priority=priority)
         self.dispatcher.submit(entry)
         return entry
@@ -131,6 +131,28 @@ async def test_no_task_goes_to_a_worker_without_room(harness):
     assert w["a"].task_ids == ["t1", "t2"]
     dispatched = await asyncio.wait_for(second.outbox.get(), 1)
     assert isinstance(dispatched, scheduler_pb2.TaskDispatched) and dispatched.worker_id == "a"
+
+
+async def test_a_task_of_n_choices_takes_n_slots_on_one_worker(harness):
+    w = harness.workers(a=4)
+    harness.submit("one")
+    wide = harness.submit("wide", n=4)  # 1 + 4 > 4: waits for the whole room, with those behind it
+    behind = harness.submit("behind")
+    await settle()
+    assert w["a"].task_ids == ["one"] and w["a"].room(MODEL) == 3
+    w["a"].finish("one")
+    await settle()
+    assert w["a"].task_ids == ["one", "wide"] and w["a"].room(MODEL) == 0 and not wide.is_done
+    w["a"].finish("wide")
+    await settle()
+    assert w["a"].task_ids == ["one", "wide", "behind"] and w["a"].room(MODEL) == 3
+    assert not behind.is_done
+    # n beyond a worker's capacity is not stuck forever: it runs alone on an idle worker (which refuses it
+    # with the limit if its engine cannot take it).
+    w["a"].finish("behind")
+    harness.submit("huge", n=9)
+    await settle()
+    assert w["a"].task_ids[-1] == "huge" and w["a"].room(MODEL) <= 0
 
 
 async def test_a_deadline_that_passes_in_the_queue_fails_the_task(harness):

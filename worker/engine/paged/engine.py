@@ -96,6 +96,12 @@ class PagedEngine:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
 
+    @property
+    def caches_prefixes(self) -> bool:
+        """Whether a prompt's computed blocks serve later sequences with the same prefix (the worker starts the
+        other choices of an n > 1 task after the first has prefilled, so the prompt is computed once)."""
+        return self.block_manager.enable_prefix_caching
+
     def load(self) -> EngineLoad:
         return EngineLoad(len(self.scheduler.running), len(self.scheduler.waiting) + len(self._inbox),
                           self.max_num_seqs)

@@ -77,22 +77,34 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
 class GenerateInput(_message.Message):
-    """Input of one text-generation sequence."""
+    """Input of one text-generation task: one prompt and the n sequences (choices) sampled from it. The prompt travels
+    and is tokenized and prefilled once per task, not once per choice.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Raw prompt; used when messages is empty."""
+    n: _builtins.int
+    """Optional. Choices to sample (0 is 1). They run on one worker and count as n sequences of its capacity."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
         """Chat messages; the worker applies the model's chat template."""
 
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
-        """Sampling parameters."""
+        """Sampling parameters. Choice j samples from seed + j, so seeded choices differ and reproduce."""
+
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. The prompt (or the templated messages) as token ids, when the gateway has tokenized it already
+        (with the version's own tokenizer, as the worker would); the worker then does not tokenize again.
+        """
 
     def __init__(
         self,
@@ -100,10 +112,12 @@ class GenerateInput(_message.Message):
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[_inference_pb2.ChatMessage] | None = ...,
         sampling: Global___SamplingParams | None = ...,
+        n: _builtins.int = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "n", b"n", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -303,6 +317,7 @@ class TaskOutput(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The task's request_id."""
     text_delta: _builtins.str
@@ -312,11 +327,15 @@ class TaskOutput(_message.Message):
     completion_tokens: _builtins.int
     """Tokens generated so far."""
     finished: _builtins.bool
-    """Whether this is the task's last output."""
+    """Whether this is the task's last output (all its choices are finished)."""
     finish_reason: _builtins.str
-    """"stop" or "length" when finished normally."""
+    """Set on the last output of a choice: "stop" or "length" when it finished normally."""
     cached_tokens: _builtins.int
     """Prompt tokens whose prefill the worker's prefix cache skipped; set once known."""
+    index: _builtins.int
+    """The choice (0 .. n-1) this output belongs to; prompt_tokens, completion_tokens and cached_tokens are that
+    choice's.
+    """
     @_builtins.property
     def error(self) -> Global___TaskError:
         """Set when the task failed; finished is then true."""
@@ -337,10 +356,11 @@ class TaskOutput(_message.Message):
         error: Global___TaskError | None = ...,
         embeddings: _abc.Iterable[Global___Vector] | None = ...,
         cached_tokens: _builtins.int = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "index", b"index", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
