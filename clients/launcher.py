@@ -75,6 +75,7 @@ class Child:
     args: list[str]
     log_path: pathlib.Path
     health_address: str = ""  # gRPC health endpoint, for services
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # on top of the launcher's (a replica's port)
     restart: bool = True
     proc: subprocess.Popen | None = None
     restarts: int = 0
@@ -83,7 +84,7 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                     env={**env, **self.env}, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
 
 
@@ -96,6 +97,7 @@ class Launcher:
         self.children: list[Child] = []
         self.stopping = False
         self.rest_url = ""
+        self.replica_metrics: list[int] = []  # metrics ports of the gateway replicas
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         if not self.config.security.mesh_token:  # internal services refuse callers without it (common/meshauth.py)
@@ -173,17 +175,30 @@ class Launcher:
         child.start(self.env)
         self.children.append(child)
 
-    def _start_service(self, name: str, port: int, timeout_s: float) -> None:
-        child = self._service(name, port)
+    def _start_service(self, name: str, port: int, timeout_s: float, child: Child | None = None,
+                       setting: str = "") -> None:
+        child = child or self._service(name, port)
         if is_listening("127.0.0.1", port):
-            raise SystemExit(f"{name}: port {port} is already taken; stop what runs there or change {name}.port in "
-                             f"{self.config_path}")
+            raise SystemExit(f"{child.name}: port {port} is already taken; stop what runs there or change "
+                             f"{setting or name + '.port'} in {self.config_path}")
         self._spawn(child)
         try:
             wait_healthy(child.health_address, timeout_s, child.proc)
         except (RuntimeError, TimeoutError) as exc:
-            raise SystemExit(f"{name} failed to start ({exc}); see {child.log_path}") from None
-        self.say(f"{name}: serving on 127.0.0.1:{port}")
+            raise SystemExit(f"{child.name} failed to start ({exc}); see {child.log_path}") from None
+        self.say(f"{child.name}: serving on 127.0.0.1:{port}")
+
+    def _start_gateway_replicas(self) -> None:
+        """One more gateway per gateway.replica_ports: the same config but its own port and metrics port."""
+        cfg = self.config.gateway
+        for number, port in enumerate(cfg.replica_ports, start=2):
+            metrics = free_port() if cfg.metrics_port else 0
+            child = self._service("gateway", port)
+            child.name, child.log_path = f"gateway-{number}", self.state / "logs" / f"gateway-{number}.log"
+            child.env = {"LLMSERVE_GATEWAY__PORT": str(port), "LLMSERVE_GATEWAY__METRICS_PORT": str(metrics),
+                         "LLMSERVE_GATEWAY__REPLICA_PORTS": ""}  # a replica starts no replicas
+            self.replica_metrics.append(metrics)
+            self._start_service("gateway", port, 60, child, setting="gateway.replica_ports")
 
     def _start_rest(self) -> None:
         cfg = self.config.rest
@@ -232,6 +247,7 @@ class Launcher:
         self._start_service("worker", cfg.worker.port, 600)
         self._start_service("scheduler", cfg.scheduler.port, 60)
         self._start_service("gateway", cfg.gateway.port, 60)
+        self._start_gateway_replicas()
         self._start_rest()
         self._banner()
 
@@ -242,7 +258,7 @@ class Launcher:
         gw = f"{cfg.gateway.host}:{cfg.gateway.port}"
         print(f"""
 llmserve is up.
-  gateway (gRPC)   {gw}            InferenceService, health, reflection
+  gateway (gRPC)   {gw}            InferenceService, health, reflection{self._replica_lines()}
   scheduler        127.0.0.1:{cfg.scheduler.port}
   worker           127.0.0.1:{cfg.worker.port}   models: {', '.join(cfg.worker.models)}
   registry (admin) 127.0.0.1:{cfg.registry.port}
@@ -258,6 +274,11 @@ Try it:
 
 {self._rest_example(key_file)}Ctrl-C stops everything.
 """, flush=True)
+
+    def _replica_lines(self) -> str:
+        cfg = self.config.gateway
+        return "".join(f"\n  gateway replica  {cfg.host}:{port}" + (f"   metrics :{metrics}" if metrics else "")
+                       for port, metrics in zip(cfg.replica_ports, self.replica_metrics, strict=True))
 
     def _rest_example(self, key_file: pathlib.Path) -> str:
         if not self.rest_url:

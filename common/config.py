@@ -66,6 +66,10 @@ class GatewayConfig:
     # A budget reservation expires this long after its last renewal (the gateway renews those of running
     # requests every third of it); the reaper then releases the reservations of a gateway that died.
     reservation_ttl_s: float = 60.0
+    # `llmserve run` starts one more gateway process per port listed here (same settings, same scheduler and
+    # journal directory; their metrics on free ports it prints), so a client balancing over all of them keeps
+    # being served when one dies.
+    replica_ports: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         for name in ("max_n", "max_prompts", "max_sequences_per_request", "max_embedding_inputs", "max_stop_length",
@@ -76,6 +80,10 @@ class GatewayConfig:
             raise ValueError(f"gateway.reservation_ttl_s={self.reservation_ttl_s} must be > 0")
         if not self.journal_dir:
             raise ValueError("gateway.journal_dir must name a directory")
+        ports = [self.port, *self.replica_ports]
+        if any(not 0 < p <= 65535 for p in self.replica_ports) or len(set(ports)) < len(ports):
+            raise ValueError(f"gateway.replica_ports={self.replica_ports} must be distinct ports in [1, 65535], "
+                             f"none of them gateway.port={self.port}")
         for name in ("max_stop", "response_cache_max_entry_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 0")
@@ -233,6 +241,8 @@ def _coerce(value: typing.Any, annotation: str, where: str) -> typing.Any:
             return int(value)
         if annotation == "float":
             return float(value)
+        if annotation == "list[int]":
+            return [int(v) for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
         if annotation.startswith("list"):
             if isinstance(value, str):
                 return [v.strip() for v in value.split(",") if v.strip()]

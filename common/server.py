@@ -106,11 +106,25 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# grpc carries a status message in a header (percent-encoded: up to 12 bytes per character) and clients refuse
+# headers over 16 KiB, answering RESOURCE_EXHAUSTED "Stream removed" instead; messages quote callers' values.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
+def bounded_message(message: str) -> str:
+    """The message, its middle cut out when it is long: the field named at the start and the advice at the end
+    stay."""
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    head, tail = MAX_STATUS_MESSAGE_CHARS * 2 // 3, MAX_STATUS_MESSAGE_CHARS // 3
+    return f"{message[:head]}... ({len(message) - head - tail} characters cut) ...{message[-tail:]}"
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, ServiceError):
         if exc.trailers:
             context.set_trailing_metadata(exc.trailers)
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, bounded_message(exc.message))
     log.exception("unexpected error", method=method)
     # Neither the exception's text nor its type: they can name internals (addresses, files, another request).
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; it is logged on the server")

@@ -17,6 +17,14 @@ def test_yaml_then_environment(tmp_path):
     assert config.gateway.port == 7000 and config.worker.models == ["a", "b"] and config.log.json is False
 
 
+def test_gateway_replica_ports_from_yaml_and_environment(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gateway:\n  replica_ports: [7001, 7002]\n")
+    assert load_config(path, env={}).gateway.replica_ports == [7001, 7002]
+    assert load_config(path, env={"LLMSERVE_GATEWAY__REPLICA_PORTS": ""}).gateway.replica_ports == []
+    assert load_config(env={"LLMSERVE_GATEWAY__REPLICA_PORTS": "7003, 7004"}).gateway.replica_ports == [7003, 7004]
+
+
 @pytest.mark.parametrize("yaml_text, env, needle", [
     ("gateway:\n  prot: 1\n", {}, "gateway.prot: unknown setting"),
     ("nope: {}\n", {}, "unknown section"),
@@ -24,6 +32,8 @@ def test_yaml_then_environment(tmp_path):
     ("", {"LLMSERVE_WORKER__MAX_NUM_SEQS": "0"}, "worker.max_num_seqs=0"),
     ("", {"LLMSERVE_GATEWAY__MAX_MESSAGES": "0"}, "gateway.max_messages=0 must be >= 1"),
     ("", {"LLMSERVE_GATEWAY__RESPONSE_CACHE_MAX_ENTRY_BYTES": "-1"}, "gateway.response_cache_max_entry_bytes=-1"),
+    ("gateway:\n  port: 7000\n  replica_ports: [7001, 7000]\n", {}, "gateway.replica_ports=[7001, 7000] must be"),
+    ("", {"LLMSERVE_GATEWAY__REPLICA_PORTS": "7001,x"}, "cannot read '7001,x' as list[int]"),
 ])
 def test_bad_config_names_the_setting(tmp_path, yaml_text, env, needle):
     path = tmp_path / "c.yaml"

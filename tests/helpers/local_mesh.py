@@ -7,6 +7,8 @@ For integration tests and benchmarks (ours and users'):
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
 import signal
 import subprocess
@@ -22,22 +24,55 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SERVICES = ("gateway", "scheduler", "worker", "registry")
 
 
+def _replica_order(name: str) -> tuple[int, str]:
+    return (int(name.rpartition("-")[2]) if name.startswith("gateway-") else 1, name)
+
+
+def listening_pid(port: int) -> int | None:
+    """The process holding the IPv4 or IPv6 listening socket on a loopback TCP port (Linux /proc), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:  # 0A: LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in pathlib.Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
 
 
 class LocalMesh:
     def __init__(self, directory: str | pathlib.Path, *, models_file: str | pathlib.Path | None = None,
-                 worker: dict | None = None, start_timeout_s: float = 600):
+                 worker: dict | None = None, gateway: dict | None = None, gateways: int = 1,
+                 cache_redis: bool = False, start_timeout_s: float = 600):
+        """gateways: gateway processes (the first on ports["gateway"], replicas on ports["gateway-2"], ...);
+        cache_redis: a response-cache Redis of its own (ports["redis-cache"]), as `make run` has."""
         self.dir = pathlib.Path(directory)
         self.state = self.dir / "state"
-        self.ports = {name: free_port() for name in ("etcd", "redis", "rest", *SERVICES)}
+        replicas = [f"gateway-{i}" for i in range(2, gateways + 1)]
+        extra = [*replicas, *(["redis-cache"] if cache_redis else [])]
+        self.ports = {name: free_port() for name in ("etcd", "redis", "rest", *SERVICES, *extra)}
         self.metrics_ports = {name: free_port() for name in SERVICES}
         p, m = self.ports, self.metrics_ports
         self.config_path = self.dir / "llmserve.yaml"
+        redis = {"url": f"redis://127.0.0.1:{p['redis']}/0"}
+        if cache_redis:
+            redis["cache_url"] = f"redis://127.0.0.1:{p['redis-cache']}/0"
         self.config_path.write_text(yaml.safe_dump({
             "etcd": {"port": p["etcd"]},
-            "redis": {"url": f"redis://127.0.0.1:{p['redis']}/0"},
+            "redis": redis,
             "gateway": {"port": p["gateway"], "metrics_port": m["gateway"], "journal_dir": str(self.state / "journal"),
-                        "scheduler_address": f"127.0.0.1:{p['scheduler']}"},
+                        "scheduler_address": f"127.0.0.1:{p['scheduler']}",
+                        "replica_ports": [p[name] for name in replicas], **(gateway or {})},
             "scheduler": {"port": p["scheduler"], "metrics_port": m["scheduler"]},
             "worker": {"port": p["worker"], "metrics_port": m["worker"],
                        "model_cache_dir": str(REPO / ".llmserve" / "models"),
@@ -80,6 +115,16 @@ class LocalMesh:
     @property
     def gateway(self) -> str:
         return self.address("gateway")
+
+    @property
+    def gateways(self) -> list[str]:
+        """Every gateway process's address, the first one first."""
+        return [self.address(name) for name in sorted(self.ports, key=_replica_order)
+                if name == "gateway" or name.startswith("gateway-")]
+
+    def pid(self, name: str) -> int | None:
+        """The process listening on the port of `name` ("worker", "gateway-2", "etcd", "redis", ...), or None."""
+        return listening_pid(self.ports[name])
 
     @property
     def rest_url(self) -> str:

@@ -1,0 +1,73 @@
+"""Defects the fuzzers (tests/test_fuzz_grpc.py, tests/test_fuzz_rest.py) found, each kept as its failing example
+against the real service, beside a test of the whole class the fix covers."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from llmserve.admin.v1 import registry_pb2 as rpb
+from llmserve.clients.admin import registry_stub
+from llmserve.common import etcd as etcd_mod
+from llmserve.common.errors import invalid_argument
+from llmserve.common.server import Service
+from llmserve.common.state import keys
+from llmserve.common.state.store import Store
+from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.inference.v1 import inference_pb2_grpc
+from llmserve.registry.app import RegistryApp
+
+
+@pytest.fixture(scope="module")
+async def registry(make_config):
+    config = make_config()
+    client = etcd_mod.connect(config.etcd)
+    admin_key, _ = await keys.create_admin_key(Store(client, config.etcd.prefix).admin_keys, "tests")
+    await client.close()
+    app = RegistryApp(config)
+    port = await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield registry_stub(channel, admin_key)
+    await channel.close()
+    await app.stop(0)
+
+
+# ---- a status message quoting a huge value must still reach the caller ----
+# Found by fuzzing CreateModelVersion: a 100,000-character version id was quoted whole in the INVALID_ARGUMENT
+# message; grpc carries the message in a header, the client refuses headers over 16 KiB, and the caller read
+# RESOURCE_EXHAUSTED "Stream removed (received metadata size exceeds hard limit)" instead of what to fix.
+
+async def test_huge_version_id_gets_invalid_argument_naming_the_rule(registry):
+    version = rpb.ModelVersion(version="word " * 20_000, family="tiny", kind=rpb.MODEL_KIND_GENERATE,
+                               weights_source="file:/x", context_length=64)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.CreateModelVersion(rpb.CreateModelVersionRequest(model_version=version), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert details.startswith("model_version.version='word word") and "lowercase letters" in details
+    assert len(details) < 2000
+
+
+class Echo(inference_pb2_grpc.InferenceServiceServicer):
+    """Refuses every chat request with a message that quotes the model name whole."""
+
+    async def CreateChatCompletion(self, request, context):
+        raise invalid_argument(f"model={request.model!r} is unknown: pick one that ListModels shows")
+
+
+@pytest.mark.parametrize("model", ["m" * 100_000, "\U0001f916" * 20_000, "\u0645" * 50_000])
+async def test_any_status_message_is_cut_to_fit_and_keeps_its_advice(model):
+    service = Service("test", "127.0.0.1", 0, ["llmserve.inference.v1.InferenceService"])
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(Echo(), service.server)
+    port = await service.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await inference_pb2_grpc.InferenceServiceStub(channel).CreateChatCompletion(
+                    pb.CreateChatCompletionRequest(model=model), timeout=10)
+    finally:
+        await service.stop(0)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert details.startswith("model='" + model[:10]) and details.endswith("pick one that ListModels shows")
+    assert "characters cut" in details and len(details.encode()) < 4096
