@@ -12,7 +12,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc, tenants_pb2, tenants_pb2_grpc
+from llmserve.admin.v1 import admin_keys_pb2_grpc, registry_pb2, registry_pb2_grpc, tenants_pb2, tenants_pb2_grpc
 from llmserve.common import etcd
 from llmserve.common.config import MeshConfig
 from llmserve.common.state import keys as state_keys
@@ -38,6 +38,10 @@ def tenant_stub(channel, admin_key: str):
     return WithAuth(tenants_pb2_grpc.TenantServiceStub(channel), admin_key)
 
 
+def admin_key_stub(channel, admin_key: str):
+    return WithAuth(admin_keys_pb2_grpc.AdminKeyServiceStub(channel), admin_key)
+
+
 def write_secret(path: pathlib.Path, value: str) -> None:
     """Writes a secret file readable by its owner only (0600), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,9 +60,10 @@ async def _with_store(config: MeshConfig, fn):
         await client.close()
 
 
-def create_admin_key(config: MeshConfig, description: str = "") -> str:
+def create_admin_key(config: MeshConfig, description: str = "", ttl_s: int = 0) -> str:
     """Bootstrap: writes an admin key's hash straight into etcd (whoever can write etcd is an admin anyway)."""
-    key, _ = asyncio.run(_with_store(config, lambda store: state_keys.create_admin_key(store.admin_keys, description)))
+    key, _ = asyncio.run(_with_store(config, lambda store: state_keys.create_admin_key(store.admin_keys, description,
+                                                                                        ttl_s)))
     return key
 
 
@@ -66,7 +71,8 @@ def ensure_admin_key(config: MeshConfig, path: pathlib.Path) -> tuple[str, bool]
     async def ensure(store: Store) -> tuple[str, bool]:
         if path.exists():
             key = path.read_text().strip()
-            if await state_keys.lookup(store.admin_keys, key) is not None:
+            record = await state_keys.lookup(store.admin_keys, key)
+            if record is not None and state_keys.state(record) == "active":  # not revoked, not expired
                 return key, False
         key, _ = await state_keys.create_admin_key(store.admin_keys, "written by `llmserve run`")
         write_secret(path, key)
@@ -106,7 +112,7 @@ def ensure_dev_key(config: MeshConfig, registry_address: str, admin_key: str, pa
         if path.exists():
             key = path.read_text().strip()
             record = asyncio.run(_with_store(config, lambda store: state_keys.lookup(store.api_keys, key)))
-            if record is not None and not record.revoked and record.tenant == "dev":
+            if record is not None and state_keys.state(record) == "active" and record.tenant == "dev":
                 return key, False
         created = stub.CreateApiKey(tenants_pb2.CreateApiKeyRequest(
             tenant="dev", description="development key written by `llmserve run`"), timeout=10)

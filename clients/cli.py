@@ -21,10 +21,30 @@ def _config(args):
     return load_config(args.config if args.config and os.path.exists(args.config) else None)
 
 
-def _admin_key(args) -> str:
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> int:
+    """Seconds of "3600", "90s", "15m", "12h" or "30d" (argparse type of --ttl)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = int(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: use seconds or 90s, 15m, 12h, 30d") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: a lifetime is 0 (never expires) or more")
+    return seconds
+
+
+def _find_admin_key(args) -> str:
     key = args.admin_key or os.environ.get("LLMSERVE_ADMIN_KEY", "")
     if not key and pathlib.Path(".llmserve/admin-key").exists():
         key = pathlib.Path(".llmserve/admin-key").read_text().strip()
+    return key
+
+
+def _admin_key(args) -> str:
+    key = _find_admin_key(args)
     if not key:
         sys.exit("no admin key: pass --admin-key, set LLMSERVE_ADMIN_KEY, or run from the folder of `make run`")
     return key
@@ -36,8 +56,12 @@ def _admin(args, which: str):
     from llmserve.clients import admin
     config = _config(args)
     channel = grpc.insecure_channel(args.registry or f"127.0.0.1:{config.registry.port}")
-    make = admin.tenant_stub if which == "tenants" else admin.registry_stub
+    make = {"tenants": admin.tenant_stub, "admin-keys": admin.admin_key_stub}.get(which, admin.registry_stub)
     return channel, make(channel, _admin_key(args))
+
+
+def _when(unix: int, never: str = "never") -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(unix)) if unix else never
 
 
 def _print(message) -> None:
@@ -50,9 +74,29 @@ def cmd_run(args) -> int:
 
 
 def cmd_admin_key(args) -> int:
+    from llmserve.admin.v1 import admin_keys_pb2 as a
     from llmserve.clients.admin import create_admin_key
-    print(create_admin_key(_config(args), args.description))
-    print("this admin key is shown only once", file=sys.stderr)
+    from llmserve.common.state.keys import state
+    if args.action == "create" and (args.bootstrap or not _find_admin_key(args)):
+        # Bootstrap (no admin key yet, e.g. a fresh cluster): the record goes straight into etcd.
+        print(create_admin_key(_config(args), args.description, args.ttl or 0))
+        print("bootstrap admin key written to etcd; it is shown only once", file=sys.stderr)
+        return 0
+    channel, stub = _admin(args, "admin-keys")
+    with channel:
+        if args.action == "create":
+            made = stub.CreateAdminKey(a.CreateAdminKeyRequest(description=args.description,
+                                                               ttl_seconds=args.ttl or 0), timeout=10)
+            print(made.key)
+            print(f"{made.admin_key.key_id}, expires {_when(made.admin_key.expires)}; the key is shown only once",
+                  file=sys.stderr)
+        elif args.action == "list":
+            for k in stub.ListAdminKeys(a.ListAdminKeysRequest(), timeout=10).admin_keys:
+                print(f"{k.key_id}  {state(k):8s}  created {_when(k.created)}  expires {_when(k.expires):16s}  "
+                      f"{k.description}")
+        else:
+            revoked = stub.RevokeAdminKey(a.RevokeAdminKeyRequest(key_id=args.key_id), timeout=10).admin_key
+            print(f"revoked {revoked.key_id}")
     return 0
 
 
@@ -64,7 +108,8 @@ def _tenant_from_args(args, base=None):
         tenant.allowed_models.extend(m for m in args.allowed_models.split(",") if m)
     if args.max_priority is not None:
         tenant.max_priority = PRIORITIES[args.max_priority]
-    for flag, field in (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"), ("budget_usd", "budget_usd")):
+    for flag, field in (("rpm", "requests_per_minute"), ("tpm", "tokens_per_minute"), ("budget_usd", "budget_usd"),
+                        ("max_concurrent", "max_concurrent_requests")):
         if getattr(args, flag) is not None:
             setattr(tenant, field, getattr(args, flag))
     if args.budget_period is not None:
@@ -95,20 +140,21 @@ def cmd_keys(args) -> int:
     with channel:
         if args.action in ("create", "rotate"):
             if args.action == "create":
-                made = stub.CreateApiKey(t.CreateApiKeyRequest(tenant=args.tenant, description=args.description,
-                                                               requests_per_minute=args.rpm or 0,
-                                                               tokens_per_minute=args.tpm or 0), timeout=10)
+                made = stub.CreateApiKey(t.CreateApiKeyRequest(
+                    tenant=args.tenant, description=args.description, requests_per_minute=args.rpm or 0,
+                    tokens_per_minute=args.tpm or 0, ttl_seconds=args.ttl or 0,
+                    max_concurrent_requests=args.max_concurrent or 0), timeout=10)
             else:
                 made = stub.RotateApiKey(t.RotateApiKeyRequest(key_id=args.key_id), timeout=10)
             print(made.key)
-            print(f"{made.api_key.key_id} for tenant {made.api_key.tenant!r}; the key is shown only once",
-                  file=sys.stderr)
+            print(f"{made.api_key.key_id} for tenant {made.api_key.tenant!r}, expires {_when(made.api_key.expires)}; "
+                  "the key is shown only once", file=sys.stderr)
         elif args.action == "list":
+            from llmserve.common.state.keys import state
             for k in stub.ListApiKeys(t.ListApiKeysRequest(tenant=args.tenant or ""), timeout=10).api_keys:
-                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(k.created))
-                state = "revoked" if k.revoked else "active"
-                print(f"{k.key_id}  {k.tenant:20s}  {state:8s}  {created}  rpm={k.requests_per_minute} "
-                      f"tpm={k.tokens_per_minute}  {k.description}")
+                print(f"{k.key_id}  {k.tenant:20s}  {state(k):8s}  {_when(k.created)}  expires {_when(k.expires)}  "
+                      f"rpm={k.requests_per_minute} tpm={k.tokens_per_minute} "
+                      f"concurrent={k.max_concurrent_requests}  {k.description}")
         else:
             revoked = stub.RevokeApiKey(t.RevokeApiKeyRequest(key_id=args.key_id), timeout=10).api_key
             print(f"revoked {revoked.key_id} (tenant {revoked.tenant!r})")
@@ -168,6 +214,8 @@ def _tenant_flags(parser) -> None:
     parser.add_argument("--tpm", type=int, help="tokens per minute (0: unlimited)")
     parser.add_argument("--budget-usd", type=float, help="budget per period (0: unlimited)")
     parser.add_argument("--budget-period", choices=["day", "month"])
+    parser.add_argument("--max-concurrent", type=int,
+                        help="sequences (prompts x n) running at once (0: gateway default, -1: no cap)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,9 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--state-dir", default=".llmserve", help="etcd data, logs, dev API key, admin key")
     run.set_defaults(fn=cmd_run)
 
-    admin_key = sub.add_parser("admin-key", help="admin keys (bootstrap: written straight to etcd)")
-    admin_key.add_argument("action", choices=["create"])
-    admin_key.add_argument("--description", default="")
+    admin_key = sub.add_parser("admin-key", help="admin keys: list, create (optionally expiring), revoke")
+    admin_key_sub = admin_key.add_subparsers(dest="action", required=True)
+    admin_create = admin_key_sub.add_parser(
+        "create", help="create an admin key and print it once: through the registry with an admin key, else "
+                       "(bootstrap) straight into etcd")
+    admin_create.add_argument("--description", default="")
+    admin_create.add_argument("--ttl", type=duration, help="lifetime: seconds, or 90m, 12h, 30d (default: never "
+                                                           "expires)")
+    admin_create.add_argument("--bootstrap", action="store_true",
+                              help="write it straight into etcd even when an admin key is at hand")
+    admin_revoke = admin_key_sub.add_parser("revoke", help="revoke an admin key by its id (not the last active one)")
+    admin_revoke.add_argument("key_id")
+    for p in (admin_create, admin_revoke, admin_key_sub.add_parser("list", help="ids, state, expiry")):
+        _admin_flags(p)
     admin_key.set_defaults(fn=cmd_admin_key)
 
     tenants = sub.add_parser("tenants", help="tenants: model access, priority cap, limits, budget")
@@ -201,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--description", default="")
     create.add_argument("--rpm", type=int, help="requests per minute of this key")
     create.add_argument("--tpm", type=int, help="tokens per minute of this key")
+    create.add_argument("--ttl", type=duration, help="lifetime: seconds, or 90m, 12h, 30d (default: never expires)")
+    create.add_argument("--max-concurrent", type=int,
+                        help="sequences (prompts x n) this key may run at once (0: gateway default, -1: no cap)")
     listing = keys_sub.add_parser("list", help="list keys (ids, never the keys)")
     listing.add_argument("--tenant")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")

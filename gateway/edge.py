@@ -20,6 +20,7 @@ from llmserve.common import priority as priority_class
 from llmserve.common import usage
 from llmserve.common.errors import ServiceError, unauthenticated
 from llmserve.common.logs import get_logger
+from llmserve.common.state import keys
 from llmserve.common.state.views import RegistryView
 from llmserve.gateway import metrics
 from llmserve.gateway.journal import Journal
@@ -160,9 +161,13 @@ class Edge:
         if scheme.lower() != "bearer" or not key.strip():
             raise unauthenticated("missing API key: send metadata `authorization: Bearer <key>` "
                                   "(`llmserve keys create --tenant NAME` makes one)")
-        record = self.view.api_key(key.strip())
+        record = self.view.api_key_record(key.strip())
         if record is None:
-            raise unauthenticated("the API key is unknown or revoked")
+            raise unauthenticated("the API key is unknown")
+        # Expiry is compared with the clock here, at every request: nothing in etcd changes when a key expires.
+        refused = keys.refusal(record, "API key")
+        if refused is not None:
+            raise unauthenticated(f"{refused}; ask an admin of tenant {record.tenant!r} for a new key")
         tenant = self.view.tenant(record.tenant)
         if tenant is None:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,

@@ -1,10 +1,11 @@
-"""Registry process: the admin plane (RegistryService, TenantService) over etcd, behind admin keys."""
+"""Registry process: the admin plane (RegistryService, TenantService, AdminKeyService) over etcd, behind admin
+keys."""
 
 from __future__ import annotations
 
 import grpc
 
-from llmserve.admin.v1 import keys_pb2, registry_pb2_grpc, tenants_pb2_grpc
+from llmserve.admin.v1 import admin_keys_pb2_grpc, keys_pb2, registry_pb2_grpc, tenants_pb2_grpc
 from llmserve.common import etcd, redisconn
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import Service
@@ -12,6 +13,7 @@ from llmserve.common.state import keys
 from llmserve.common.state.collection import Collection
 from llmserve.common.state.store import Store
 from llmserve.common.state.watcher import PrefixWatcher
+from llmserve.registry.admin_keys import AdminKeyServicer, admin_key_service_name
 from llmserve.registry.service import RegistryServicer, registry_service_name
 from llmserve.registry.tenants import TenantServicer, tenant_service_name
 
@@ -19,7 +21,9 @@ OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Every admin RPC needs `authorization: Bearer <admin key>`; tenant keys are not admin keys."""
+    """Every admin RPC needs `authorization: Bearer <admin key>` of an active admin key: not revoked, not expired
+    (checked against the clock at each call, so a key expires on time without any change in etcd); tenant keys
+    are not admin keys."""
 
     def __init__(self, watched: PrefixWatcher[keys_pb2.AdminKey], admin_keys: Collection[keys_pb2.AdminKey]):
         self.watched = watched
@@ -30,22 +34,29 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         header = dict(details.invocation_metadata or ()).get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() == "bearer" and key.strip():
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            message = ("admin calls need `authorization: Bearer <admin key>` (`llmserve admin-key create`; "
+                       "`make run` writes one to .llmserve/admin-key)")
+        else:
             # The watch may lag a key created a moment ago (the launcher does exactly that): ask etcd then.
-            if keys.hash_key(key.strip()) in self.watched.snapshot or await self._lookup(key.strip()):
+            record = self.watched.snapshot.get(keys.hash_key(key)) or await self._lookup(key)
+            if record is None:
+                message = "the admin key is unknown"
+            elif (refused := keys.refusal(record, "admin key")) is None:
                 return await continuation(details)
-        message = ("admin calls need `authorization: Bearer <admin key>` (`llmserve admin-key create`; `make run` "
-                   "writes one to .llmserve/admin-key)" if not key else "the admin key is unknown")
+            else:
+                message = f"{refused}; use another admin key (`llmserve admin-key list` shows them)"
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         return grpc.unary_unary_rpc_method_handler(deny)
 
-    async def _lookup(self, key: str) -> bool:
+    async def _lookup(self, key: str) -> keys_pb2.AdminKey | None:
         try:
-            return await keys.lookup(self.admin_keys, key) is not None
+            return await keys.lookup(self.admin_keys, key)
         except Exception:
-            return False
+            return None
 
 
 class RegistryApp:
@@ -56,10 +67,11 @@ class RegistryApp:
         store = Store(self.client, config.etcd.prefix)
         self.admin_keys = store.admin_keys.watcher()
         self.service = Service("registry", config.registry.host, config.registry.port,
-                               [registry_service_name(), tenant_service_name()],
+                               [registry_service_name(), tenant_service_name(), admin_key_service_name()],
                                interceptors=[AdminAuthInterceptor(self.admin_keys, store.admin_keys)])
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(store), self.service.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(store, self.redis), self.service.server)
+        admin_keys_pb2_grpc.add_AdminKeyServiceServicer_to_server(AdminKeyServicer(store), self.service.server)
 
     async def start(self) -> int:
         self.admin_keys.start()

@@ -27,6 +27,9 @@ def validate_tenant(t: tenants_pb2.Tenant) -> tenants_pb2.Tenant:
     for field in ("requests_per_minute", "tokens_per_minute"):
         if getattr(t, field) < 0:
             raise invalid_argument(f"tenant.{field}={getattr(t, field)} must be >= 0 (0: unlimited)")
+    if t.max_concurrent_requests < -1:
+        raise invalid_argument(f"tenant.max_concurrent_requests={t.max_concurrent_requests} must be >= -1 (0: the "
+                               "gateway's default, gateway.max_concurrent_requests_per_tenant; -1: no cap)")
     if t.budget_usd < 0:
         raise invalid_argument(f"tenant.budget_usd={t.budget_usd} must be >= 0 (0: unlimited)")
     if t.max_priority not in inference_pb2.Priority.values():
@@ -83,9 +86,17 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         await self._tenant(request.tenant)
         if request.requests_per_minute < 0 or request.tokens_per_minute < 0:
             raise invalid_argument("requests_per_minute and tokens_per_minute must be >= 0 (0: tenant limit only)")
-        key, record = await keys.create_api_key(self.store.api_keys, request.tenant, request.description,
-                                                 request.requests_per_minute, request.tokens_per_minute)
-        log.info("api key created", tenant_name=record.tenant, key_id=record.key_id)
+        if request.max_concurrent_requests < -1:
+            raise invalid_argument(f"max_concurrent_requests={request.max_concurrent_requests} must be >= -1 (0: the "
+                                   "gateway's default per key, gateway.max_concurrent_requests_per_key; -1: no cap)")
+        try:
+            key, record = await keys.create_api_key(
+                self.store.api_keys, request.tenant, request.description, request.requests_per_minute,
+                request.tokens_per_minute, ttl_s=request.ttl_seconds,
+                max_concurrent_requests=request.max_concurrent_requests)
+        except ValueError as exc:
+            raise invalid_argument(str(exc)) from None
+        log.info("api key created", tenant_name=record.tenant, key_id=record.key_id, expires=record.expires)
         return tenants_pb2.CreateApiKeyResponse(api_key=record, key=key)
 
     async def ListApiKeys(self, request, context):
@@ -108,8 +119,13 @@ class TenantServicer(tenants_pb2_grpc.TenantServiceServicer):
         old = await self._key(request.key_id)
         if old.revoked:
             raise invalid_argument(f"API key {old.key_id} is revoked; create a new key instead")
+        # The successor lives as long as the old key was meant to (a key rotated because it leaked must not
+        # turn into one that never expires).
+        lifetime = old.expires - old.created if old.expires else 0
         key, record = await keys.create_api_key(self.store.api_keys, old.tenant, old.description,
-                                                 old.requests_per_minute, old.tokens_per_minute)
+                                                 old.requests_per_minute, old.tokens_per_minute,
+                                                 ttl_s=max(lifetime, 1) if old.expires else 0,
+                                                 max_concurrent_requests=old.max_concurrent_requests)
         await keys.revoke_api_key(self.store.api_keys, old.key_id)
         log.info("api key rotated", old_key_id=old.key_id, key_id=record.key_id)
         return tenants_pb2.RotateApiKeyResponse(api_key=record, key=key)

@@ -6,6 +6,7 @@ get/list/put/create/delete are written once. Validation belongs to the caller (t
 
 from __future__ import annotations
 
+import builtins
 import typing
 
 import aetcd
@@ -40,6 +41,11 @@ class Collection(typing.Generic[M]):
         return sorted((self.decode(kv.value) for kv in await self.client.get_prefix(self.prefix.encode())),
                       key=self.order)
 
+    async def list_with_revisions(self) -> builtins.list[tuple[M, int]]:
+        """(record, etcd mod revision) pairs in list order: what put_if_unchanged compares against."""
+        pairs = [(self.decode(kv.value), kv.mod_revision) for kv in await self.client.get_prefix(self.prefix.encode())]
+        return sorted(pairs, key=lambda pair: self.order(pair[0]))
+
     async def find(self, predicate: typing.Callable[[M], bool]) -> M | None:
         """The first record (in list order) for which predicate holds; for lookups by a field other than the name."""
         return next((r for r in await self.list() if predicate(r)), None)
@@ -54,6 +60,15 @@ class Collection(typing.Generic[M]):
         txn = self.client.transactions
         ok, _ = await self.client.transaction(compare=[txn.version(key) == 0],
                                               success=[txn.put(key, encode(record))], failure=[])
+        return ok
+
+    async def put_if_unchanged(self, record: M, unchanged: dict[str, int]) -> bool:
+        """Writes the record only if every named record still has the mod revision given (atomically), so a
+        decision taken over several records holds when it is written. Returns False, writing nothing, if not."""
+        txn = self.client.transactions
+        ok, _ = await self.client.transaction(
+            compare=[txn.mod(self._key(name)) == revision for name, revision in unchanged.items()],
+            success=[txn.put(self._key(self.name(record)), encode(record))], failure=[])
         return ok
 
     async def delete(self, name: str) -> None:

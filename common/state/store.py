@@ -21,5 +21,6 @@ class Store:
         self.tenants = Collection(client, self.paths.tenants, tenants_pb2.Tenant, lambda t: t.name)
         self.api_keys = Collection(client, self.paths.keys, keys_pb2.ApiKey, lambda k: k.key_hash,
                                    order=lambda k: (k.tenant, k.created))
-        self.admin_keys = Collection(client, self.paths.admin_keys, keys_pb2.AdminKey, lambda k: k.key_hash)
+        self.admin_keys = Collection(client, self.paths.admin_keys, keys_pb2.AdminKey, lambda k: k.key_hash,
+                                     order=lambda k: (k.created, k.key_id))
         self.workers = Collection(client, self.paths.workers, worker_pb2.WorkerInfo, lambda w: w.worker_id)

@@ -10,6 +10,7 @@ import aetcd
 
 from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
 from llmserve.common.state.keys import hash_key
+from llmserve.common.state.keys import state as key_state
 from llmserve.common.state.store import Store
 from llmserve.dispatch.v1 import worker_pb2
 
@@ -47,9 +48,14 @@ class RegistryView:
             await watcher.stop()
 
     def api_key(self, key: str) -> keys_pb2.ApiKey | None:
+        """The record of a usable key: None when unknown, revoked or expired (now, by the clock)."""
+        record = self.api_key_record(key)
+        return None if record is None or key_state(record) != "active" else record
+
+    def api_key_record(self, key: str) -> keys_pb2.ApiKey | None:
+        """The record of a key whatever its state (revoked and expired ones included); None when unknown."""
         assert self.keys is not None, "RegistryView built without watch_keys"
-        record = self.keys.snapshot.get(hash_key(key))
-        return None if record is None or record.revoked else record
+        return self.keys.snapshot.get(hash_key(key))
 
     def tenant(self, name: str) -> tenants_pb2.Tenant | None:
         assert self.tenants is not None, "RegistryView built without watch_keys"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmserve/admin/v1/keys.proto\x12\x11llmserve.admin.v1\"\xa9\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08key_hash\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\r\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x07 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x08 \x01(\x05\"R\n\x08\x41\x64minKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x10\n\x08key_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\tB+Z)llmserve/gen/go/llmserve/admin/v1;adminv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cllmserve/admin/v1/keys.proto\x12\x11llmserve.admin.v1\"\xdb\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x10\n\x08key_hash\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\r\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x07 \x01(\x05\x12\x19\n\x11tokens_per_minute\x18\x08 \x01(\x05\x12\x0f\n\x07\x65xpires\x18\t \x01(\r\x12\x1f\n\x17max_concurrent_requests\x18\n \x01(\x05\"t\n\x08\x41\x64minKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x10\n\x08key_hash\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x0f\n\x07\x65xpires\x18\x06 \x01(\rB+Z)llmserve/gen/go/llmserve/admin/v1;adminv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z)llmserve/gen/go/llmserve/admin/v1;adminv1'
   _globals['_APIKEY']._serialized_start=52
-  _globals['_APIKEY']._serialized_end=221
-  _globals['_ADMINKEY']._serialized_start=223
-  _globals['_ADMINKEY']._serialized_end=305
+  _globals['_APIKEY']._serialized_end=271
+  _globals['_ADMINKEY']._serialized_start=273
+  _globals['_ADMINKEY']._serialized_end=389
 # @@protoc_insertion_point(module_scope)

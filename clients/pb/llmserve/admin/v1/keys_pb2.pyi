@@ -30,6 +30,8 @@ class ApiKey(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Short public id for listing and revoking ("key_" + first 12 hex of the hash)."""
     tenant: _builtins.str
@@ -46,6 +48,12 @@ class ApiKey(_message.Message):
     """Optional. Requests per minute of this key; 0: only the tenant's limit."""
     tokens_per_minute: _builtins.int
     """Optional. Tokens per minute of this key; 0: only the tenant's limit."""
+    expires: _builtins.int
+    """Optional. Unix time in seconds from which gateways refuse the key; 0: it never expires."""
+    max_concurrent_requests: _builtins.int
+    """Optional. Sequences (prompts x n) this key may have running at once, on all gateways together; 0: the
+    gateway's default per key (gateway.max_concurrent_requests_per_key); -1: no cap of its own.
+    """
     def __init__(
         self,
         *,
@@ -57,10 +65,12 @@ class ApiKey(_message.Message):
         description: _builtins.str = ...,
         requests_per_minute: _builtins.int = ...,
         tokens_per_minute: _builtins.int = ...,
+        expires: _builtins.int = ...,
+        max_concurrent_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "key_hash", b"key_hash", "key_id", b"key_id", "requests_per_minute", b"requests_per_minute", "revoked", b"revoked", "tenant", b"tenant", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "expires", b"expires", "key_hash", b"key_hash", "key_id", b"key_id", "max_concurrent_requests", b"max_concurrent_requests", "requests_per_minute", b"requests_per_minute", "revoked", b"revoked", "tenant", b"tenant", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -78,6 +88,8 @@ class AdminKey(_message.Message):
     KEY_HASH_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Short public id ("adm_" + first 12 hex of the hash)."""
     key_hash: _builtins.str
@@ -86,6 +98,10 @@ class AdminKey(_message.Message):
     """Unix time in seconds when created."""
     description: _builtins.str
     """Optional. Free text."""
+    revoked: _builtins.bool
+    """Whether the key was revoked (the record stays, so listings still show it)."""
+    expires: _builtins.int
+    """Optional. Unix time in seconds from which the registry refuses the key; 0: it never expires."""
     def __init__(
         self,
         *,
@@ -93,10 +109,12 @@ class AdminKey(_message.Message):
         key_hash: _builtins.str = ...,
         created: _builtins.int = ...,
         description: _builtins.str = ...,
+        revoked: _builtins.bool = ...,
+        expires: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "key_hash", b"key_hash", "key_id", b"key_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "expires", b"expires", "key_hash", b"key_hash", "key_id", b"key_id", "revoked", b"revoked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -59,6 +59,7 @@ class Tenant(_message.Message):
     BUDGET_USD_FIELD_NUMBER: _builtins.int
     BUDGET_PERIOD_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. 1-64 lowercase letters, digits, '-', '_'."""
     max_priority: _inference_pb2.Priority.ValueType
@@ -73,6 +74,10 @@ class Tenant(_message.Message):
     """Optional. Period of the budget."""
     created: _builtins.int
     """Output only. Unix time in seconds when created."""
+    max_concurrent_requests: _builtins.int
+    """Optional. Sequences (prompts x n) the tenant may have running at once, on all gateways together; beyond,
+    RESOURCE_EXHAUSTED. 0: the gateway's default (gateway.max_concurrent_requests_per_tenant); -1: no cap.
+    """
     @_builtins.property
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional. Models the tenant may use: alias or version names, shell-style patterns ("smollm2*"); empty: all."""
@@ -88,10 +93,11 @@ class Tenant(_message.Message):
         budget_usd: _builtins.float = ...,
         budget_period: Global___BudgetPeriod.ValueType = ...,
         created: _builtins.int = ...,
+        max_concurrent_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "budget_period", b"budget_period", "budget_usd", b"budget_usd", "created", b"created", "max_priority", b"max_priority", "name", b"name", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "budget_period", b"budget_period", "budget_usd", b"budget_usd", "created", b"created", "max_concurrent_requests", b"max_concurrent_requests", "max_priority", b"max_priority", "name", b"name", "requests_per_minute", b"requests_per_minute", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -290,6 +296,8 @@ class CreateApiKeyRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_REQUESTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Required. An existing tenant."""
     description: _builtins.str
@@ -298,6 +306,10 @@ class CreateApiKeyRequest(_message.Message):
     """Optional. Requests per minute of this key; 0: only the tenant's limit."""
     tokens_per_minute: _builtins.int
     """Optional. Tokens per minute of this key; 0: only the tenant's limit."""
+    ttl_seconds: _builtins.int
+    """Optional. Lifetime of the key in seconds; 0: it never expires."""
+    max_concurrent_requests: _builtins.int
+    """Optional. Sequences this key may have running at once; 0: the gateway's default per key; -1: no cap."""
     def __init__(
         self,
         *,
@@ -305,10 +317,12 @@ class CreateApiKeyRequest(_message.Message):
         description: _builtins.str = ...,
         requests_per_minute: _builtins.int = ...,
         tokens_per_minute: _builtins.int = ...,
+        ttl_seconds: _builtins.int = ...,
+        max_concurrent_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "requests_per_minute", b"requests_per_minute", "tenant", b"tenant", "tokens_per_minute", b"tokens_per_minute"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "max_concurrent_requests", b"max_concurrent_requests", "requests_per_minute", b"requests_per_minute", "tenant", b"tenant", "tokens_per_minute", b"tokens_per_minute", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -136,7 +136,7 @@ class TenantServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateApiKey(self, request, context):
-        """Replaces an API key by a new one with the same tenant and limits, and revokes the old one.
+        """Replaces an API key by a new one with the same tenant, limits and lifetime, and revokes the old one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,7 +48,7 @@ class TenantServiceStub:
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.RevokeApiKeyRequest, _tenants_pb2.RevokeApiKeyResponse]
     """Revokes an API key; every gateway refuses it within a second."""
     RotateApiKey: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.RotateApiKeyRequest, _tenants_pb2.RotateApiKeyResponse]
-    """Replaces an API key by a new one with the same tenant and limits, and revokes the old one."""
+    """Replaces an API key by a new one with the same tenant, limits and lifetime, and revokes the old one."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.GetUsageRequest, _tenants_pb2.GetUsageResponse]
     """Returns usage per day, key and model version: requests, tokens, cache hits and cost."""
 
@@ -72,7 +72,7 @@ class TenantServiceAsyncStub(TenantServiceStub):
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_tenants_pb2.RevokeApiKeyRequest, _tenants_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes an API key; every gateway refuses it within a second."""
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_tenants_pb2.RotateApiKeyRequest, _tenants_pb2.RotateApiKeyResponse]  # type: ignore[assignment]
-    """Replaces an API key by a new one with the same tenant and limits, and revokes the old one."""
+    """Replaces an API key by a new one with the same tenant, limits and lifetime, and revokes the old one."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_tenants_pb2.GetUsageRequest, _tenants_pb2.GetUsageResponse]  # type: ignore[assignment]
     """Returns usage per day, key and model version: requests, tokens, cache hits and cost."""
 
@@ -141,7 +141,7 @@ class TenantServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tenants_pb2.RotateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tenants_pb2.RotateApiKeyResponse, _abc.Awaitable[_tenants_pb2.RotateApiKeyResponse]]:
-        """Replaces an API key by a new one with the same tenant and limits, and revokes the old one."""
+        """Replaces an API key by a new one with the same tenant, limits and lifetime, and revokes the old one."""
 
     @_abc_1.abstractmethod
     def GetUsage(
