@@ -28,6 +28,7 @@ from llmserve.common.config import MeshConfig, load_config
 from llmserve.common.net import free_port
 
 STOP_TIMEOUT_S = 12.0
+BACKOFF_RESET_S = 30.0  # a child that ran this long before it died is restarted after the shortest delay again
 PR_SET_PDEATHSIG = 1
 
 
@@ -80,8 +81,10 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     next_restart: float = 0.0
+    started: float = 0.0  # monotonic time of the last start
 
     def start(self, env: dict[str, str]) -> None:
+        self.started = time.monotonic()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**env, **self.env}, start_new_session=True, preexec_fn=_die_with_parent)
@@ -98,6 +101,7 @@ class Launcher:
         self.stopping = False
         self.rest_url = ""
         self.replica_metrics: list[int] = []  # metrics ports of the gateway replicas
+        self.backoff_reset_s = BACKOFF_RESET_S
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         if not self.config.security.mesh_token:  # internal services refuse callers without it (common/meshauth.py)
@@ -292,13 +296,16 @@ Try it:
     # ---- supervision and shutdown ----
 
     def supervise(self) -> None:
-        """Until a signal: restart services that died (1 s, 2 s, ... up to 30 s apart)."""
+        """Until a signal: restart services that died (1 s, 2 s, ... up to 30 s apart; after 1 s again once a
+        child had run for backoff_reset_s: one crash an hour is not a crash loop)."""
         while not self.stopping:
             for child in self.children:
                 if child.proc is None or child.proc.poll() is None or not child.restart or self.stopping:
                     continue
                 now = time.monotonic()
                 if child.next_restart == 0.0:
+                    if now - child.started >= self.backoff_reset_s:
+                        child.restarts = 0
                     delay = min(30.0, 2.0 ** min(child.restarts, 5))
                     child.next_restart = now + delay
                     self.say(f"{child.name} exited with code {child.proc.returncode}; restarting in {delay:.0f}s "
