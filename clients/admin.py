@@ -13,8 +13,8 @@ import yaml
 from google.protobuf import json_format
 
 from llmserve.admin.v1 import admin_keys_pb2_grpc, registry_pb2, registry_pb2_grpc, tenants_pb2, tenants_pb2_grpc
-from llmserve.common import etcd
-from llmserve.common.config import MeshConfig
+from llmserve.common import etcd, tls
+from llmserve.common.config import MeshConfig, SecurityConfig
 from llmserve.common.state import keys as state_keys
 from llmserve.common.state.store import Store
 
@@ -80,11 +80,12 @@ def ensure_admin_key(config: MeshConfig, path: pathlib.Path) -> tuple[str, bool]
     return asyncio.run(_with_store(config, ensure))
 
 
-def apply_models_file(registry_address: str, admin_key: str, path: str | os.PathLike) -> list[str]:
+def apply_models_file(registry_address: str, admin_key: str, path: str | os.PathLike,
+                      security: SecurityConfig | None = None) -> list[str]:
     """Registers the versions (idempotently: identical ones are kept) and sets the aliases of a models file."""
     data = yaml.safe_load(pathlib.Path(path).read_text()) or {}
     done = []
-    with grpc.insecure_channel(registry_address) as channel:
+    with tls.channel(registry_address, security or SecurityConfig()) as channel:
         stub = registry_stub(channel, admin_key)
         for item in data.get("versions", []):
             version = json_format.ParseDict(item, registry_pb2.ModelVersion())
@@ -102,7 +103,7 @@ def ensure_dev_key(config: MeshConfig, registry_address: str, admin_key: str, pa
                    ) -> tuple[str, bool]:
     """Makes sure tenant 'dev' (no limits) exists and `path` holds a valid key for it (mode 0600), reusing the
     key already there when it is still valid. Returns (key, created)."""
-    with grpc.insecure_channel(registry_address) as channel:
+    with tls.channel(registry_address, config.security) as channel:
         stub = tenant_stub(channel, admin_key)
         try:
             stub.CreateTenant(tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(name="dev")), timeout=10)

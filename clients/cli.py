@@ -51,11 +51,10 @@ def _admin_key(args) -> str:
 
 
 def _admin(args, which: str):
-    import grpc
-
     from llmserve.clients import admin
+    from llmserve.common import tls
     config = _config(args)
-    channel = grpc.insecure_channel(args.registry or f"127.0.0.1:{config.registry.port}")
+    channel = tls.channel(args.registry or f"127.0.0.1:{config.registry.port}", config.security)
     make = {"tenants": admin.tenant_stub, "admin-keys": admin.admin_key_stub}.get(which, admin.registry_stub)
     return channel, make(channel, _admin_key(args))
 
@@ -176,7 +175,7 @@ def cmd_models(args) -> int:
     if args.action == "apply":
         config = _config(args)
         for line in admin.apply_models_file(args.registry or f"127.0.0.1:{config.registry.port}", _admin_key(args),
-                                            args.file):
+                                            args.file, config.security):
             print(line)
         return 0
     channel, stub = _admin(args, "registry")
@@ -188,11 +187,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_certs(args) -> int:
+    from llmserve.common import certs
+    out = args.out or _config(args).security.tls_dir
+    written = certs.ensure(out, args.role or certs.MESH_ROLES, args.san or ())
+    print(f"{out}: {'wrote ' + ', '.join(written) if written else 'every certificate is already there and current'}"
+          f" (CA {certs.ca_path(out)}; keys 0600)")
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Exit 0 when the service at the address is SERVING (a probe that speaks the mesh's TLS, unlike kubelet's)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llmserve.common import tls
+    with tls.channel(args.address, _config(args).security, server_name=args.server_name) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                          timeout=args.timeout)
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def cmd_chat(args) -> int:
     from llmserve.clients.client import Client
+    from llmserve.common import tls
     key = (args.api_key or os.environ.get("LLMSERVE_API_KEY")
            or pathlib.Path(".llmserve/dev-api-key").read_text().strip())
-    with Client(args.target, key) as client:
+    with Client(args.target, key, credentials=tls.channel_credentials(_config(args).security, "client")) as client:
         for chunk in client.stream_chat(args.model, [("user", args.prompt)], max_tokens=args.max_tokens,
                                         temperature=args.temperature):
             for choice in chunk.choices:
@@ -296,6 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--max-tokens", type=int, default=128)
     chat.add_argument("--temperature", type=float, default=0.0)
     chat.set_defaults(fn=cmd_chat)
+
+    certs = sub.add_parser("certs", help="a local CA and one certificate per service, for the mesh's mTLS")
+    certs.add_argument("--out", default="", help="folder (default security.tls_dir, .llmserve/tls)")
+    certs.add_argument("--role", action="append", help="only these roles (repeatable; default every service, rest "
+                                                       "and client); the role is the certificate's common name")
+    certs.add_argument("--san", action="append", help="one more DNS name or IP the certificates are valid for "
+                                                      "(repeatable; localhost, 127.0.0.1 and the role always are)")
+    certs.set_defaults(fn=cmd_certs)
+
+    health = sub.add_parser("health", help="check a service's gRPC health over the mesh's TLS (exit 0: SERVING)")
+    health.add_argument("address", help="HOST:PORT")
+    health.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    health.add_argument("--server-name", default="", help="name to check in the server's certificate")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(fn=cmd_health)
 
     args = parser.parse_args(argv)
     try:

@@ -42,8 +42,11 @@ def _messages(messages: Messages) -> list[pb.ChatMessage]:
 
 
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", api_key: str = "", timeout_s: float | None = 300.0):
-        self.channel = grpc.insecure_channel(target)
+    def __init__(self, target: str = "127.0.0.1:50051", api_key: str = "", timeout_s: float | None = 300.0,
+                 credentials: grpc.ChannelCredentials | None = None):
+        """credentials: TLS to a gateway that serves it, e.g. `grpc.ssl_channel_credentials(open(ca, "rb").read())`
+        (None: plaintext)."""
+        self.channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),)
         self.timeout_s = timeout_s

@@ -24,7 +24,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmserve.common.config import MeshConfig, load_config
+from llmserve.common import certs, tls
+from llmserve.common.config import MeshConfig, SecurityConfig, load_config
 from llmserve.common.net import free_port
 
 STOP_TIMEOUT_S = 12.0
@@ -43,9 +44,10 @@ def is_listening(host: str, port: int) -> bool:
     return False
 
 
-def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+def wait_healthy(address: str, timeout_s: float, proc: subprocess.Popen | None = None,
+                 security: SecurityConfig | None = None) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with tls.channel(address, security or SecurityConfig()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
@@ -187,7 +189,7 @@ class Launcher:
                              f"{setting or name + '.port'} in {self.config_path}")
         self._spawn(child)
         try:
-            wait_healthy(child.health_address, timeout_s, child.proc)
+            wait_healthy(child.health_address, timeout_s, child.proc, self.config.security)
         except (RuntimeError, TimeoutError) as exc:
             raise SystemExit(f"{child.name} failed to start ({exc}); see {child.log_path}") from None
         self.say(f"{child.name}: serving on 127.0.0.1:{port}")
@@ -221,11 +223,33 @@ class Launcher:
         except ValueError as exc:
             raise SystemExit(f"rest: {exc}; fix it in {self.config_path}") from None
         child = Child("rest", [str(binary), "--listen", f"{cfg.host}:{cfg.port}", "--gateway", cfg.gateway_address,
-                               *cfg.flags()], self.state / "logs" / "rest.log")
+                               *cfg.flags(), *self._rest_tls_flags()], self.state / "logs" / "rest.log")
         self._spawn(child)
         _wait_port(cfg.host, cfg.port, 20, child.proc)
-        self.rest_url = f"http://{cfg.host}:{cfg.port}/v1"
+        scheme = "https" if tls.is_enabled(self.config.security) else "http"
+        self.rest_url = f"{scheme}://{cfg.host}:{cfg.port}/v1"
         self.say(f"rest: OpenAI-compatible API on {self.rest_url}")
+
+    def _rest_tls_flags(self) -> list[str]:
+        """With mesh TLS the sidecar serves HTTPS with its own certificate and dials the gateway over TLS (verified
+        against the mesh CA, presenting its certificate in case the gateway requires client certificates)."""
+        found = tls.files(self.config.security, "rest")
+        if found is None:
+            return []
+        return ["--tls-cert", str(found.cert), "--tls-key", str(found.key), "--gateway-ca", str(found.ca),
+                "--gateway-cert", str(found.cert), "--gateway-key", str(found.key)]
+
+    def _ensure_certs(self) -> None:
+        """security.tls: auto: the local CA and one certificate per service in tls_dir, made on the first start
+        (and renewed when close to expiry); every child reads them from the same absolute folder."""
+        security = self.config.security
+        if security.tls != "auto":
+            return
+        security.tls_dir = str(pathlib.Path(security.tls_dir).resolve())
+        self.env["LLMSERVE_SECURITY__TLS_DIR"] = security.tls_dir
+        written = certs.ensure(security.tls_dir)
+        self.say(f"tls: {'wrote ' + ', '.join(written) if written else 'reusing the certificates'} in "
+                 f"{security.tls_dir} (mTLS between the services; etcd and Redis stay plaintext on loopback)")
 
     def _admin_setup(self) -> None:
         """Admin key, models, and the dev tenant's API key."""
@@ -234,7 +258,7 @@ class Launcher:
         admin_path = self.state / "admin-key"
         admin_key, created = admin.ensure_admin_key(self.config, admin_path)
         self.say(f"admin key: {'created' if created else 'reusing'} {admin_path}")
-        for line in admin.apply_models_file(address, admin_key, self.models_path):
+        for line in admin.apply_models_file(address, admin_key, self.models_path, self.config.security):
             self.say(f"registry: {line}")
         path = self.state / "dev-api-key"
         _, created = admin.ensure_dev_key(self.config, address, admin_key, path)
@@ -243,6 +267,7 @@ class Launcher:
     def start(self) -> None:
         (self.state / "logs").mkdir(parents=True, exist_ok=True)
         cfg = self.config
+        self._ensure_certs()
         self._start_etcd()
         self._start_redis()
         self._start_service("registry", cfg.registry.port, 60)
@@ -271,10 +296,10 @@ llmserve is up.
   dev API key      {key_file}
 
 Try it:
-  {buf} curl --protocol grpc --http2-prior-knowledge \\
+  {buf} curl --protocol grpc {self._buf_transport()} \\
     -H "authorization: Bearer $(cat {key_file})" \\
     -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "What is the capital of France?"}}], "max_tokens": 32, "temperature": 0}}' \\
-    http://{gw}/llmserve.inference.v1.InferenceService/CreateChatCompletion
+    {self._scheme()}://{gw}/llmserve.inference.v1.InferenceService/CreateChatCompletion
 
 {self._rest_example(key_file)}Ctrl-C stops everything.
 """, flush=True)
@@ -284,10 +309,19 @@ Try it:
         return "".join(f"\n  gateway replica  {cfg.host}:{port}" + (f"   metrics :{metrics}" if metrics else "")
                        for port, metrics in zip(cfg.replica_ports, self.replica_metrics, strict=True))
 
+    def _scheme(self) -> str:
+        return "https" if tls.is_enabled(self.config.security) else "http"
+
+    def _buf_transport(self) -> str:
+        found = tls.files(self.config.security, "client")
+        return f"--cacert {found.ca}" if found else "--http2-prior-knowledge"
+
     def _rest_example(self, key_file: pathlib.Path) -> str:
         if not self.rest_url:
             return ""
-        return f"""  curl {self.rest_url}/chat/completions -H "Authorization: Bearer $(cat {key_file})" \\
+        found = tls.files(self.config.security, "client")
+        cacert = f"--cacert {found.ca} " if found else ""
+        return f"""  curl {cacert}{self.rest_url}/chat/completions -H "Authorization: Bearer $(cat {key_file})" \\
     -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
   OpenAI SDK: OpenAI(base_url="{self.rest_url}", api_key=open("{key_file}").read().strip())
 

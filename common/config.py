@@ -22,6 +22,21 @@ class EtcdConfig:
     port: int = 2379  # etcd client port
     prefix: str = "/llmserve"  # every key of this mesh lives under it
     timeout_s: float = 3.0  # per-call timeout
+    # etcd with authentication enabled: a user and password (aetcd's Authenticate) ...
+    username: str = ""  # etcd user; empty: no user
+    password: str = ""  # its password (set it from a Secret: LLMSERVE_ETCD__PASSWORD)
+    # ... or TLS with client certificates (etcd --client-cert-auth takes the certificate's common name as the user)
+    ca_file: str = ""  # the CA of etcd's certificate (PEM); set: TLS to etcd, else plaintext
+    cert_file: str = ""  # this client's certificate (PEM), when etcd requires one
+    key_file: str = ""  # its private key (PEM)
+
+    def validate(self) -> None:
+        if bool(self.username) != bool(self.password):
+            raise ValueError("etcd.username and etcd.password go together: set both or neither")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("etcd.cert_file and etcd.key_file go together: set both or neither")
+        if self.cert_file and not self.ca_file:
+            raise ValueError("etcd.cert_file needs etcd.ca_file (client certificates travel over TLS only)")
 
 
 @dataclass
@@ -192,6 +207,37 @@ class SecurityConfig:
     # Shared secret that internal services (scheduler, workers) require in call metadata; empty: not checked.
     # `llmserve run` generates one per start when this is empty; set it (from a secret) when processes start apart.
     mesh_token: str = ""
+    # TLS on every gRPC listener and every mesh client. "off": plaintext (the zero-config default, for loopback);
+    # "on": the files tls_cert, tls_key and tls_ca; "auto": the files `llmserve certs` writes in tls_dir, one
+    # certificate per service (`llmserve run` writes them on its first start). Files are read when a process starts.
+    tls: str = "off"
+    tls_cert: str = ""  # tls: on: this process's certificate (PEM, chain allowed)
+    tls_key: str = ""  # tls: on: its private key (PEM)
+    tls_ca: str = ""  # tls: on: the CA certificates that peers' certificates must chain to (PEM)
+    tls_dir: str = ".llmserve/tls"  # tls: auto: ca.pem, <service>.pem and <service>-key.pem
+    # Whether the public gateway requires client certificates. Off: public clients authenticate with API keys.
+    # The internal servers (scheduler, workers, registry) always require a certificate from the CA (mTLS).
+    gateway_client_auth: bool = False
+    # Internal servers also check the caller's role, the common name of its certificate: the scheduler serves
+    # only "gateway", workers only "scheduler" (PERMISSION_DENIED otherwise). Turn it off when certificates come
+    # from a PKI that names them otherwise; a certificate of the CA is then enough.
+    tls_check_roles: bool = True
+    # The name the scheduler checks in workers' certificates. Workers are dialled at the address they register
+    # (in Kubernetes a pod IP that no certificate names); empty: the host of that address.
+    tls_worker_server_name: str = ""
+
+    def validate(self) -> None:
+        # YAML 1.1 reads a bare `tls: on` / `tls: off` as a boolean, which arrives here as "True" / "False".
+        self.tls = {"true": "on", "false": "off"}.get(self.tls.lower(), self.tls.lower())
+        if self.tls not in ("off", "on", "auto"):
+            raise ValueError(f"security.tls={self.tls!r} must be off, on or auto")
+        if self.tls == "on":
+            missing = [name for name in ("tls_cert", "tls_key", "tls_ca") if not getattr(self, name)]
+            if missing:
+                raise ValueError(f"security.tls=on needs {', '.join('security.' + m for m in missing)} (PEM files; "
+                                 "`llmserve certs` makes a CA and certificates), or use security.tls=auto")
+        if self.tls == "auto" and not self.tls_dir:
+            raise ValueError("security.tls=auto needs security.tls_dir (where `llmserve certs` wrote the files)")
 
 
 @dataclass
@@ -222,6 +268,8 @@ class MeshConfig:
         if self.worker.lease_ttl_s < 2:
             raise ValueError(f"worker.lease_ttl_s={self.worker.lease_ttl_s} must be >= 2")
         self.gateway.validate()
+        self.etcd.validate()
+        self.security.validate()
         if self.gateway.response_cache_ttl_s < 0:
             raise ValueError(f"gateway.response_cache_ttl_s={self.gateway.response_cache_ttl_s} must be >= 0")
         return self

@@ -161,11 +161,14 @@ class Service:
     """A gRPC server with the standard extras. `start()` returns the bound port (bind port 0 in tests).
 
     max_request_bytes caps the unary requests of a public server (INVALID_ARGUMENT beyond it); internal servers
-    leave it None and receive up to MESH_MAX_MESSAGE_BYTES."""
+    leave it None and receive up to MESH_MAX_MESSAGE_BYTES. With credentials (common/tls.py) it listens with TLS
+    only; without, in plaintext."""
 
     def __init__(self, name: str, host: str, port: int, service_names: typing.Iterable[str],
-                 interceptors: typing.Sequence[grpc.aio.ServerInterceptor] = (), max_request_bytes: int | None = None):
+                 interceptors: typing.Sequence[grpc.aio.ServerInterceptor] = (), max_request_bytes: int | None = None,
+                 credentials: grpc.ServerCredentials | None = None):
         self.name = name
+        self._credentials = credentials
         self.server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor(max_request_bytes)],
                                       options=server_options(max_request_bytes))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -178,10 +181,14 @@ class Service:
         self.port: int = 0
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self._address)
+        if self._credentials is None:
+            self.port = self.server.add_insecure_port(self._address)
+        else:
+            self.port = self.server.add_secure_port(self._address, self._credentials)
         await self.server.start()
         await self.set_serving(True)
-        log.info("listening", server=self.name, address=self._address.rsplit(":", 1)[0], port=self.port)
+        log.info("listening", server=self.name, address=self._address.rsplit(":", 1)[0], port=self.port,
+                 tls=self._credentials is not None)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import grpc
-
-from llmserve.common import etcd, redisconn
+from llmserve.common import etcd, redisconn, tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import CHANNEL_OPTIONS, Service
 from llmserve.common.state.views import RegistryView
@@ -29,7 +27,7 @@ class GatewayApp:
         self.redis = redisconn.connect(config.redis)  # accounting: limits, spend, usage
         self.cache_redis = redisconn.connect(config.redis, "cache")  # the response cache, disposable
         self.journal = Journal(cfg.journal_dir)
-        self.channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
+        self.channel = tls.aio_channel(cfg.scheduler_address, config.security, "gateway", CHANNEL_OPTIONS)
         self.tokens = TokenCounter()
         limiter = Limiter(self.redis, fail_open=cfg.limits_fail_open, journal=self.journal,
                           reservation_ttl_s=cfg.reservation_ttl_s)
@@ -38,8 +36,11 @@ class GatewayApp:
         scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token)
         self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens)
         # A request the REST sidecar would refuse as too large is refused over gRPC too, before it is parsed.
+        # Public: TLS when the mesh has it, client certificates only if asked for (clients bring API keys).
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()],
-                               max_request_bytes=config.rest.max_body_bytes)
+                               max_request_bytes=config.rest.max_body_bytes,
+                               credentials=tls.server_credentials(config.security, "gateway",
+                                                                  config.security.gateway_client_auth))
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(pipeline, self.view, self.edge), self.service.server)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 
 from llmserve.admin.v1 import admin_keys_pb2_grpc, keys_pb2, registry_pb2_grpc, tenants_pb2_grpc
-from llmserve.common import etcd, redisconn
+from llmserve.common import etcd, redisconn, tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.server import Service
 from llmserve.common.state import keys
@@ -68,7 +68,8 @@ class RegistryApp:
         self.admin_keys = store.admin_keys.watcher()
         self.service = Service("registry", config.registry.host, config.registry.port,
                                [registry_service_name(), tenant_service_name(), admin_key_service_name()],
-                               interceptors=[AdminAuthInterceptor(self.admin_keys, store.admin_keys)])
+                               interceptors=[AdminAuthInterceptor(self.admin_keys, store.admin_keys)],
+                               credentials=tls.server_credentials(config.security, "registry"))
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(store), self.service.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(store, self.redis), self.service.server)
         admin_keys_pb2_grpc.add_AdminKeyServiceServicer_to_server(AdminKeyServicer(store), self.service.server)

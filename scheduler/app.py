@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-from llmserve.common import etcd
+from llmserve.common import etcd, tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.meshauth import MeshTokenInterceptor
 from llmserve.common.server import Service
@@ -22,11 +22,15 @@ class SchedulerApp:
         self.client = etcd.connect(config.etcd)
         token = config.security.mesh_token
         self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s,
-                                     connect=functools.partial(WorkerConnection, mesh_token=token))
+                                     connect=functools.partial(WorkerConnection, mesh_token=token,
+                                                               security=config.security))
         self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,
                                  on_workers_change=self._members_changed)
+        # Internal: mTLS when the mesh has TLS, and only gateways submit (they checked keys, limits and budgets).
         self.service = Service("scheduler", cfg.host, cfg.port, [scheduler_service_name()],
-                               interceptors=[MeshTokenInterceptor(token)])
+                               interceptors=[MeshTokenInterceptor(token),
+                                             tls.RoleInterceptor(config.security, ["gateway"], "scheduler")],
+                               credentials=tls.server_credentials(config.security, "scheduler"))
         servicer = SchedulerServicer(self.dispatcher, max_backlog=cfg.max_backlog_per_request,
                                      slow_consumer_timeout_s=cfg.slow_consumer_timeout_s)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, self.service.server)

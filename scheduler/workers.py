@@ -7,6 +7,8 @@ import typing
 
 import grpc
 
+from llmserve.common import tls
+from llmserve.common.config import SecurityConfig
 from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import mesh_metadata
@@ -21,7 +23,8 @@ class WorkerConnection:
     """The scheduler's side of one worker. Counts its own in-flight tasks per model to decide room at once;
     the worker's last load report breaks ties between workers with room (utilization)."""
 
-    def __init__(self, info: worker_pb2.WorkerInfo, on_change: typing.Callable[[], None], mesh_token: str = ""):
+    def __init__(self, info: worker_pb2.WorkerInfo, on_change: typing.Callable[[], None], mesh_token: str = "",
+                 security: SecurityConfig | None = None):
         self.info = info
         self._metadata = mesh_metadata(mesh_token)  # workers refuse callers outside the mesh
         self.worker_id = info.worker_id
@@ -32,7 +35,9 @@ class WorkerConnection:
         self.is_alive = True
         self._on_change = on_change
         self._outbox: asyncio.Queue[worker_pb2.ServeRequest | None] = asyncio.Queue()
-        self._channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        security = security or SecurityConfig()
+        self._channel = tls.aio_channel(info.address, security, "scheduler", CHANNEL_OPTIONS,
+                                        server_name=security.tls_worker_server_name)
         self._task = asyncio.create_task(self._run(), name=f"worker {self.worker_id}")
 
     def serves(self, version: str) -> bool:

@@ -9,7 +9,7 @@ import time
 import torch
 
 from llmserve.admin.v1 import registry_pb2
-from llmserve.common import etcd
+from llmserve.common import etcd, tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import MeshTokenInterceptor
@@ -43,8 +43,11 @@ class WorkerApp:
         self.client = etcd.connect(config.etcd)
         self.store = Store(self.client, config.etcd.prefix)
         self.models: dict[str, ServedModel] = {}
+        # Internal: mTLS when the mesh has TLS, and only the scheduler dispatches.
         self.service = Service("worker", cfg.host, cfg.port, [worker_service_name()],
-                               interceptors=[MeshTokenInterceptor(config.security.mesh_token)])
+                               interceptors=[MeshTokenInterceptor(config.security.mesh_token),
+                                             tls.RoleInterceptor(config.security, ["scheduler"], "worker")],
+                               credentials=tls.server_credentials(config.security, "worker"))
         self.worker_id = ""
         # Registered before the server starts (grpc does not take handlers later); the id is known after binding.
         self.servicer = WorkerServicer("", self.models, cfg.load_report_interval_s,

@@ -8,6 +8,7 @@
 //	limits.go   the http.Server's timeouts and header cap, per-write deadlines, the in-flight request limit
 //	forward.go  response forwarders: unary JSON and server-sent events (data: {...}, data: [DONE])
 //	errors.go   gRPC status -> HTTP status + OpenAI error body, Retry-After, unknown routes
+//	tls.go      HTTPS for clients, TLS (and a client certificate) to the gateway
 //
 // The generated Go code (protoc-gen-go + protoc-gen-grpc-gateway from protos/) is compiled into this same
 // package by build.sh, which is why these files can replace the generated forward_* variables.
@@ -15,6 +16,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -53,16 +55,39 @@ func main() {
 	flag.IntVar(&lim.maxHeaderBytes, "max-header-bytes", lim.maxHeaderBytes, "larger request headers get 431")
 	flag.IntVar(&lim.maxConcurrent, "max-concurrent-requests", lim.maxConcurrent,
 		"requests in flight at once (streams included; /health excluded); beyond it 503 with Retry-After; 0: no limit")
+	var tf tlsFlags
+	flag.StringVar(&tf.certFile, "tls-cert", "", "serve HTTPS with this certificate (PEM); empty: plain HTTP")
+	flag.StringVar(&tf.keyFile, "tls-key", "", "the private key of --tls-cert (PEM)")
+	flag.StringVar(&tf.gatewayCA, "gateway-ca", "",
+		"dial the gateway with TLS, trusting these CA certificates (PEM); empty: plaintext gRPC")
+	flag.StringVar(&tf.gatewayCert, "gateway-cert", "", "client certificate for the gateway (PEM), if it requires one")
+	flag.StringVar(&tf.gatewayKey, "gateway-key", "", "the private key of --gateway-cert (PEM)")
+	flag.StringVar(&tf.gatewayServerName, "gateway-server-name", "",
+		"the name to check in the gateway's certificate; empty: the host of --gateway")
 	flag.Parse()
 	if err := lim.validate(); err != nil {
 		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
 		os.Exit(2)
 	}
+	if err := tf.validate(); err != nil {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
+		os.Exit(2)
+	}
+	serverTLS, err := tf.serverConfig()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
+		os.Exit(1)
+	}
+	transport, err := tf.gatewayTransport()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
+		os.Exit(1)
+	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
-	conn, handler, err := newSidecar(ctx, *gateway, lim)
+	conn, handler, err := newSidecar(ctx, *gateway, lim, transport)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "llmserve-rest: %v\n", err)
 		os.Exit(1)
@@ -75,8 +100,15 @@ func main() {
 		fmt.Fprintf(os.Stderr, "llmserve-rest: cannot listen on %s: %v\n", *listen, err)
 		os.Exit(1)
 	}
-	accessLog.Printf("%s llmserve-rest listening on http://%s (gateway %s, %s)", timestamp(), listener.Addr(),
-		*gateway, lim)
+	scheme, gatewayScheme := "http", "plaintext"
+	if serverTLS != nil {
+		scheme, listener = "https", tls.NewListener(listener, serverTLS)
+	}
+	if tf.gatewayCA != "" {
+		gatewayScheme = "TLS"
+	}
+	accessLog.Printf("%s llmserve-rest listening on %s://%s (gateway %s over %s, %s)", timestamp(), scheme,
+		listener.Addr(), *gateway, gatewayScheme, lim)
 
 	done := make(chan struct{})
 	go func() {
@@ -98,11 +130,13 @@ func main() {
 	<-done
 }
 
-// newSidecar connects to the gateway and returns the whole HTTP handler (also used by the Go tests).
-func newSidecar(ctx context.Context, gateway string, lim limits) (*grpc.ClientConn, http.Handler, error) {
+// newSidecar connects to the gateway (transport: plaintext or TLS, tlsFlags.gatewayTransport) and returns the
+// whole HTTP handler (also used by the Go tests).
+func newSidecar(ctx context.Context, gateway string, lim limits, transport grpc.DialOption,
+) (*grpc.ClientConn, http.Handler, error) {
 	// Non-blocking dial: the sidecar starts (and answers 503) while the gateway is down.
 	conn, err := grpc.DialContext(ctx, gateway,
-		grpc.WithInsecure(),
+		transport,
 		grpc.WithStreamInterceptor(captureStreamTrailers),
 		grpc.WithDefaultCallOptions(
 			grpc.MaxCallRecvMsgSize(256<<20), // a batch of 2048 embeddings is far above grpc's default 4 MiB

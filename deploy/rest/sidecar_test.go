@@ -179,7 +179,7 @@ func newHarnessWith(t *testing.T, lim limits) *harness {
 	grpc_health_v1.RegisterHealthServer(server, hs)
 	go server.Serve(lis)
 	ctx, cancel := context.WithCancel(context.Background())
-	conn, handler, err := newSidecar(ctx, lis.Addr().String(), lim)
+	conn, handler, err := newSidecar(ctx, lis.Addr().String(), lim, grpc.WithInsecure())
 	if err != nil {
 		t.Fatal(err)
 	}

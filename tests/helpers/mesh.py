@@ -12,6 +12,7 @@ from llmserve.admin.v1 import registry_pb2 as rpb
 from llmserve.admin.v1 import tenants_pb2 as tpb
 from llmserve.clients.admin import WithAuth, registry_stub, tenant_stub
 from llmserve.common import etcd as etcd_mod
+from llmserve.common import tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.state import keys
 from llmserve.common.state.store import Store
@@ -78,7 +79,7 @@ async def start_mesh(config: MeshConfig, versions: list, aliases: dict[str, list
     await client.close()
     registry = RegistryApp(config)
     registry_port = await registry.start()
-    admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{registry_port}")
+    admin_channel = tls.aio_channel(f"127.0.0.1:{registry_port}", config.security, "client")
     admin = registry_stub(admin_channel, admin_key)
     tenants = tenant_stub(admin_channel, admin_key)
     for v in versions:
@@ -92,7 +93,7 @@ async def start_mesh(config: MeshConfig, versions: list, aliases: dict[str, list
     config.gateway.scheduler_address = f"127.0.0.1:{await scheduler.start()}"
     gateway = GatewayApp(config)
     gateway_port = await gateway.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{gateway_port}")
+    channel = tls.aio_channel(f"127.0.0.1:{gateway_port}", config.security, "client")
     mesh = Mesh(config, registry, scheduler, gateway, [], channel, inference_pb2_grpc.InferenceServiceStub(channel),
                 admin, tenants, api_key, admin_key)
     for models in worker_models:
