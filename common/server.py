@@ -106,18 +106,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-# grpc carries a status message in a header (percent-encoded: up to 12 bytes per character) and clients refuse
-# headers over 16 KiB, answering RESOURCE_EXHAUSTED "Stream removed" instead; messages quote callers' values.
-MAX_STATUS_MESSAGE_CHARS = 1000
+# grpc carries a status message in a header, percent-encoded (3 bytes per UTF-8 byte outside printable ASCII),
+# and clients refuse headers past 8 KiB (at random between 8 and 16 KiB): the caller then reads RESOURCE_EXHAUSTED
+# "Stream removed" instead of the answer. Messages quote callers' values, so they are cut to this encoded size.
+MAX_STATUS_MESSAGE_BYTES = 4096
+
+
+def _encoded_size(char: str) -> int:
+    return 1 if " " <= char <= "~" and char != "%" else 3 * len(char.encode())
 
 
 def bounded_message(message: str) -> str:
     """The message, its middle cut out when it is long: the field named at the start and the advice at the end
     stay."""
-    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+    if len(message) <= MAX_STATUS_MESSAGE_BYTES and sum(map(_encoded_size, message)) <= MAX_STATUS_MESSAGE_BYTES:
         return message
-    head, tail = MAX_STATUS_MESSAGE_CHARS * 2 // 3, MAX_STATUS_MESSAGE_CHARS // 3
-    return f"{message[:head]}... ({len(message) - head - tail} characters cut) ...{message[-tail:]}"
+
+    def prefix_within(text: str, budget: int) -> int:
+        used = 0
+        for i, char in enumerate(text):
+            used += _encoded_size(char)
+            if used > budget:
+                return i
+        return len(text)
+    head = prefix_within(message, MAX_STATUS_MESSAGE_BYTES * 2 // 3)
+    tail = prefix_within(message[-MAX_STATUS_MESSAGE_BYTES:][::-1], MAX_STATUS_MESSAGE_BYTES // 4)
+    return f"{message[:head]}... ({len(message) - head - tail} characters cut) ...{message[len(message) - tail:]}"
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
