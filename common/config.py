@@ -81,6 +81,14 @@ class GatewayConfig:
     # A budget reservation expires this long after its last renewal (the gateway renews those of running
     # requests every third of it); the reaper then releases the reservations of a gateway that died.
     reservation_ttl_s: float = 60.0
+    # Concurrency caps, exact across gateway replicas (Redis): sequences (prompts x n; an embeddings call is one)
+    # a tenant may have running at once when its Tenant.max_concurrent_requests is 0, and the same per API key
+    # whose ApiKey.max_concurrent_requests is 0; 0 here: no cap. Beyond: RESOURCE_EXHAUSTED (REST 429).
+    max_concurrent_requests_per_tenant: int = 64
+    max_concurrent_requests_per_key: int = 0
+    # A running request's slot expires this long after its last renewal (the gateway renews every third of it),
+    # so the slots of a gateway that died are free again within this time.
+    concurrency_lease_s: float = 15.0
     # `llmserve run` starts one more gateway process per port listed here (same settings, same scheduler and
     # journal directory; their metrics on free ports it prints), so a client balancing over all of them keeps
     # being served when one dies.
@@ -91,15 +99,17 @@ class GatewayConfig:
                      "max_messages", "max_model_length", "max_user_length", "max_prompt_bytes_per_token"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 1")
-        if self.reservation_ttl_s <= 0:
-            raise ValueError(f"gateway.reservation_ttl_s={self.reservation_ttl_s} must be > 0")
+        for name in ("reservation_ttl_s", "concurrency_lease_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"gateway.{name}={getattr(self, name)} must be > 0")
         if not self.journal_dir:
             raise ValueError("gateway.journal_dir must name a directory")
         ports = [self.port, *self.replica_ports]
         if any(not 0 < p <= 65535 for p in self.replica_ports) or len(set(ports)) < len(ports):
             raise ValueError(f"gateway.replica_ports={self.replica_ports} must be distinct ports in [1, 65535], "
                              f"none of them gateway.port={self.port}")
-        for name in ("max_stop", "response_cache_max_entry_bytes"):
+        for name in ("max_stop", "response_cache_max_entry_bytes", "max_concurrent_requests_per_tenant",
+                     "max_concurrent_requests_per_key"):
             if getattr(self, name) < 0:
                 raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 0")
 

@@ -8,7 +8,7 @@ from llmserve.common.server import CHANNEL_OPTIONS, Service
 from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
-from llmserve.gateway.edge import Edge
+from llmserve.gateway.edge import ConcurrencyDefaults, Edge
 from llmserve.gateway.journal import Journal
 from llmserve.gateway.limits import Limiter
 from llmserve.gateway.pipeline import Pipeline
@@ -30,8 +30,11 @@ class GatewayApp:
         self.channel = tls.aio_channel(cfg.scheduler_address, config.security, "gateway", CHANNEL_OPTIONS)
         self.tokens = TokenCounter()
         limiter = Limiter(self.redis, fail_open=cfg.limits_fail_open, journal=self.journal,
-                          reservation_ttl_s=cfg.reservation_ttl_s)
-        self.edge = Edge(self.view, limiter, self.redis, self.journal, reservation_ttl_s=cfg.reservation_ttl_s)
+                          reservation_ttl_s=cfg.reservation_ttl_s, lease_s=cfg.concurrency_lease_s)
+        concurrency = ConcurrencyDefaults(cfg.max_concurrent_requests_per_tenant, cfg.max_concurrent_requests_per_key,
+                                          cfg.concurrency_lease_s)
+        self.edge = Edge(self.view, limiter, self.redis, self.journal, reservation_ttl_s=cfg.reservation_ttl_s,
+                         concurrency=concurrency)
         cache = ResponseCache(self.cache_redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes)
         scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token)
         self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens)

@@ -76,12 +76,28 @@ class UsageBuffer:
         await usage.record(self.redis, {tuple(r[:4]): r[4] for r in entry["rows"]}, entry["id"])
 
 
+@dataclasses.dataclass(frozen=True)
+class ConcurrencyDefaults:
+    """Caps for tenants and keys whose own max_concurrent_requests is 0 (gateway config); 0 here: no cap."""
+    per_tenant: int = 64
+    per_key: int = 0
+    lease_s: float = 15.0  # an in-flight slot expires this long after its last renewal
+
+
+def concurrency_cap(own: int, default: int) -> int:
+    """The cap in force: a record's own value (> 0), its default (0), or none (-1), as 0 (the limiter skips it)."""
+    return default if own == 0 else max(own, 0)
+
+
 class Edge:
     def __init__(self, view: RegistryView, limiter: Limiter, redis_client, journal: Journal,
-                 reservation_ttl_s: float = 60.0):
+                 reservation_ttl_s: float = 60.0, concurrency: ConcurrencyDefaults | None = None):
         self.view, self.limiter, self.journal = view, limiter, journal
         self.usage = UsageBuffer(redis_client, journal)
         self.reservation_ttl_s = reservation_ttl_s
+        self.concurrency = concurrency or ConcurrencyDefaults(lease_s=limiter.lease_ms / 1000)
+        # Budget reservations and in-flight leases are renewed together, often enough for the shorter of the two.
+        self.renew_every_s = min(reservation_ttl_s, limiter.lease_ms / 1000) / 3
         self.open: dict[str, Reservation] = {}  # admitted and not yet settled, by request id
         self._settling: set[asyncio.Task] = set()  # settlements (and releases) in flight
         self._task: asyncio.Task | None = None
@@ -97,12 +113,12 @@ class Edge:
         renewed = reaped = time.monotonic()
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.usage.interval_s)
+                await asyncio.wait_for(self._stopping.wait(), min(self.usage.interval_s, self.renew_every_s))
             await self.usage.flush()
             if self.journal.entries:
                 await self.journal.replay()
             now = time.monotonic()
-            if now - renewed >= self.reservation_ttl_s / 3:
+            if now - renewed >= self.renew_every_s:
                 renewed = now
                 await self.limiter.renew(list(self.open.values()))
             if now - reaped >= self.reservation_ttl_s:
@@ -199,7 +215,7 @@ class Edge:
         """Whether admission needs the prompt's token count (a token limit or a budget applies)."""
         return bool(caller.key.tokens_per_minute or caller.tenant.tokens_per_minute or caller.tenant.budget_usd > 0)
 
-    def _limits(self, caller: Caller, tokens: int, cost_micro: int) -> list[Limit]:
+    def _limits(self, caller: Caller, tokens: int, cost_micro: int, sequences: int) -> list[Limit]:
         key, tenant = caller.key, caller.tenant
         # One hash tag per tenant keeps every key of one admission in one Redis Cluster slot.
         base = f"llmserve:rl:{{{tenant.name}}}"
@@ -213,6 +229,8 @@ class Edge:
         ]
         limits = [Limit(name, "w", (k, k + ":sum"), limit, amount, measure)
                   for name, k, limit, amount, measure in window]
+        if sequences:
+            limits += self._concurrency_limits(caller, base, sequences)
         if tenant.budget_usd > 0:
             period = usage.period_name(tenant.budget_period)
             spend = usage.spend_key(tenant.name, period)
@@ -221,15 +239,37 @@ class Edge:
                                 cost_micro, measure="cost", ttl_s=usage.period_seconds_left(period)))
         return limits
 
+    def _concurrency_limits(self, caller: Caller, base: str, sequences: int) -> list[Limit]:
+        """In-flight caps of the key and the tenant; a request weighs the sequences it runs (prompts x n), what
+        it holds of the scheduler's queue and the workers' batches."""
+        key, tenant, defaults = caller.key, caller.tenant, self.concurrency
+        tenant_hint = (f"`llmserve tenants update {tenant.name} --max-concurrent N` sets "
+                       f"Tenant.max_concurrent_requests" + ("" if tenant.max_concurrent_requests else
+                                                            f" (0 now: gateway.max_concurrent_requests_per_tenant, "
+                                                            f"{defaults.per_tenant})"))
+        key_hint = ("ApiKey.max_concurrent_requests is set when a key is created (`llmserve keys create "
+                    "--max-concurrent N`)" + ("" if key.max_concurrent_requests else
+                                             f"; 0 on this key: gateway.max_concurrent_requests_per_key, "
+                                             f"{defaults.per_key}"))
+        return [
+            Limit(f"concurrent sequences of key {key.key_id}", "i", (f"{base}:key:{key.key_id}:inflight",),
+                  concurrency_cap(key.max_concurrent_requests, defaults.per_key), sequences, "sequences",
+                  hint=key_hint),
+            Limit(f"concurrent sequences of tenant {tenant.name}", "i", (f"{base}:inflight",),
+                  concurrency_cap(tenant.max_concurrent_requests, defaults.per_tenant), sequences, "sequences",
+                  hint=tenant_hint),
+        ]
+
     async def admit(self, caller: Caller, request_id: str, version: registry_pb2.ModelVersion,
-                    prompt_tokens: int, max_completion_tokens: int) -> Reservation | None:
-        """Reserves requests, prompt + max completion tokens and their highest cost, or raises
-        RESOURCE_EXHAUSTED with a retry-after. None: Redis failed and the policy is fail open (never for a tenant
-        with a budget: budgets fail closed). A reservation returned is settled by settle(), whatever happens."""
+                    prompt_tokens: int, max_completion_tokens: int, sequences: int = 0) -> Reservation | None:
+        """Reserves requests, prompt + max completion tokens, their highest cost and `sequences` in-flight
+        slots (0: none, for a request that holds nothing, a cache hit), or raises RESOURCE_EXHAUSTED with a
+        retry-after. None: Redis failed and the policy is fail open (never for a tenant with a budget: budgets
+        fail closed). A reservation returned is settled by settle(), whatever happens; that frees its slots."""
         tokens = prompt_tokens + max_completion_tokens
         cost = usage.cost_micro_usd(prompt_tokens, max_completion_tokens, version.price_per_1k_prompt_tokens,
                                     version.price_per_1k_completion_tokens)
-        limits = self._limits(caller, tokens, cost)
+        limits = self._limits(caller, tokens, cost, sequences)
         # Shielded: a cancellation while the script runs lets it finish, then gives back what it reserved.
         admission = asyncio.ensure_future(
             self.limiter.admit(request_id, limits, f"llmserve:rl:{{{caller.tenant.name}}}"))
@@ -240,6 +280,8 @@ class Edge:
             raise
         except LimitExceeded as exc:
             metrics.LIMITED.labels(exc.limit.measure).inc()
+            if exc.limit.kind == "i":
+                raise self._over_concurrency(exc) from None
             if exc.retry_after_s is None:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"this request needs {exc.limit.amount} of the {exc.limit.name} "
@@ -267,6 +309,21 @@ class Edge:
             else:  # only request counts (a cache hit): nothing to reconcile, nothing that could leak
                 reservation.settled = True
         return reservation
+
+    @staticmethod
+    def _over_concurrency(exc: LimitExceeded) -> ServiceError:
+        lim = exc.limit
+        if exc.retry_after_s is None:
+            return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this request runs {lim.amount} sequences (prompts x n) and the cap on {lim.name} "
+                                f"is {lim.limit}: lower n or the number of prompts, or raise the cap ({lim.hint})",
+                                trailers=(("x-should-retry", "false"),))
+        retry = retry_after_header(exc.retry_after_s)
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"concurrency cap reached: {exc.used} {lim.name} are running and the cap is {lim.limit} "
+                            f"(this request needs {lim.amount}); retry when one ends (after {retry} s), or raise the "
+                            f"cap ({lim.hint})",
+                            trailers=(("retry-after", retry),))
 
     @staticmethod
     def cost(version: registry_pb2.ModelVersion, prompt_tokens: int, completion_tokens: int) -> int:

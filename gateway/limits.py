@@ -17,6 +17,12 @@ A budget reservation is also recorded with an expiry in "<counter>:resv" ("<requ
 expiry, ms): the gateway running the request renews it; one whose gateway died is released by the reaper (and
 lazily by the next admission of that counter). A window entry needs no expiry: it leaves its window in 60 s.
 
+Concurrency caps (key and tenant) are in-flight sets: a sorted set of "<request id>:<sequences>" members scored
+by lease deadline (ms). Admission drops the members whose lease passed (requests of a gateway that died), sums
+the rest and adds the request if it fits, in the same script as the other limits; settlement removes it; the
+gateway running it renews the lease. So the count is exact across replicas and cannot leak for longer than one
+lease.
+
 Settlement (RECONCILE) happens once per request: the script records "<scope>:settled:<request id>" with the
 change, so a settlement replayed from the journal after a timeout or a crash changes nothing the second time.
 A settlement that finds its reservation already reaped charges the real amount in full.
@@ -55,13 +61,15 @@ local function reap(counter, resv, now)
 end
 """
 
-# ARGV: window_ms, request_id, reservation_ttl_ms, then per limit: kind ("w" window | "c" counter), limit,
-# amount, ttl_s. KEYS: per window limit: zset, sum; per counter limit: counter, reservations (zset).
-# Returns {1} when admitted, else {0, index of the failing limit (1-based), retry_after_ms (-1: never fits)}.
+# ARGV: window_ms, request_id, reservation_ttl_ms, lease_ms, then per limit: kind ("w" window | "c" counter |
+# "i" in flight), limit, amount, ttl_s. KEYS: per window limit: zset, sum; per counter limit: counter,
+# reservations (zset); per in-flight limit: its zset.
+# Returns {1} when admitted, else {0, index of the failing limit (1-based), retry_after_ms (-1: never fits),
+# amount in use}.
 ADMIT = _NOW + _REAP + """
-local window, rid, resv_ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local window, rid, resv_ttl, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local limits = {}
-local k, a = 1, 4
+local k, a = 1, 5
 while a <= #ARGV do
   local l = {kind = ARGV[a], limit = tonumber(ARGV[a + 1]), amount = tonumber(ARGV[a + 2]), ttl = tonumber(ARGV[a + 3])}
   if l.kind == 'w' then
@@ -74,30 +82,41 @@ while a <= #ARGV do
       redis.call('DECRBY', l.sum, freed)
     end
     l.used = tonumber(redis.call('GET', l.sum) or '0')
+  elseif l.kind == 'i' then
+    l.zset = KEYS[k]
+    redis.call('ZREMRANGEBYSCORE', l.zset, '-inf', now)  -- leases nobody renewed: their gateway died
+    l.used = 0
+    for _, m in ipairs(redis.call('ZRANGE', l.zset, 0, -1)) do
+      l.used = l.used + tonumber(string.match(m, ':(%d+)$'))
+    end
   else
     l.counter, l.resv = KEYS[k], KEYS[k + 1]
     reap(l.counter, l.resv, now)
     l.used = tonumber(redis.call('GET', l.counter) or '0')
   end
-  k = k + 2
+  k = k + (l.kind == 'i' and 1 or 2)
   limits[#limits + 1] = l
   a = a + 4
 end
 for i, l in ipairs(limits) do
   if l.used + l.amount > l.limit then
-    if l.amount > l.limit then return {0, i, -1} end
-    if l.kind == 'c' then return {0, i, l.ttl * 1000} end
+    if l.amount > l.limit then return {0, i, -1, l.used} end
+    if l.kind == 'c' then return {0, i, l.ttl * 1000, l.used} end
+    if l.kind == 'i' then return {0, i, 1000, l.used} end
     local need = l.used + l.amount - l.limit
     local members = redis.call('ZRANGE', l.zset, 0, -1, 'WITHSCORES')
     for j = 1, #members, 2 do
       need = need - tonumber(string.match(members[j], ':(%d+)$'))
-      if need <= 0 then return {0, i, math.max(1, tonumber(members[j + 1]) + window - now)} end
+      if need <= 0 then return {0, i, math.max(1, tonumber(members[j + 1]) + window - now), l.used} end
     end
-    return {0, i, window}
+    return {0, i, window, l.used}
   end
 end
 for _, l in ipairs(limits) do
-  if l.kind == 'w' then
+  if l.kind == 'i' then
+    redis.call('ZADD', l.zset, now + lease, rid .. ':' .. l.amount)
+    redis.call('PEXPIRE', l.zset, lease * 2)
+  elseif l.kind == 'w' then
     redis.call('ZADD', l.zset, now, rid .. ':' .. l.amount)
     redis.call('INCRBY', l.sum, l.amount)
     redis.call('PEXPIRE', l.zset, window * 2)
@@ -123,7 +142,9 @@ if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[2])) then retur
 local k, a = 2, 3
 while a <= #ARGV do
   local kind, reserved, actual = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  if kind == 'w' then
+  if kind == 'i' then
+    redis.call('ZREM', KEYS[k], rid .. ':' .. reserved)  -- the slot is free again
+  elseif kind == 'w' then
     local old = rid .. ':' .. reserved
     local score = redis.call('ZSCORE', KEYS[k], old)
     if score and reserved ~= actual then
@@ -142,15 +163,17 @@ while a <= #ARGV do
     end
     if redis.call('TTL', counter) < 0 then redis.call('EXPIRE', counter, 2 * 86400) end
   end
-  k = k + 2
+  k = k + (kind == 'i' and 1 or 2)
   a = a + 3
 end
 return 1
 """
 
-# KEYS: reservation zsets; ARGV: ttl_ms, then one member per key. Extends reservations still held (XX).
+# KEYS[1]: a reservation or in-flight zset; ARGV: ttl_ms, member, keep_ms (> 0: the zset itself lives that much
+# longer). Extends a reservation or lease still held (XX).
 RENEW = _NOW + """
-for i, key in ipairs(KEYS) do redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1]) end
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
+if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3])) end
 return 1
 """
 
@@ -165,18 +188,20 @@ RESERVATIONS_SUFFIX = ":resv"
 @dataclasses.dataclass
 class Limit:
     name: str  # for messages: "requests per minute of key key_ab12"
-    kind: str  # "w" sliding window, "c" period counter
-    keys: tuple[str, ...]  # window: zset, sum; counter: counter, reservations
+    kind: str  # "w" sliding window, "c" period counter, "i" in flight (a concurrency cap)
+    keys: tuple[str, ...]  # window: zset, sum; counter: counter, reservations; in flight: zset
     limit: int
     amount: int
-    measure: str = "requests"  # what amount counts: "requests", "tokens" or "cost" (micro-USD)
+    measure: str = "requests"  # what amount counts: "requests", "tokens", "cost" (micro-USD) or "sequences"
     ttl_s: int = 0  # counter: seconds left in its period
+    hint: str = ""  # how to raise the limit, for the message of a refusal
 
 
 class LimitExceeded(Exception):
-    def __init__(self, limit: Limit, retry_after_s: float | None):
+    def __init__(self, limit: Limit, retry_after_s: float | None, used: int = 0):
         self.limit = limit
         self.retry_after_s = retry_after_s  # None: this request can never fit
+        self.used = used  # how much of the limit was in use
         super().__init__(limit.name)
 
 
@@ -191,19 +216,20 @@ class Reservation:
     def settled_key(self) -> str:
         return f"{self.scope}:settled:{self.request_id}"
 
-    def held(self) -> list[tuple[str, str]]:
-        """(reservations key, member) of every budget reservation that expires unless renewed."""
-        return [(lim.keys[1], f"{self.request_id}:{lim.amount}") for lim in self.limits
-                if lim.kind == "c" and lim.amount > 0]
+    def held(self) -> list[tuple[str, str, str]]:
+        """(zset, member, kind) of every budget reservation and in-flight lease that expires unless renewed."""
+        return [(lim.keys[0] if lim.kind == "i" else lim.keys[1], f"{self.request_id}:{lim.amount}", lim.kind)
+                for lim in self.limits if lim.kind in ("c", "i") and lim.amount > 0]
 
 
 class Limiter:
     def __init__(self, client, fail_open: bool = True, journal: Journal | None = None,
-                 reservation_ttl_s: float = 60.0):
+                 reservation_ttl_s: float = 60.0, lease_s: float = 15.0):
         self.client = client
-        self.fail_open = fail_open  # for request and token limits; budgets always fail closed
+        self.fail_open = fail_open  # for request, token and concurrency limits; budgets always fail closed
         self.journal = journal
         self.reservation_ttl_ms = max(1, round(reservation_ttl_s * 1000))
+        self.lease_ms = max(1, round(lease_s * 1000))  # in-flight slots: the lease of a running request
         self._admit = client.register_script(ADMIT)
         self._reconcile = client.register_script(RECONCILE)
         self._renew = client.register_script(RENEW)
@@ -226,7 +252,7 @@ class Limiter:
         if not limits:
             return Reservation(request_id, [], scope)
         keys = [k for lim in limits for k in lim.keys]
-        args: list[str | int] = [WINDOW_MS, request_id, self.reservation_ttl_ms]
+        args: list[str | int] = [WINDOW_MS, request_id, self.reservation_ttl_ms, self.lease_ms]
         for lim in limits:
             args += [lim.kind, lim.limit, lim.amount, lim.ttl_s]
         try:
@@ -241,7 +267,7 @@ class Limiter:
             return Reservation(request_id, limits, scope)
         failed = limits[int(result[1]) - 1]
         retry_ms = int(result[2])
-        raise LimitExceeded(failed, None if retry_ms < 0 else retry_ms / 1000)
+        raise LimitExceeded(failed, None if retry_ms < 0 else retry_ms / 1000, int(result[3]))
 
     async def reconcile(self, reservation: Reservation | None, actual: dict[str, int]) -> None:
         """actual: new amount per limit name; limits not named keep their reservation (e.g. request counts).
@@ -265,14 +291,16 @@ class Limiter:
         await self._reconcile(keys=entry["keys"], args=entry["args"])
 
     async def renew(self, reservations: list[Reservation]) -> None:
-        """Pushes the expiry of the budget reservations of requests still running one TTL ahead."""
+        """Pushes the expiry of the budget reservations and in-flight leases of requests still running one TTL
+        ahead (in one pipeline)."""
         held = [h for r in reservations if not r.settled for h in r.held()]
         if not held:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key, member in held:  # one call per key: every key of a call in one cluster slot
-                    await self._renew(keys=[key], args=[self.reservation_ttl_ms, member], client=pipe)
+                for key, member, kind in held:  # one call per key: every key of a call in one cluster slot
+                    ttl, keep = (self.lease_ms, 2 * self.lease_ms) if kind == "i" else (self.reservation_ttl_ms, 0)
+                    await self._renew(keys=[key], args=[ttl, member, keep], client=pipe)
                 await pipe.execute()
         except Exception as exc:
             self._warn(exc)

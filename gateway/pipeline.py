@@ -2,7 +2,7 @@
 
     begin:  authenticate -> validate (from_pb) -> resolve the model -> prompt bytes against its context
             -> cap the priority
-    run:    response cache -> count prompt tokens once -> context length -> admit (limits, budget)
+    run:    response cache -> count prompt tokens once -> context length -> admit (limits, budget, concurrency)
             -> run the tasks on the scheduler -> settle the reservation -> record usage -> cache the result
 
 Everything that can be refused from what the gateway knows is refused before limits, budgets and queues are
@@ -74,7 +74,8 @@ class Pipeline:
         metrics.CACHE.labels(ctx.cache).inc()
         if cached:
             hit = Result.from_json(cached)
-            await self.edge.admit(caller, ctx.request_id, version, 0, 0)  # counts as a request
+            # Counts as a request; holds no concurrency slot (nothing queues or runs for it).
+            await self.edge.admit(caller, ctx.request_id, version, 0, 0)
             await context.send_initial_metadata(ctx.metadata())
             self._record(ctx, hit, cache_hit=True, cost_micro=0)
             return hit
@@ -83,7 +84,8 @@ class Pipeline:
                                               **call.count_inputs())
         call.check_context_length(version, ctx.counted)
         reservation = await self.edge.admit(caller, ctx.request_id, version,
-                                            ctx.counted.total if ctx.counted else 0, call.max_completion_tokens)
+                                            ctx.counted.total if ctx.counted else 0, call.max_completion_tokens,
+                                            sequences=call.num_sequences)
         # From here to the settlement, no await is outside the try: a cancellation anywhere still settles.
         collector = Collector(call, version.version)
         result: Result | None = None
