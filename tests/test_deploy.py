@@ -119,3 +119,129 @@ def test_mesh_members_share_the_mesh_token_from_one_secret():
                         refs[name] = env["valueFrom"]["secretKeyRef"]
     assert set(refs) == {"gateway", "scheduler", "worker"}
     assert len({(r["name"], r["key"]) for r in refs.values()}) == 1
+
+
+# ---- an authenticated, encrypted mesh (issue 9): NetworkPolicies, mTLS, etcd authentication ----
+
+def _k8s_docs() -> list[dict]:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    return [doc for name in kustomization["resources"]
+            for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if doc]
+
+
+def _workloads() -> dict[str, dict]:
+    """Every Deployment and StatefulSet by name."""
+    return {d["metadata"]["name"]: d for d in _k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions In / NotIn / Exists) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {"In": labels.get(key) in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+OUTSIDE = {"namespace": "elsewhere", "labels": {"app": "anything"}}  # a pod of another namespace
+
+
+def _may_connect(source: dict, target_labels: dict, port: int) -> bool:
+    """Whether the namespace's NetworkPolicies let `source` ({namespace, labels}) reach a pod with target_labels on
+    TCP `port`. Ingress only: a pod no policy selects accepts everything; else some rule of a selecting policy
+    must allow the source and the port."""
+    policies = [d for d in _k8s_docs() if d["kind"] == "NetworkPolicy"
+                and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+                and _selects(d["spec"]["podSelector"], target_labels)]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            ports = rule.get("ports")
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and p["port"] == port for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                in_namespace = source["namespace"] == "llmserve"
+                if "namespaceSelector" in peer:
+                    ns_labels = {"kubernetes.io/metadata.name": source["namespace"]}
+                    if not _selects(peer["namespaceSelector"], ns_labels):
+                        continue
+                    if "podSelector" not in peer or _selects(peer["podSelector"], source["labels"]):
+                        return True
+                elif in_namespace and _selects(peer.get("podSelector", {}), source["labels"]):
+                    return True
+    return False
+
+
+def _who_reaches(target: str, port: int) -> set[str]:
+    workloads = _workloads()
+    labels = workloads[target]["spec"]["template"]["metadata"]["labels"]
+    sources = {name: {"namespace": "llmserve", "labels": w["spec"]["template"]["metadata"]["labels"]}
+               for name, w in workloads.items()}
+    sources["outside"] = OUTSIDE
+    sources["stray-pod"] = {"namespace": "llmserve", "labels": {"app": "debug-shell"}}
+    return {name for name, source in sources.items() if _may_connect(source, labels, port)}
+
+
+def test_network_policies_deny_by_default_and_allow_only_the_mesh_paths():
+    docs = _k8s_docs()
+    (deny,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"] == {}]
+    assert deny["spec"]["policyTypes"] == ["Ingress"] and not deny["spec"].get("ingress")
+    mesh = {"gateway", "scheduler", "worker", "registry"}
+    assert _who_reaches("scheduler", 50052) == {"gateway"}  # only gateways submit work
+    assert _who_reaches("worker", 50061) == {"scheduler"}  # only the scheduler dispatches
+    assert _who_reaches("etcd", 2379) == mesh
+    assert _who_reaches("redis", 6379) == {"gateway", "registry"}  # accounting
+    assert _who_reaches("redis-cache", 6379) == {"gateway"}
+    assert _who_reaches("registry", 50053) == set()  # operators come through `kubectl port-forward`
+    everyone = {*_workloads(), "outside", "stray-pod"}
+    assert _who_reaches("gateway", 50051) == _who_reaches("gateway", 8080) == everyone  # the public edge
+    for name in ("scheduler", "worker", "etcd", "redis"):
+        assert _who_reaches(name, 9999) == set(), name  # no other port is open
+    # The ports the policies name are the ones the containers listen on.
+    workloads = _workloads()
+    listening = {name: {p["containerPort"] for c in w["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+                 for name, w in workloads.items()}
+    assert 50052 in listening["scheduler"] and 50061 in listening["worker"] and 2379 in listening["etcd"]
+
+
+def test_every_mesh_service_runs_mtls_with_its_own_certificate(tmp_path):
+    config = _k8s_config(tmp_path)
+    assert config.security.tls == "on" and config.security.tls_check_roles
+    files = {config.security.tls_cert, config.security.tls_key, config.security.tls_ca}
+    workloads = _workloads()
+    secrets = {}
+    for name in ("gateway", "scheduler", "worker", "registry"):
+        spec = workloads[name]["spec"]["template"]["spec"]
+        (container,) = [c for c in spec["containers"] if c["name"] == name]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounted = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        tls_mounts = [(path, v) for path, v in mounted.items() if all(f.startswith(path + "/") for f in files)]
+        assert len(tls_mounts) == 1, f"{name}: the TLS files are not on one mounted volume"
+        secrets[name] = tls_mounts[0][1]["secret"]["secretName"]
+        # kubelet's gRPC probe cannot speak TLS: probes run `llmserve health` in the container.
+        for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+            if probe in container:
+                assert "grpc" not in container[probe] and "health" in container[probe]["exec"]["command"]
+    assert len(set(secrets.values())) == 4  # one certificate (and role) per service
+    # The REST sidecar serves HTTPS and dials the gateway over TLS.
+    (rest,) = [c for c in workloads["gateway"]["spec"]["template"]["spec"]["containers"] if c["name"] == "rest"]
+    assert {"--tls-cert", "--tls-key", "--gateway-ca"} <= set(rest["command"])
+    assert rest["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_etcd_requires_client_certificates_and_the_services_present_theirs(tmp_path):
+    (etcd,) = _workloads()["etcd"]["spec"]["template"]["spec"]["containers"]
+    command = etcd["command"]
+    assert "--client-cert-auth" in command and any(a.startswith("--trusted-ca-file=") for a in command)
+    assert all(a.split("=", 1)[1].startswith("https://") for a in command
+               if a.startswith(("--listen-client-urls=", "--advertise-client-urls=")))
+    config = _k8s_config(tmp_path)
+    assert config.etcd.ca_file and config.etcd.cert_file and config.etcd.key_file
