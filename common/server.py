@@ -11,6 +11,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from llmserve.common.enums import undefined_enum
 from llmserve.common.errors import ServiceError, invalid_argument
 from llmserve.common.logs import get_logger
 
@@ -67,19 +68,23 @@ def _checked_deserializer(deserialize, max_request_bytes: int | None):
                 f"the request is {len(data)} bytes; at most {max_request_bytes} bytes are accepted: send fewer or "
                 "shorter messages, prompts or inputs, or split the request"))
         try:
-            return deserialize(data)
+            request = deserialize(data)
         except DecodeError as exc:
             if "UTF-8" in str(exc):
                 return _Refused(invalid_argument("a string field of the request is not valid UTF-8: send text "
                                                  "encoded as UTF-8"))
             return _Refused(invalid_argument("the request is not a valid protobuf message of this method"))
+        if (undefined := undefined_enum(request)) is not None:
+            return _Refused(invalid_argument(undefined))
+        return request
     return wrapper
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns ServiceError into its status and anything unexpected into INTERNAL (logged with its traceback, never
-    sent: the caller reads only that it happened). A unary request that cannot be decoded (bad UTF-8) or is over
-    max_request_bytes is INVALID_ARGUMENT, refused before it is parsed or handled."""
+    sent: the caller reads only that it happened). A unary request that cannot be decoded (bad UTF-8), holds an
+    enum value no enum defines (common/enums.py) or is over max_request_bytes is INVALID_ARGUMENT, refused before it
+    is handled."""
 
     def __init__(self, max_request_bytes: int | None = None):
         self.max_request_bytes = max_request_bytes

@@ -71,3 +71,41 @@ async def test_any_status_message_is_cut_to_fit_and_keeps_its_advice(model):
     details = err.value.details()
     assert details.startswith("model='" + model[:10]) and details.endswith("pick one that ListModels shows")
     assert "characters cut" in details and len(details.encode()) < 4096
+
+
+# ---- enum values no enum defines are refused before a handler reads them ----
+# Found by fuzzing UpdateModelVersionState: state=68 decodes (proto3 enums are open), the registry stored it and
+# then failed naming it in its log (ModelState.Name(68): ValueError), an INTERNAL error after the write.
+
+async def test_unknown_model_state_is_invalid_argument_and_changes_nothing(registry):
+    await registry.CreateModelVersion(rpb.CreateModelVersionRequest(model_version=rpb.ModelVersion(
+        version="enum-v1", family="tiny", kind=rpb.MODEL_KIND_GENERATE, weights_source="file:/x", context_length=64)))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.UpdateModelVersionState(rpb.UpdateModelVersionStateRequest(version="enum-v1", state=68))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == ("state=68 is not a value of ModelState: use one of MODEL_STATE_ACTIVE, "
+                                   "MODEL_STATE_DISABLED")
+    stored = await registry.GetModelVersion(rpb.GetModelVersionRequest(version="enum-v1"))
+    assert stored.model_version.state == rpb.MODEL_STATE_ACTIVE
+
+
+async def test_unknown_enum_anywhere_in_a_request_is_refused_before_it_is_stored(registry):
+    version = rpb.ModelVersion(version="enum-v2", family="tiny", kind=5, weights_source="file:/x", context_length=64)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.CreateModelVersion(rpb.CreateModelVersionRequest(model_version=version))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("model_version.kind=5 is not a value of ModelKind: use one of ")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.GetModelVersion(rpb.GetModelVersionRequest(version="enum-v2"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_undefined_enum_finds_enums_at_any_depth():
+    from llmserve.admin.v1 import tenants_pb2 as tpb
+    from llmserve.common.enums import undefined_enum
+
+    assert undefined_enum(rpb.UpdateModelVersionStateRequest(state=rpb.MODEL_STATE_DISABLED)) is None
+    assert undefined_enum(pb.CreateChatCompletionRequest(messages=[pb.ChatMessage(role="user")] * 3)) is None
+    assert undefined_enum(pb.CreateCompletionRequest(priority=-1)).startswith("priority=-1 is not a value of Priority")
+    assert undefined_enum(tpb.ListTenantsResponse(tenants=[tpb.Tenant(), tpb.Tenant(budget_period=9)])).startswith(
+        "tenants[1].budget_period=9 ")
