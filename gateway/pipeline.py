@@ -12,6 +12,7 @@ unary responses differ only in what they do with the outputs (on_output) and the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import typing
 
@@ -77,7 +78,7 @@ class Pipeline:
             # Counts as a request; holds no concurrency slot (nothing queues or runs for it).
             await self.edge.admit(caller, ctx.request_id, version, 0, 0)
             await context.send_initial_metadata(ctx.metadata())
-            self._record(ctx, hit, cache_hit=True, cost_micro=0)
+            await asyncio.shield(self._record(ctx, hit, cache_hit=True, cost_micro=0))
             return hit
         # Tokenized once, only waiting for a tokenizer still loading when a token limit or budget needs the count.
         ctx.counted = await self.tokens.count(version, wait=self.edge.counts_tokens(caller),
@@ -104,17 +105,18 @@ class Pipeline:
             # Settle what was really computed, also when the request failed or the client went away.
             # Usage first (no await), then the settlement in its own task, which a cancellation cannot stop.
             done = result or collector.result()
-            self._record(ctx, done, cache_hit=False,
-                         cost_micro=self.edge.cost(version, done.prompt_tokens, done.completion_tokens))
+            recorded = self._record(ctx, done, cache_hit=False,
+                                    cost_micro=self.edge.cost(version, done.prompt_tokens, done.completion_tokens))
             await self.edge.settle(reservation, version, done.prompt_tokens, done.completion_tokens)
+        await asyncio.shield(recorded)  # acknowledged only once its usage is durable (Redis or the journal)
         if key is not None:
             await self.cache.put(key, done.to_json())
         return done
 
-    def _record(self, ctx: RequestContext, result: Result, *, cache_hit: bool, cost_micro: int) -> None:
+    def _record(self, ctx: RequestContext, result: Result, *, cache_hit: bool, cost_micro: int) -> asyncio.Future:
         ctx.prompt_tokens, ctx.completion_tokens = result.prompt_tokens, result.completion_tokens
         caller, _, version = ctx.begun()
         computed = (0, 0) if cache_hit else (result.prompt_tokens, result.completion_tokens)
-        self.edge.record(caller, version.version, prompt_tokens=computed[0], completion_tokens=computed[1],
-                         cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit
-                         else result.cached_tokens, cache_hit=cache_hit, cost_micro=cost_micro)
+        return self.edge.record(caller, version.version, prompt_tokens=computed[0], completion_tokens=computed[1],
+                                cached_tokens=result.prompt_tokens + result.completion_tokens if cache_hit
+                                else result.cached_tokens, cache_hit=cache_hit, cost_micro=cost_micro)

@@ -207,3 +207,42 @@ async def test_the_response_cache_lives_in_its_own_redis(mesh, accounting_redis,
             assert bool(await client.keys("llmserve:cache:v1:*")) is cached
         finally:
             await client.aclose()
+
+
+async def test_usage_is_durable_when_the_response_arrives(mesh, accounting_redis):
+    """A gateway killed right after it answered must have lost nothing it answered: when a response (or a
+    stream's usage chunk) arrives its usage is already in Redis, or in the journal when Redis is down. It used
+    to wait in memory for the next flush (up to 0.5 s, lost on SIGKILL; found by bench/chaos.py)."""
+    from llmserve.common import usage
+
+    name, auth = await tenant(mesh)
+    client = aioredis.Redis(port=accounting_redis.port)
+
+    async def recorded() -> tuple[int, int]:
+        rows = await usage.read(client, name, [usage.today()])
+        return sum(c.get("requests", 0) for *_, c in rows), sum(c.get("completion_tokens", 0) for *_, c in rows)
+
+    try:
+        acked = [0, 0]
+        for i in range(6):
+            if i % 2:
+                async for chunk in mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
+                        model="tiny", prompt="Hello there", max_tokens=w.Int32Value(value=2), ignore_eos=True,
+                        skip_cache=True), metadata=auth):
+                    if chunk.HasField("usage"):
+                        completion = chunk.usage.completion_tokens
+                        break  # read before the stream's end: the usage chunk is the acknowledgement
+            else:
+                completion = (await mesh.stub.CreateCompletion(request(), metadata=auth)).usage.completion_tokens
+            acked = [acked[0] + 1, acked[1] + completion]
+            assert list(await recorded()) == acked, f"request {i}: acknowledged before its usage was recorded"
+        accounting_redis.stop()
+        try:
+            journaled = len(mesh.gateway.journal.entries)
+            await mesh.stub.CreateCompletion(request(), metadata=auth)
+            usage_ops = [e for e in mesh.gateway.journal.entries[journaled:] if e["op"] == "usage"]
+            assert any(row[0] == name for e in usage_ops for row in e["rows"])
+        finally:
+            accounting_redis.start()
+    finally:
+        await client.aclose()
