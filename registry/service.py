@@ -23,6 +23,9 @@ def check_name(field: str, value: str) -> None:
             "letter or digit")
 
 
+QUANTIZATIONS = ("", "int8")  # what worker/engine/paged/model_runner.py computes
+
+
 def validate_version(v: registry_pb2.ModelVersion) -> registry_pb2.ModelVersion:
     v = registry_pb2.ModelVersion.FromString(v.SerializeToString())
     check_name("model_version.version", v.version)
@@ -41,6 +44,13 @@ def validate_version(v: registry_pb2.ModelVersion) -> registry_pb2.ModelVersion:
             raise invalid_argument(f"model_version.{field}={getattr(v, field)} must be >= 0")
     if v.max_batch_size < 0 or v.max_wait_ms < 0:
         raise invalid_argument("model_version.max_batch_size and max_wait_ms must be >= 0 (0: default)")
+    if v.quantization not in QUANTIZATIONS:
+        raise invalid_argument(f"model_version.quantization={v.quantization!r} is unknown; use one of "
+                               f"{', '.join(repr(q) for q in QUANTIZATIONS)}")
+    if v.quantization and (v.engine != "torch" or v.kind != registry_pb2.MODEL_KIND_GENERATE):
+        raise invalid_argument(f"model_version.quantization={v.quantization!r} applies to generation models on the "
+                               f"torch engine only; this version is {v.engine!r} and kind "
+                               f"{registry_pb2.ModelKind.Name(v.kind)}")
     v.max_batch_size = v.max_batch_size or 32
     v.max_wait_ms = v.max_wait_ms or 5
     v.state = v.state or registry_pb2.MODEL_STATE_ACTIVE

@@ -14,6 +14,7 @@ from tests.helpers.mesh import embed_version, generate_version, start_mesh
 from tests.helpers.tiny_models import MINILM_SOURCE
 
 TINY = "tiny-llama-v1"
+TINY_INT8 = "tiny-llama-int8"
 EMBED = "minilm-v1"
 
 
@@ -29,9 +30,10 @@ async def mesh(make_config, tiny_model_dir):
         config,
         versions=[generate_version(TINY, f"file:{tiny_model_dir}", context_length=512),
                   generate_version("tiny-llama-v2", f"file:{tiny_model_dir}", context_length=512),
+                  generate_version(TINY_INT8, f"file:{tiny_model_dir}", context_length=512, quantization="int8"),
                   embed_version(EMBED, MINILM_SOURCE)],
         aliases={"tiny": [(TINY, 1)], "embed": [(EMBED, 1)], "orphan": [("tiny-llama-v2", 1)]},
-        worker_models=[[TINY, EMBED]])
+        worker_models=[[TINY, TINY_INT8, EMBED]])
     yield mesh
     await mesh.stop()
 
@@ -103,6 +105,13 @@ async def test_n_choices_travel_once_and_share_one_prefill(mesh):
             if ch.finish_reason:
                 reasons[ch.index] = ch.finish_reason
     assert texts == [c.text for c in response.choices] and reasons == dict.fromkeys(range(4), "length")
+
+
+async def test_a_quantized_variant_is_its_own_version_on_the_same_weights(mesh):
+    (served,) = [m for m in mesh.workers[0].models.values() if m.version.version == TINY_INT8]
+    assert "int8" in served.engine.runner.matmul.kernels  # int8 weights, next to the plain version's engine
+    response = await mesh.stub.CreateCompletion(completion(model=TINY_INT8, skip_cache=True), metadata=mesh.auth)
+    assert response.model == TINY_INT8 and response.choices[0].text and response.usage.prompt_tokens == 2
 
 
 async def test_chat_stream_deltas(mesh):

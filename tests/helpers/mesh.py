@@ -23,10 +23,11 @@ from llmserve.scheduler.app import SchedulerApp
 from llmserve.worker.app import WorkerApp
 
 
-def generate_version(version: str, source: str, context_length: int = 2048, family: str = "tiny"):
+def generate_version(version: str, source: str, context_length: int = 2048, family: str = "tiny",
+                     quantization: str = ""):
     return rpb.ModelVersion(version=version, family=family, kind=rpb.MODEL_KIND_GENERATE, weights_source=source,
                             context_length=context_length, price_per_1k_prompt_tokens=0.1,
-                            price_per_1k_completion_tokens=0.2)
+                            price_per_1k_completion_tokens=0.2, quantization=quantization)
 
 
 def embed_version(version: str, source: str, context_length: int = 256, family: str = "embed"):

@@ -84,6 +84,8 @@ async def test_versions_are_immutable_but_idempotent_create_is_allowed(registry)
     (dict(engine="onnx"), "model_version.engine"),
     (dict(context_length=0), "context_length"),
     (dict(price_per_1k_prompt_tokens=-1.0), "price_per_1k_prompt_tokens"),
+    (dict(quantization="int4"), "model_version.quantization='int4' is unknown"),
+    (dict(quantization="int8", kind=pb.MODEL_KIND_EMBED), "generation models on the torch engine only"),
 ])
 async def test_invalid_versions_name_the_field(registry, bad, field):
     v = version(**bad)

@@ -25,14 +25,15 @@ def _paged(version: registry_pb2.ModelVersion, cfg: WorkerConfig) -> Engine:
     from .paged.engine import PagedEngine
 
     dtype = resolve_dtype(cfg.dtype, cfg.device)
-    if cfg.quantization == "int8" and dtype == "float32":
+    quantization = version.quantization or cfg.quantization  # the version's own, else the worker's default
+    if quantization == "int8" and dtype == "float32":
         dtype = "bfloat16"  # int8 weights take bf16 activations (fp32 ones are 26x slower in aten's kernel)
     model, tokenizer = load_generation_model(version.weights_source, pathlib.Path(cfg.model_cache_dir),
                                              device=cfg.device, dtype=dtype)
     return PagedEngine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
                        num_kv_blocks=cfg.num_kv_blocks or None, kv_cache_fraction=cfg.kv_cache_fraction,
                        max_num_batched_tokens=cfg.max_num_batched_tokens,
-                       enable_prefix_caching=cfg.enable_prefix_caching, quantization=cfg.quantization)
+                       enable_prefix_caching=cfg.enable_prefix_caching, quantization=quantization)
 
 
 def _embedding(version: registry_pb2.ModelVersion, cfg: WorkerConfig) -> Engine:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_manager import allocate_kv_cache
+from .sequence import Sequence
 from .step_scheduler import ScheduledBatch
 from .weights import pack_weights
 
@@ -174,6 +175,34 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor]:
         """Run one step; return (batch indices of the sequences to sample, their logits [num_sampled, vocab])."""
         inputs = self.prepare(batch)
+        hidden = self._forward(inputs)
+        if not inputs.sampled:
+            return [], hidden.new_empty((0, self.config.vocab_size))
+        return inputs.sampled, self._logits(hidden[inputs.logits_rows])
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
+        """log P(token i | tokens < i) for i = 1..T-1 of a fresh sequence prefilled in one step (through the
+        blocks of block_table, which it overwrites): the model's own log-softmax, as the engine's head computes it,
+        for perplexity and prompt scoring."""
+        seq = Sequence(list(token_ids))
+        seq.block_table = list(block_table)
+        inputs = self.prepare(ScheduledBatch([seq], [len(token_ids)]))
+        logits = self._logits(self._forward(inputs)[:-1]).float()
+        targets = torch.tensor(token_ids[1:], device=logits.device)
+        return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head over the rows of hidden: [rows, vocab]."""
+        w = self.weights
+        if self.residual_fp32:
+            hidden = _rms_norm(w.norm, hidden, out_dtype=torch.float32)
+            logits = self.matmul(hidden.to(self.dtype), w.lm_head_t, w.lm_head_bias)
+            return _refine_top_logits(logits, hidden, w.lm_head_t, w.lm_head_bias)
+        return self.matmul(_rms_norm(w.norm, hidden), w.lm_head_t, w.lm_head_bias)
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """The decoder layers over the step's tokens: the last hidden states [num_tokens, hidden]."""
         w = self.weights
         hidden = F.embedding(inputs.input_ids, w.embed)  # [num_tokens, hidden]
         cos, sin = self.body.rotary_emb(hidden, inputs.positions[None])  # [1, num_tokens, head_dim]
@@ -186,14 +215,7 @@ class ModelRunner:
         for layer_idx, lw in enumerate(w.layers):
             hidden = self._attention(layer_idx, lw, hidden, cos, sin, inputs)  # residual added in o_proj's GEMM
             hidden = self._mlp(lw, hidden)
-        if not inputs.sampled:
-            return [], hidden.new_empty((0, self.config.vocab_size))
-        if self.residual_fp32:
-            hidden = _rms_norm(w.norm, hidden[inputs.logits_rows], out_dtype=torch.float32)
-            logits = self.matmul(hidden.to(self.dtype), w.lm_head_t, w.lm_head_bias)
-            return inputs.sampled, _refine_top_logits(logits, hidden, w.lm_head_t, w.lm_head_bias)
-        hidden = _rms_norm(w.norm, hidden[inputs.logits_rows])  # [num_sampled, hidden]
-        return inputs.sampled, self.matmul(hidden, w.lm_head_t, w.lm_head_bias)  # [num_sampled, vocab]
+        return hidden
 
     def _mlp(self, lw, residual: torch.Tensor) -> torch.Tensor:
         """residual + MLP(post_attention_layernorm(residual))."""

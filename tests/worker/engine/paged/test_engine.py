@@ -261,7 +261,8 @@ QUESTIONS = ["Explain gravity to a child.", "Write a haiku about the sea.", "Who
 @pytest.mark.parametrize("quantization", ["", "int8"])
 def test_real_smollm2_in_bf16_and_int8_stays_close_to_fp32(quantization):
     """bf16 weights (fp32 residual stream and logits) and int8 weights keep SmolLM2's next-token scores near fp32's
-    on chat prompts, with the same greedy token on every one (measured: 0.7-1.7% mean error; int8 3%, up to 8%)."""
+    on chat prompts, with the same greedy token wherever fp32's is clear (measured: 0.7-1.7% mean error; int8 3%, up
+    to 8%)."""
     model, tokenizer = load_generation_model(SMOLLM2_SOURCE, model_cache_dir(), dtype="bfloat16")
     fp32, _ = load_generation_model(SMOLLM2_SOURCE, model_cache_dir(), dtype="float32")
     runner = ModelRunner(model, num_blocks=64, block_size=16, quantization=quantization)
@@ -277,7 +278,13 @@ def test_real_smollm2_in_bf16_and_int8_stays_close_to_fp32(quantization):
             truth = fp32(torch.tensor([ids])).logits[0, -1].float()
         got = logits[0].float()
         assert (got - truth).abs().mean() / truth.abs().mean() < (0.1 if quantization else 0.03), question
-        assert got.argmax() == truth.argmax(), question
+        # The same greedy token, unless fp32 itself nearly ties its top two (on an AMD EPYC without AMX, bf16
+        # flipped "List three prime numbers." whose fp32 top two are 0.1 apart): then fp32's is in the top two.
+        top2 = truth.topk(2).values
+        if top2[0] - top2[1] > 0.5:
+            assert got.argmax() == truth.argmax(), question
+        else:
+            assert truth.argmax() in got.topk(2).indices, question
 
 
 async def test_an_unknown_quantization_is_refused_with_the_choices(tiny):

@@ -122,3 +122,14 @@ def test_int8_needs_half_precision_activations(tiny_llama_dir, tmp_path_factory)
     model, _ = load_generation_model(str(tiny_llama_dir), tmp_path_factory.mktemp("cache"))
     with pytest.raises(ValueError, match="bf16"):
         ModelRunner(model, num_blocks=8, block_size=BLOCK_SIZE, quantization="int8")
+
+
+def test_prompt_logprobs_are_hf_log_softmax_of_the_next_token(tiny_copy):
+    model, _ = tiny_copy
+    runner = ModelRunner(model, num_blocks=64, block_size=BLOCK_SIZE)
+    (seq,) = sequences([21], model.config.vocab_size, seed=3)
+    got = runner.prompt_logprobs(seq.token_ids, list(range(6)))
+    expected = torch.log_softmax(hf_logits(model, seq.token_ids)[:-1], dim=-1)
+    expected = expected.gather(1, torch.tensor(seq.token_ids[1:])[:, None])[:, 0]
+    assert got.shape == (20,)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

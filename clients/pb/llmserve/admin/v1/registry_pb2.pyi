@@ -106,6 +106,7 @@ class ModelVersion(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Required. Unique id, lowercase letters, digits, '-', '.', '_' (e.g. "smollm2-135m-instruct-v1")."""
     family: _builtins.str
@@ -130,6 +131,11 @@ class ModelVersion(_message.Message):
     """Optional. Embedding models: most texts per batch; default 32."""
     max_wait_ms: _builtins.int
     """Optional. Embedding models: longest wait in ms to fill a batch; default 5."""
+    quantization: _builtins.str
+    """Optional. How the worker stores and computes the weights: "" (as dtype says) or "int8" (int8 weight-only, one
+    scale per output channel, bf16 activations: decode reads a quarter of fp32's weight bytes). Generation models
+    on the torch engine only. A quantized variant is its own version: routable, priced and A/B-tested as any.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Free-form labels."""
@@ -150,10 +156,11 @@ class ModelVersion(_message.Message):
         max_batch_size: _builtins.int = ...,
         max_wait_ms: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        quantization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "created", b"created", "engine", b"engine", "family", b"family", "kind", b"kind", "labels", b"labels", "max_batch_size", b"max_batch_size", "max_wait_ms", b"max_wait_ms", "price_per_1k_completion_tokens", b"price_per_1k_completion_tokens", "price_per_1k_prompt_tokens", b"price_per_1k_prompt_tokens", "state", b"state", "version", b"version", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "created", b"created", "engine", b"engine", "family", b"family", "kind", b"kind", "labels", b"labels", "max_batch_size", b"max_batch_size", "max_wait_ms", b"max_wait_ms", "price_per_1k_completion_tokens", b"price_per_1k_completion_tokens", "price_per_1k_prompt_tokens", b"price_per_1k_prompt_tokens", "quantization", b"quantization", "state", b"state", "version", b"version", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
