@@ -35,6 +35,8 @@ class GenerationRequest:
     priority: Priority = 2
     # Prefix-cache partition (the tenant): cached KV is shared only between requests with equal salts. Never logged.
     cache_salt: str = ""
+    # LoRA adapter (a name given to the engine's add_adapter) applied on top of the base weights; "" for none.
+    adapter: str = ""
 
 
 @dataclass

@@ -15,8 +15,11 @@ and slows the first severalfold on a few cores (compute.py has the figures).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import functools
 import logging
+import pathlib
 from collections.abc import AsyncIterator
 
 import torch
@@ -26,6 +29,7 @@ from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
 from ..compute import ComputeThread, compute_thread
 from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, eos_token_ids
 from ..detokenizer import IncrementalDetokenizer, StopMatcher
+from . import lora
 from .block_manager import BlockManager, num_blocks_for_memory
 from .model_runner import ModelRunner
 from .sampler import sample
@@ -53,7 +57,8 @@ class PagedEngine:
     def __init__(self, model, tokenizer, *, max_num_seqs: int = 16, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_fraction: float = 0.1,
                  max_num_batched_tokens: int = 512, enable_prefix_caching: bool = True,
-                 quantization: str = "", compute: ComputeThread | None = None):
+                 quantization: str = "", compute: ComputeThread | None = None, max_adapters: int = 8,
+                 max_lora_rank: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.max_num_seqs = max_num_seqs
         self._compute = compute or compute_thread()
@@ -83,6 +88,14 @@ class PagedEngine:
         self._is_stopping = False
         self._stopped: concurrent.futures.Future[None] | None = None  # set by start(); done once stopped
         self._seqs: dict[str, Sequence] = {}  # admitted, not finished; touched by the step thread only
+        # LoRA adapters (asyncio side): known sources, the resident ones in LRU order, and who uses them.
+        self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
+        self._adapter_sources: dict[str, pathlib.Path] = {}
+        self._adapters: collections.OrderedDict[str, lora.Adapter] = collections.OrderedDict()
+        self._adapter_users: collections.Counter[str] = collections.Counter()
+        self._adapter_loads: dict[str, asyncio.Future[lora.Adapter]] = {}
+        self._adapter_freed: asyncio.Event | None = None
+        self.num_adapter_loads = 0
 
     # ---- API used from the asyncio side ----
 
@@ -133,9 +146,94 @@ class PagedEngine:
             self._aborted.add(request_id)
             self._cond.notify()
 
+    # ---- LoRA adapters ----
+
+    def add_adapter(self, name: str, path: pathlib.Path) -> None:
+        """Makes an adapter known by name; it loads on first use (or with load_adapter), and later again if the
+        LRU cap (max_adapters resident) evicted it meanwhile."""
+        self._adapter_sources[name] = pathlib.Path(path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Forgets an adapter: new requests for it fail; running ones finish, then its weights are freed."""
+        self._adapter_sources.pop(name, None)
+        if not self._adapter_users[name]:
+            self._adapters.pop(name, None)
+
+    @property
+    def resident_adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    async def load_adapter(self, name: str) -> lora.Adapter:
+        """The resident adapter, loading it (on the compute thread) if needed; AdapterError if it cannot apply."""
+        adapter = await self._acquire_adapter(name)
+        self._release_adapter(name)
+        return adapter
+
+    async def _acquire_adapter(self, name: str) -> lora.Adapter:
+        if self._adapter_freed is None:
+            self._adapter_freed = asyncio.Event()
+        while True:
+            if name not in self._adapter_sources:
+                raise lora.AdapterError(f"adapter {name!r} is not served by this engine")
+            if name in self._adapters:
+                self._adapters.move_to_end(name)
+                self._adapter_users[name] += 1
+                return self._adapters[name]
+            loading = self._adapter_loads.get(name)
+            if loading is not None:
+                await asyncio.shield(loading)
+                continue
+            if len(self._adapters) + len(self._adapter_loads) >= self.max_adapters:
+                idle = [n for n in self._adapters if not self._adapter_users[n]]
+                if not idle:  # every resident adapter runs requests: wait for one to finish
+                    self._adapter_freed.clear()
+                    await self._adapter_freed.wait()
+                    continue
+                del self._adapters[idle[0]]  # the least recently used idle one
+            path = self._adapter_sources[name]
+            future = asyncio.wrap_future(self._compute.submit(functools.partial(
+                lora.load_adapter, name, path, self.model.config, dtype=self.runner.dtype,
+                device=self.runner.device, max_rank=self.max_lora_rank)))
+            self._adapter_loads[name] = future
+            try:
+                adapter = await asyncio.shield(future)
+            finally:
+                self._adapter_loads.pop(name, None)
+            self.num_adapter_loads += 1
+            if name in self._adapter_sources:
+                self._adapters[name] = adapter
+
+    def _release_adapter(self, name: str) -> None:
+        self._adapter_users[name] -= 1
+        if not self._adapter_users[name]:
+            del self._adapter_users[name]
+            if name not in self._adapter_sources:  # removed while in use
+                self._adapters.pop(name, None)
+            if self._adapter_freed is not None:
+                self._adapter_freed.set()
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        if not request.adapter:
+            async for output in self._generate(request, None):
+                yield output
+            return
+        try:
+            adapter = await self._acquire_adapter(request.adapter)
+        except lora.AdapterError as exc:
+            yield GenerationOutput(request.request_id, "", True, "error", error=str(exc))
+            return
+        try:
+            async for output in self._generate(request, adapter):
+                yield output
+        finally:
+            self._release_adapter(request.adapter)
+
+    async def _generate(self, request: GenerationRequest, adapter: lora.Adapter | None
+                        ) -> AsyncIterator[GenerationOutput]:
+        # Cached KV depends on the adapter too: blocks are shared only between requests of the same adapter.
+        salt = request.cache_salt if adapter is None else f"{request.cache_salt}\x00lora:{adapter.name}"
         seq = Sequence(request.prompt_token_ids, request.params, request_id=request.request_id,
-                       priority=request.priority, cache_salt=request.cache_salt)
+                       priority=request.priority, cache_salt=salt, adapter=adapter)
         seq.stream = _Stream(asyncio.get_running_loop())
         with self._cond:
             if self._is_stopping:

@@ -15,6 +15,7 @@ attention reads them, so the same pass serves prompt chunks and decodes alike, o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import typing
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import lora as lora_mod
 from .block_manager import allocate_kv_cache
 from .sequence import Sequence
 from .step_scheduler import ScheduledBatch
@@ -58,6 +60,7 @@ class StepInputs:
     prefills: list[_Prefill]
     logits_rows: torch.Tensor  # [num_sampled] flat rows whose logits are sampled (each sequence's last token)
     sampled: list[int]  # batch indices of those sequences, in the same order
+    lora: list[lora_mod.LoraGroup] = dataclasses.field(default_factory=list)  # rows by adapter (none: base only)
 
 
 def _length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 512) -> list[tuple[int, int]]:
@@ -135,10 +138,13 @@ class ModelRunner:
         slots: list[int] = []
         decode_tables, decode_lens, prefills = [], [], []
         last_row = {}
+        adapter_rows: dict[str, tuple[lora_mod.Adapter, list[int]]] = {}
         for i in order:
             seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
             row = len(input_ids)
+            if seq.adapter is not None:
+                adapter_rows.setdefault(seq.adapter.name, (seq.adapter, []))[1].extend(range(row, row + num_new))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
@@ -167,7 +173,8 @@ class ModelRunner:
             return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
 
         return StepInputs(tensor(input_ids), tensor(positions), tensor(slots), decode_groups, prefills,
-                          tensor([last_row[i] for i in sampled]), sampled)
+                          tensor([last_row[i] for i in sampled]), sampled,
+                          [lora_mod.LoraGroup(adapter, tensor(rows)) for adapter, rows in adapter_rows.values()])
 
     # ---- forward ----
 
@@ -214,21 +221,29 @@ class ModelRunner:
         sin = torch.cat((-sin[0, :, None, :half], sin[0, :, None, half:]), dim=-1)
         for layer_idx, lw in enumerate(w.layers):
             hidden = self._attention(layer_idx, lw, hidden, cos, sin, inputs)  # residual added in o_proj's GEMM
-            hidden = self._mlp(lw, hidden)
+            hidden = self._mlp(layer_idx, lw, hidden, inputs.lora)
         return hidden
 
-    def _mlp(self, lw, residual: torch.Tensor) -> torch.Tensor:
-        """residual + MLP(post_attention_layernorm(residual))."""
-        gate_up = self.matmul(_rms_norm(lw.post_norm, residual, out_dtype=self.dtype), lw.gate_up_t, None)
+    def _mlp(self, layer_idx: int, lw, residual: torch.Tensor, lora: list[lora_mod.LoraGroup]) -> torch.Tensor:
+        """residual + MLP(post_attention_layernorm(residual)), with each row's LoRA adapter (if any)."""
+        x = _rms_norm(lw.post_norm, residual, out_dtype=self.dtype)
+        gate_up = self.matmul(x, lw.gate_up_t, None)
+        if lora:
+            lora_mod.apply(gate_up, x, lora, layer_idx, "gate_up")
         gate, up = gate_up[:, :lw.intermediate], gate_up[:, lw.intermediate:]
-        return self.matmul.add(residual, lw.act_fn(gate) * up, lw.down_t, None)
+        act = lw.act_fn(gate) * up
+        out = self.matmul.add(residual, act, lw.down_t, None)
+        return lora_mod.apply(out, act, lora, layer_idx, "down") if lora else out
 
     def _attention(self, layer_idx: int, lw, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    inputs: StepInputs) -> torch.Tensor:
         """residual + self-attention(input_layernorm(residual)) over the paged cache."""
         num_tokens = residual.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.matmul(_rms_norm(lw.input_norm, residual, out_dtype=self.dtype), lw.qkv_t, lw.qkv_bias)
+        x = _rms_norm(lw.input_norm, residual, out_dtype=self.dtype)
+        qkv = self.matmul(x, lw.qkv_t, lw.qkv_bias)
+        if inputs.lora:
+            lora_mod.apply(qkv, x, inputs.lora, layer_idx, "qkv")
         qkv = qkv.view(num_tokens, heads + 2 * kv_heads, head_dim)
         qk, v = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads:]
         if lw.q_norm is not None:  # Qwen3-style per-head norms before the rotary embedding
@@ -263,7 +278,9 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(query, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
                                                    attn_mask=p.mask, scale=scale, enable_gqa=True)
             out[rows] = o[0].transpose(0, 1)
-        return self.matmul.add(residual, out.view(num_tokens, -1), lw.o_t, lw.o_bias)
+        attended = out.view(num_tokens, -1)
+        result = self.matmul.add(residual, attended, lw.o_t, lw.o_bias)
+        return lora_mod.apply(result, attended, inputs.lora, layer_idx, "o") if inputs.lora else result
 
 
 def _onednn_linear():

@@ -18,6 +18,7 @@ import torch
 if typing.TYPE_CHECKING:
     from ..detokenizer import IncrementalDetokenizer, StopMatcher
     from .engine import _Stream
+    from .lora import Adapter
 
 _seq_ids = itertools.count()
 
@@ -30,7 +31,7 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: Any = None, *, request_id: str | None = None,
-                 priority: int = 2, cache_salt: str = ""):
+                 priority: int = 2, cache_salt: str = "", adapter: Adapter | None = None):
         self.seq_id = next(_seq_ids)  # arrival order: older sequences win ties of priority
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.token_ids: list[int] = list(prompt_token_ids)
@@ -39,6 +40,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.block_table: list[int] = []
         self.cache_salt = cache_salt  # prefix-cache partition (the tenant); never logged or shown in repr
+        self.adapter = adapter  # LoRA adapter applied to this sequence's rows (None: the base model)
         self.block_hashes: list[bytes] = []  # prefix-cache keys of the leading full blocks, each computed once
         self.status = SequenceStatus.WAITING
         self.priority = priority  # 1 interactive, 2 standard, 3 batch: lower numbers are served and kept first
