@@ -6,7 +6,9 @@ import asyncio
 import signal
 import typing
 
+import aetcd.exceptions
 import grpc
+import redis.exceptions
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -139,11 +141,27 @@ def bounded_message(message: str) -> str:
     return f"{message[:head]}... ({len(message) - head - tail} characters cut) ...{message[len(message) - tail:]}"
 
 
+# A store that did not answer (down, restarting, or too slow for the call's timeout): the caller may retry, so
+# UNAVAILABLE, not INTERNAL (seen during bench/chaos.py's Redis restart: GetUsage answered INTERNAL).
+OUTAGES: dict[type[BaseException], str] = {
+    redis.exceptions.ConnectionError: "Redis", redis.exceptions.TimeoutError: "Redis",
+    aetcd.exceptions.ConnectionFailedError: "etcd", aetcd.exceptions.ConnectionTimeoutError: "etcd",
+}
+
+
+def _outage(exc: BaseException) -> str | None:
+    return next((store for kind, store in OUTAGES.items() if isinstance(exc, kind)), None)
+
+
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, ServiceError):
         if exc.trailers:
             context.set_trailing_metadata(exc.trailers)
         await context.abort(exc.code, bounded_message(exc.message))
+    store = _outage(exc)
+    if store is not None:
+        log.warning("a store did not answer", method=method, store=store, error=type(exc).__name__)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{store} did not answer (it may be restarting); retry")
     log.exception("unexpected error", method=method)
     # Neither the exception's text nor its type: they can name internals (addresses, files, another request).
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; it is logged on the server")

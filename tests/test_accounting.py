@@ -137,7 +137,11 @@ async def test_a_request_served_while_redis_was_down_is_charged_once_it_is_back(
     successor, channel, _ = await started_gateway(mesh)
     try:
         async def counted():
-            rows = (await usage_of(mesh, name)).rows
+            try:
+                rows = (await usage_of(mesh, name)).rows
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE  # Redis still starting: retry, never INTERNAL
+                return False
             return rows and sum(r.requests for r in rows) == 1
         assert await eventually(counted)
         got = await usage_of(mesh, name)
@@ -246,3 +250,16 @@ async def test_usage_is_durable_when_the_response_arrives(mesh, accounting_redis
             accounting_redis.start()
     finally:
         await client.aclose()
+
+
+async def test_usage_read_while_redis_is_down_is_unavailable_not_internal(mesh, accounting_redis):
+    """A store that does not answer is the caller's to retry: UNAVAILABLE naming it, never INTERNAL."""
+    name, _ = await tenant(mesh)
+    accounting_redis.stop()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await usage_of(mesh, name)
+    finally:
+        accounting_redis.start()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Redis did not answer" in err.value.details()
