@@ -51,6 +51,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A peer that restarts (the scheduler, a worker) is dialled again within half a second of coming back. grpc's
+    # default backoff (1 s, growing 1.6x) kept gateways failing for seconds after the scheduler was back.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
 
 
