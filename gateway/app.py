@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmserve.common import etcd, redisconn, tls
 from llmserve.common.config import MeshConfig
+from llmserve.common.logs import get_logger
 from llmserve.common.server import CHANNEL_OPTIONS, Service
 from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
@@ -16,6 +17,10 @@ from llmserve.gateway.scheduler_client import SchedulerClient
 from llmserve.gateway.service import InferenceServicer, inference_service_name
 from llmserve.gateway.tokens import TokenCounter
 from llmserve.inference.v1 import inference_pb2_grpc
+
+log = get_logger(__name__)
+
+TOKENIZER_WARM_TIMEOUT_S = 60.0
 
 
 class GatewayApp:
@@ -51,6 +56,10 @@ class GatewayApp:
         self.journal.open()  # what a predecessor could not confirm is replayed by the accounting loop
         await self.view.start()
         self.tokens.warm(self.view.versions.snapshot.values())
+        # Listening only once the tokenizers are loaded: on a just-restarted replica, requests that need a token
+        # count (budgets, token limits) waited seconds for them (bench/chaos.py) while another replica could serve.
+        if not await self.tokens.wait_warm(TOKENIZER_WARM_TIMEOUT_S):
+            log.warning("serving before every tokenizer is loaded", timeout_s=TOKENIZER_WARM_TIMEOUT_S)
         self.edge.start()
         return await self.service.start()
 

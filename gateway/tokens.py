@@ -45,6 +45,14 @@ class TokenCounter:
         for version in versions:
             self._start_loading(version)
 
+    async def wait_warm(self, timeout_s: float) -> bool:
+        """Waits for the tokenizers loading now (loaded or failed); False when some still load after timeout_s."""
+        loading = [task for task in self._loading.values() if not task.done()]
+        if not loading:
+            return True
+        _, left = await asyncio.wait(loading, timeout=timeout_s)
+        return not left
+
     async def tokenizer(self, version: registry_pb2.ModelVersion):
         """The version's tokenizer, waiting for it to load; None when it cannot be loaded (logged once)."""
         name = version.version

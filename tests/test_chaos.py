@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 
 import grpc
@@ -10,6 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmserve.common.net import free_port
 from llmserve.common.server import CHANNEL_OPTIONS, Service
+from llmserve.gateway.app import GatewayApp
+from tests.helpers.mesh import generate_version, start_mesh
+
+TINY = "tiny-llama-v1"
 
 
 async def test_a_mesh_channel_dials_a_restarted_peer_within_a_second():
@@ -42,3 +47,19 @@ async def test_a_mesh_channel_dials_a_restarted_peer_within_a_second():
         await channel.close()
         if peer is not None:
             await peer.stop(0)
+
+
+async def test_a_restarted_gateway_listens_only_once_it_can_count_tokens(make_config, tiny_llama_dir):
+    """Budgets and token limits need the prompt's token count; a gateway that listened before its tokenizers
+    were loaded held such requests for seconds after a restart (8 s in bench/chaos.py) while its twin was idle."""
+    mesh = await start_mesh(make_config(), versions=[generate_version(TINY, f"file:{tiny_llama_dir}")],
+                            aliases={"tiny": [(TINY, 1)]}, worker_models=[[TINY]])
+    try:
+        gateway = GatewayApp(copy.deepcopy(mesh.config))
+        await gateway.start()
+        try:
+            assert gateway.tokens.is_ready(gateway.view.versions.snapshot[TINY])
+        finally:
+            await gateway.stop(0)
+    finally:
+        await mesh.stop()
