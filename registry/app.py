@@ -18,6 +18,9 @@ from llmserve.registry.service import RegistryServicer, registry_service_name
 from llmserve.registry.tenants import TenantServicer, tenant_service_name
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Admin requests carry small records, and etcd refuses writes over its --max-request-bytes (1.5 MiB by default):
+# a larger request is refused before it is parsed (INVALID_ARGUMENT), not by a failed write (INTERNAL).
+MAX_ADMIN_REQUEST_BYTES = 1024 * 1024
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -69,7 +72,8 @@ class RegistryApp:
         self.service = Service("registry", config.registry.host, config.registry.port,
                                [registry_service_name(), tenant_service_name(), admin_key_service_name()],
                                interceptors=[AdminAuthInterceptor(self.admin_keys, store.admin_keys)],
-                               credentials=tls.server_credentials(config.security, "registry"))
+                               credentials=tls.server_credentials(config.security, "registry"),
+                               max_request_bytes=MAX_ADMIN_REQUEST_BYTES)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(store), self.service.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(store, self.redis), self.service.server)
         admin_keys_pb2_grpc.add_AdminKeyServiceServicer_to_server(AdminKeyServicer(store), self.service.server)
