@@ -37,8 +37,12 @@ class TokenCounter:
 
     def _start_loading(self, version: registry_pb2.ModelVersion) -> None:
         if version.version not in self._tokenizers and version.version not in self._loading:
-            self._loading[version.version] = asyncio.create_task(
+            task = asyncio.create_task(
                 asyncio.to_thread(load_version_tokenizer, version), name=f"tokenizer {version.version}")
+            # A warmed version no request names is never awaited: its failure is read here (tokenizer() logs it
+            # when a request needs the tokenizer), not reported by asyncio as never retrieved.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._loading[version.version] = task
 
     def warm(self, versions) -> None:
         """Starts loading the tokenizers of these versions in the background, so first requests do not wait."""

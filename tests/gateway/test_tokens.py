@@ -68,3 +68,29 @@ async def test_counting_waits_only_when_asked_and_estimates_without_a_tokenizer(
     missing = rpb.ModelVersion(version="m-v1", weights_source="file:/nonexistent/model")
     estimate = await counter.count(missing, texts=["abcd"], wait=True)
     assert not estimate.is_exact and estimate.per_input == (4 + 8,)  # an upper bound: bytes + 8
+
+
+async def test_a_tokenizer_that_cannot_load_in_the_background_reports_no_unretrieved_error():
+    """Seen in the fuzz mesh: versions registered with weights no gateway can read were warmed at start, their
+    loading tasks failed and nobody awaited them ("Task exception was never retrieved", with a traceback, at exit)."""
+    import asyncio
+    import gc
+
+    loop = asyncio.get_running_loop()
+    unhandled = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        counter = TokenCounter()
+        broken = rpb.ModelVersion(version="broken-v1", kind=rpb.MODEL_KIND_GENERATE, weights_source="file:/nonexistent")
+        counter.warm([broken])
+        await asyncio.wait(list(counter._loading.values()))
+        del counter
+        gc.collect()
+        assert unhandled == []
+        # Counting later still works: an estimate from bytes, as before.
+        later = TokenCounter()
+        later.warm([broken])
+        assert not (await later.count(broken, texts=["Hello"], wait=True)).is_exact
+    finally:
+        loop.set_exception_handler(previous)
