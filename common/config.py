@@ -144,6 +144,12 @@ class WorkerConfig:
     num_kv_blocks: int = 0  # KV-cache blocks per generation model; 0: kv_cache_fraction of free memory
     kv_cache_fraction: float = 0.05  # share of free (GPU, else host) memory for the KV cache when num_kv_blocks=0
     enable_prefix_caching: bool = True  # reuse KV blocks of shared prompt prefixes across requests
+    # LoRA adapters (registry versions with base_version): a worker serves every active adapter of the bases it
+    # serves, loaded and dropped at run time as the registry changes; at most max_adapters resident per engine
+    # (least recently used idle ones make room), rank at most max_lora_rank.
+    serve_adapters: bool = True
+    max_adapters: int = 8
+    max_lora_rank: int = 64
     num_threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     lease_ttl_s: int = 5  # registration lease in etcd; refreshed every third of it
     load_report_interval_s: float = 1.0  # periodic load report on each scheduler stream

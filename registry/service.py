@@ -9,6 +9,7 @@ from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc
 from llmserve.common.errors import ServiceError, already_exists, failed_precondition, invalid_argument, not_found
 from llmserve.common.logs import get_logger
 from llmserve.common.state.store import Store
+from llmserve.common.tokenizers import TOKENIZER_SOURCE_LABEL, tokenizer_source
 
 log = get_logger(__name__)
 
@@ -47,6 +48,11 @@ def validate_version(v: registry_pb2.ModelVersion) -> registry_pb2.ModelVersion:
     if v.quantization not in QUANTIZATIONS:
         raise invalid_argument(f"model_version.quantization={v.quantization!r} is unknown; use one of "
                                f"{', '.join(repr(q) for q in QUANTIZATIONS)}")
+    if v.base_version:
+        check_name("model_version.base_version", v.base_version)
+        if v.kind != registry_pb2.MODEL_KIND_GENERATE or v.engine != "torch" or v.quantization:
+            raise invalid_argument("an adapter (model_version.base_version set) is a torch generation model without "
+                                   "quantization of its own: it runs on its base's weights")
     if v.quantization and (v.engine != "torch" or v.kind != registry_pb2.MODEL_KIND_GENERATE):
         raise invalid_argument(f"model_version.quantization={v.quantization!r} applies to generation models on the "
                                f"torch engine only; this version is {v.engine!r} and kind "
@@ -69,6 +75,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def CreateModelVersion(self, request, context):
         v = validate_version(request.model_version)
+        if v.base_version:
+            base = await self.store.versions.get(v.base_version)
+            if base is None:
+                raise invalid_argument(f"model_version.base_version={v.base_version!r} is not registered; register "
+                                       "the base model first")
+            if base.base_version or base.kind != registry_pb2.MODEL_KIND_GENERATE or base.engine != "torch":
+                raise invalid_argument(f"model_version.base_version={v.base_version!r} cannot carry adapters: it "
+                                       "must be a torch generation model that is not an adapter itself")
+            # The adapter speaks its base's vocabulary: whoever tokenizes for it (gateway, worker) loads the base's.
+            if TOKENIZER_SOURCE_LABEL not in v.labels:
+                v.labels[TOKENIZER_SOURCE_LABEL] = tokenizer_source(base)
         v.created = int(time.time())
         if not await self.store.versions.create(v):
             existing = await self._version(v.version)

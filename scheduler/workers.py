@@ -40,6 +40,14 @@ class WorkerConnection:
                                         server_name=security.tls_worker_server_name)
         self._task = asyncio.create_task(self._run(), name=f"worker {self.worker_id}")
 
+    def update_models(self, info: worker_pb2.WorkerInfo) -> None:
+        """The worker's model list changed (same address): new models get room, dropped ones get none; tasks in
+        flight keep their counts until they finish."""
+        self.info = info
+        self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
+        for version in self.capacity:
+            self.num_inflight.setdefault(version, 0)
+
     def serves(self, version: str) -> bool:
         return version in self.capacity
 

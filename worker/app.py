@@ -14,11 +14,14 @@ from llmserve.common.config import MeshConfig
 from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import MeshTokenInterceptor
 from llmserve.common.server import Service
+from llmserve.common.sources import ModelLoadError, resolve_source
 from llmserve.common.state.store import Store
+from llmserve.common.state.watcher import PrefixWatcher
 from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
 from llmserve.worker.engine.compute import compute_thread
 from llmserve.worker.engine.factory import make_engine
+from llmserve.worker.engine.paged.lora import AdapterError
 from llmserve.worker.registration import Registration
 from llmserve.worker.service import ServedModel, WorkerServicer, worker_service_name
 
@@ -55,6 +58,12 @@ class WorkerApp:
                                        stalled_stream_timeout_s=cfg.stalled_stream_timeout_s)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(self.servicer, self.service.server)
         self.registration: Registration | None = None
+        # The registry's versions, watched for adapters (worker.serve_adapters).
+        self._versions: PrefixWatcher[registry_pb2.ModelVersion] | None = None
+        self._sync_task: asyncio.Task | None = None
+        self._sync_again = False
+        self._refused: set[str] = set()
+        self._address, self._started = "", 0
 
     async def _registry_version(self, name: str, timeout_s: float = 60.0) -> registry_pb2.ModelVersion:
         deadline = time.monotonic() + timeout_s
@@ -74,25 +83,97 @@ class WorkerApp:
         cfg = self.config.worker
         if not cfg.models:
             raise ValueError("worker.models is empty: list the registry model versions this worker serves")
-        for name in cfg.models:
-            version = await self._registry_version(name)
-            served = await self.compute.call(load_model, version, self.config)
-            served.engine.start()
-            self.models[name] = served
+        versions = [await self._registry_version(name) for name in cfg.models]
+        # An adapter listed without its base brings the base along (it runs on the base's engine).
+        bases = [v.base_version for v in versions if v.base_version and v.base_version not in cfg.models]
+        versions += [await self._registry_version(name) for name in dict.fromkeys(bases)]
+        for version in versions:
+            if not version.base_version:
+                served = await self.compute.call(load_model, version, self.config)
+                served.engine.start()
+                self.models[version.version] = served
+        for version in versions:
+            if version.base_version and not await self._add_adapter(version):
+                raise RuntimeError(f"adapter {version.version!r} cannot be served (the log says why)")
         port = await self.service.start()
         self.worker_id = cfg.worker_id or f"{socket.gethostname()}-{port}"
         self.servicer.worker_id = self.worker_id
-        info = worker_pb2.WorkerInfo(
-            worker_id=self.worker_id, address=cfg.advertise_address or f"{cfg.host}:{port}", started=int(time.time()),
+        self._address = cfg.advertise_address or f"{cfg.host}:{port}"
+        self._started = int(time.time())
+        self.registration = Registration(self.store, cfg.lease_ttl_s, self._info(), on_tick=self._export_metrics)
+        await self.registration.start()
+        if cfg.serve_adapters:
+            self._versions = self.store.versions.watcher(on_change=self._versions_changed)
+            self._versions.start()
+        return port
+
+    def _info(self) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            worker_id=self.worker_id, address=self._address, started=self._started,
             models=[worker_pb2.WorkerModel(model_version=m.version.version, max_num_seqs=m.max_num_seqs,
                                            context_length=m.context_length) for m in self.models.values()])
-        self.registration = Registration(self.store, cfg.lease_ttl_s, info,
-                                         on_tick=self._export_metrics)
-        await self.registration.start()
-        return port
+
+    # ---- LoRA adapters, following the registry ----
+
+    async def _add_adapter(self, version: registry_pb2.ModelVersion) -> bool:
+        """Serves an adapter version on its base's engine, after loading it once (so a broken one is never
+        routed to). False, with the reason logged, when it cannot be served."""
+        base = self.models.get(version.base_version)
+        add = getattr(base.engine, "add_adapter", None) if base is not None else None
+        if base is None or add is None:
+            log.warning("adapter not served: its base is not on this worker or its engine has no adapters",
+                        version=version.version, base_version=version.base_version)
+            return False
+        try:
+            add(version.version, resolve_source(version.weights_source))
+            await base.engine.load_adapter(version.version)  # type: ignore[union-attr]
+        except (AdapterError, ModelLoadError) as exc:
+            base.engine.remove_adapter(version.version)  # type: ignore[union-attr]
+            log.warning("adapter not served", version=version.version, error=str(exc))
+            return False
+        self.models[version.version] = ServedModel(version, base.engine, adapter=version.version)
+        log.info("adapter served", version=version.version, base_version=version.base_version)
+        return True
+
+    def _versions_changed(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.create_task(self._sync_adapters(), name="adapter sync")
+        else:
+            self._sync_again = True
+
+    async def _sync_adapters(self) -> None:
+        """Adds the active adapters of the bases served here and drops the ones the registry removed or disabled
+        (their running requests finish first), then publishes the new model list."""
+        while True:
+            self._sync_again = False
+            snapshot = self._versions.snapshot if self._versions is not None else {}
+            wanted = {name: v for name, v in snapshot.items()
+                      if v.base_version and v.state != registry_pb2.MODEL_STATE_DISABLED
+                      and v.base_version in self.models and not self.models[v.base_version].adapter}
+            changed = False
+            for name in [n for n, m in self.models.items() if m.adapter and n not in wanted]:
+                served = self.models.pop(name)
+                served.engine.remove_adapter(name)  # type: ignore[union-attr]
+                log.info("adapter dropped", version=name)
+                changed = True
+            for name, version in wanted.items():
+                if name not in self.models and name not in self._refused:
+                    if await self._add_adapter(version):
+                        changed = True
+                    else:
+                        self._refused.add(name)  # until the registry changes it (a new version id)
+            if changed and self.registration is not None:
+                try:
+                    await self.registration.update(self._info())
+                except Exception as exc:  # etcd away: the next change or re-registration publishes it
+                    log.warning("registration update failed", error=str(exc))
+            if not self._sync_again:
+                return
 
     def _export_metrics(self) -> None:
         for served in self.models.values():
+            if served.adapter:
+                continue  # its base's engine reports the shared batch
             name, s = served.version.version, served.engine.stats()
             metrics.RUNNING.labels(name).set(s.num_running)
             metrics.WAITING.labels(name).set(s.num_waiting)
@@ -104,9 +185,14 @@ class WorkerApp:
                 metrics.PREEMPTIONS.labels(name).set(s.num_preemptions)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self._versions is not None:
+            await self._versions.stop()
+        if self._sync_task is not None:
+            self._sync_task.cancel()
         if self.registration is not None:
             await self.registration.stop()
         await self.service.stop(grace_s)
         for served in self.models.values():
-            await served.engine.stop()
+            if not served.adapter:
+                await served.engine.stop()
         await self.client.close()

@@ -35,6 +35,13 @@ class Registration:
         await self.store.workers.put(self.info, lease=self._lease)
         log.info("registered", worker_id=self.info.worker_id, models=[m.model_version for m in self.info.models])
 
+    async def update(self, info: worker_pb2.WorkerInfo) -> None:
+        """Publishes a changed WorkerInfo (models added or dropped at run time) under the same lease."""
+        self.info = info
+        if self._lease is not None:
+            await self.store.workers.put(info, lease=self._lease)
+            log.info("registration updated", worker_id=info.worker_id, models=[m.model_version for m in info.models])
+
     async def _keep_registered(self) -> None:
         """Refreshes the lease every third of its TTL; registers again if it expired (e.g. etcd was down)."""
         while True:

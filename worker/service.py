@@ -38,6 +38,7 @@ class ServedModel:
 
     version: registry_pb2.ModelVersion
     engine: GenerationEngine | EmbeddingEngine
+    adapter: str = ""  # a LoRA adapter version: the name its base's engine knows it by
 
     @property
     def is_embedding(self) -> bool:
@@ -232,7 +233,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         def request(j: int) -> GenerationRequest:
             request_id = task.request_id if num_choices == 1 else f"{task.request_id}#{j}"
             return GenerationRequest(request_id, prompt_ids, sampling_from_pb(s, max_tokens, choice=j),
-                                     priority=priority.from_pb(task.priority), cache_salt=task.cache_salt)
+                                     priority=priority.from_pb(task.priority), cache_salt=task.cache_salt,
+                                     adapter=model.adapter)
 
         outputs: asyncio.Queue[tuple[int, GenerationOutput] | BaseException] = asyncio.Queue()
         prefilled = asyncio.Event()

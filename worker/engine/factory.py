@@ -33,7 +33,8 @@ def _paged(version: registry_pb2.ModelVersion, cfg: WorkerConfig) -> Engine:
     return PagedEngine(model, tokenizer, max_num_seqs=cfg.max_num_seqs, block_size=cfg.block_size,
                        num_kv_blocks=cfg.num_kv_blocks or None, kv_cache_fraction=cfg.kv_cache_fraction,
                        max_num_batched_tokens=cfg.max_num_batched_tokens,
-                       enable_prefix_caching=cfg.enable_prefix_caching, quantization=quantization)
+                       enable_prefix_caching=cfg.enable_prefix_caching, quantization=quantization,
+                       max_adapters=cfg.max_adapters, max_lora_rank=cfg.max_lora_rank)
 
 
 def _embedding(version: registry_pb2.ModelVersion, cfg: WorkerConfig) -> Engine:

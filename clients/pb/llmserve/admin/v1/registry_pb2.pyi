@@ -107,6 +107,7 @@ class ModelVersion(_message.Message):
     MAX_WAIT_MS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
+    BASE_VERSION_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Required. Unique id, lowercase letters, digits, '-', '.', '_' (e.g. "smollm2-135m-instruct-v1")."""
     family: _builtins.str
@@ -136,6 +137,11 @@ class ModelVersion(_message.Message):
     scale per output channel, bf16 activations: decode reads a quarter of fp32's weight bytes). Generation models
     on the torch engine only. A quantized variant is its own version: routable, priced and A/B-tested as any.
     """
+    base_version: _builtins.str
+    """Optional. Makes this version a LoRA adapter on the version named here (a torch generation model that is not
+    an adapter itself): weights_source then holds PEFT's adapter (adapter_config.json + adapter_model.safetensors).
+    Workers serving the base serve its adapters on the same engine, many adapters and the base in one batch.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Optional. Free-form labels."""
@@ -157,10 +163,11 @@ class ModelVersion(_message.Message):
         max_wait_ms: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         quantization: _builtins.str = ...,
+        base_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "created", b"created", "engine", b"engine", "family", b"family", "kind", b"kind", "labels", b"labels", "max_batch_size", b"max_batch_size", "max_wait_ms", b"max_wait_ms", "price_per_1k_completion_tokens", b"price_per_1k_completion_tokens", "price_per_1k_prompt_tokens", b"price_per_1k_prompt_tokens", "quantization", b"quantization", "state", b"state", "version", b"version", "weights_source", b"weights_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_version", b"base_version", "context_length", b"context_length", "created", b"created", "engine", b"engine", "family", b"family", "kind", b"kind", "labels", b"labels", "max_batch_size", b"max_batch_size", "max_wait_ms", b"max_wait_ms", "price_per_1k_completion_tokens", b"price_per_1k_completion_tokens", "price_per_1k_prompt_tokens", b"price_per_1k_prompt_tokens", "quantization", b"quantization", "state", b"state", "version", b"version", "weights_source", b"weights_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
