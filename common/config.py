@@ -22,7 +22,7 @@ class EtcdConfig:
     port: int = 2379  # etcd client port
     prefix: str = "/llmserve"  # every key of this mesh lives under it
     timeout_s: float = 3.0  # per-call timeout
-    # etcd with authentication enabled: a user and password (aetcd's Authenticate) ...
+    # etcd with authentication enabled: a user and password (the token is renewed as it lapses: common/etcd.py) ...
     username: str = ""  # etcd user; empty: no user
     password: str = ""  # its password (set it from a Secret: LLMSERVE_ETCD__PASSWORD)
     # ... or TLS with client certificates (etcd --client-cert-auth takes the certificate's common name as the user)

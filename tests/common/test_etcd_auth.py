@@ -4,6 +4,8 @@ names and nobody gets in without it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aetcd
 import grpc
 import pytest
@@ -64,7 +66,8 @@ async def test_tls_with_client_certificates(tmp_path):
 
 
 async def test_user_and_password(tmp_path):
-    server = _etcd(tmp_path, "http", [])
+    # Tokens lapse after 2 idle seconds here (300 by default) and all of them when etcd restarts.
+    server = _etcd(tmp_path, "http", ["--auth-token-ttl", "2"])
     with running(server):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             auth = rpc.AuthStub(channel)
@@ -81,6 +84,21 @@ async def test_user_and_password(tmp_path):
         for cfg in (EtcdConfig(**base), EtcdConfig(**base, username="llmserve", password="wrong")):
             with pytest.raises(aetcd.exceptions.ClientError):
                 await _roundtrip(cfg)
+        # One long-lived client, as a service holds it: its token lapses and etcd restarts, and it keeps working
+        # (aetcd alone authenticates once per connection and fails from then on); watches carry the token too.
+        client = etcd_mod.connect(EtcdConfig(**base, username="llmserve", password="s3cret"))
+        try:
+            await client.put(b"/auth-test/a", b"1")
+            await asyncio.sleep(3)
+            assert (await client.get(b"/auth-test/a")).value == b"1"
+            server.restart()
+            assert (await client.get(b"/auth-test/a")).value == b"1"
+            events = await client.watch(b"/auth-test/w")
+            await client.put(b"/auth-test/w", b"2")
+            event = await asyncio.wait_for(anext(aiter(events)), 5)
+            assert event.kv.value == b"2"
+        finally:
+            await client.close()
 
 
 def test_settings_go_together():
