@@ -1,6 +1,7 @@
-"""Regenerate the Python stubs (messages, gRPC, type stubs) from protos/ into clients/pb/.
+"""Regenerate the Python stubs (messages, gRPC, type stubs) from protos/ into clients/pb/, and the REST sidecar's
+OpenAPI document (deploy/rest/openapi.json, protos/openapi.py) when writing to the default place.
 
-Usage: python protos/generate.py [--out DIR]   (`make protos` runs it; a test checks the committed copy is fresh)
+Usage: python protos/generate.py [--out DIR]   (`make protos` runs it; tests check the committed copies are fresh)
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ def generate(out: pathlib.Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
-    generate(parser.parse_args().out)
+    out = parser.parse_args().out
+    generate(out)
+    if out == DEFAULT_OUT:
+        sys.path.insert(0, str(ROOT))
+        import openapi
+
+        openapi.write()
 
 
 if __name__ == "__main__":

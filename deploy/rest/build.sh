@@ -20,7 +20,7 @@ PROTO=llmserve/inference/v1/inference.proto
 
 MODE="${1:-}"
 case "$MODE" in ""|--force|--test) ;; *) echo "usage: $0 [--force|--test]" >&2; exit 1 ;; esac
-inputs=("$ROOT/protos/$PROTO" "$REST/build.sh" "$REST"/*.go)
+inputs=("$ROOT/protos/$PROTO" "$REST/build.sh" "$REST"/*.go "$REST/openapi.json")
 if [ -z "$MODE" ] && [ -x "$BIN" ]; then
   newer=$(find "${inputs[@]}" -newer "$BIN" -print -quit)
   if [ -z "$newer" ]; then
@@ -69,6 +69,7 @@ for f in "$GEN/${PROTO%.proto}".pb.go "$GEN/${PROTO%.proto}".pb.gw.go; do
   sed -E 's/^package [a-z0-9_]+$/package main/' "$f" > "$PKG/$(basename "$f")"
 done
 cp "$REST"/*.go "$PKG/"  # *_test.go too: `go build` ignores them
+cp "$REST/openapi.json" "$PKG/"  # served at GET /openapi.json (openapi.go embeds it)
 
 export GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH="$GOPATH_DIR:$GOCODE"
 if [ -z "$(go env GOCACHE 2>/dev/null)" ] || [ "$(go env GOCACHE 2>/dev/null)" = "off" ]; then

@@ -80,6 +80,10 @@ func (h *frontHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.health(rec, r)
 		return
 	}
+	if r.URL.Path == "/openapi.json" { // public, like /health: a static document
+		serveOpenAPI(rec, r)
+		return
+	}
 	// Cheap refusals first, before any body is read: no bearer token (the gateway still checks the key itself),
 	// then no free slot.
 	if (r.URL.Path == "/v1" || strings.HasPrefix(r.URL.Path, "/v1/")) && !hasBearerToken(r) {

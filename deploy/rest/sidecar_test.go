@@ -806,3 +806,29 @@ func TestConcurrencyLimit(t *testing.T) {
 		}
 	}
 }
+
+func TestOpenAPIDocument(t *testing.T) {
+	h := newHarness(t)
+	resp, err := http.Get(h.url + "/openapi.json") // public: no bearer token
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var doc struct {
+		OpenAPI string                     `json:"openapi"`
+		Paths   map[string]json.RawMessage `json:"paths"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil || resp.StatusCode != 200 ||
+		resp.Header.Get("Content-Type") != "application/json" {
+		t.Fatalf("GET /openapi.json: %d %v", resp.StatusCode, err)
+	}
+	for _, path := range []string{"/v1/completions", "/v1/chat/completions", "/v1/chat", "/v1/embeddings",
+		"/v1/models", "/v1/models/{model}", "/health"} {
+		if _, ok := doc.Paths[path]; !ok || doc.OpenAPI != "3.1.0" {
+			t.Fatalf("the document (OpenAPI %q) lacks %s", doc.OpenAPI, path)
+		}
+	}
+	if resp, body := h.do("POST", "/openapi.json", "{}"); resp.StatusCode != 405 {
+		t.Fatalf("POST /openapi.json: %d %s", resp.StatusCode, body)
+	}
+}
