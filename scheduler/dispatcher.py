@@ -69,9 +69,9 @@ class Dispatcher:
                 asyncio.create_task(conn.close())
                 log.info("worker left", worker_id=worker_id)
         for worker_id, info in members.items():
-            conn = self.workers.get(worker_id)
-            if conn is not None and conn.info.models != info.models:
-                conn.update_models(info)  # models added or dropped at run time (LoRA adapters)
+            known = self.workers.get(worker_id)
+            if known is not None and known.info.models != info.models:
+                known.update_models(info)  # models added or dropped at run time (LoRA adapters)
                 log.info("worker models changed", worker_id=worker_id, models=[m.model_version for m in info.models])
             if worker_id not in self.workers:
                 self.workers[worker_id] = self.connect(info, self._on_worker_change)

@@ -1,4 +1,4 @@
-"""Defects the fuzzers (tests/test_fuzz_grpc.py, tests/test_fuzz_rest.py) found, each kept as its failing example
+"""Defects the fuzzers (tests/fuzz/test_grpc.py, tests/fuzz/test_rest.py) found, each kept as its failing example
 against the real service, beside a test of the whole class the fix covers."""
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ request.
 
 `make test` runs a few dozen examples per method (seconds). Longer, by hand:
 
-    LLMSERVE_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/test_fuzz_grpc.py -x -q
+    LLMSERVE_FUZZ_EXAMPLES=5000 .venv/bin/python -m pytest tests/fuzz/test_grpc.py -x -q
     LLMSERVE_FUZZ_SEED=7 ...   # other examples than the derandomized default ones
 
 A failure prints the shrunk example (method, metadata, request bytes); keep it as a regression test beside the fix
-(tests/test_fuzz_regressions.py). `pytest -s` prints, per method, how many answers had each status and the slowest
+(tests/fuzz/test_regressions.py). `pytest -s` prints, per method, how many answers had each status and the slowest
 calls; LLMSERVE_FUZZ_VERBOSE=1 adds the distinct messages.
 The admin services are fuzzed after the gateway's: they leave odd but valid versions, aliases and tenants behind,
 and the last test checks that the gateway still serves with them in its view.
@@ -44,19 +44,9 @@ import llmserve.admin.v1
 import llmserve.inference.v1
 from llmserve.admin.v1 import registry_pb2 as rpb
 from llmserve.admin.v1 import tenants_pb2 as tpb
-from llmserve.common.state import keys
 from llmserve.inference.v1 import inference_pb2 as pb
+from tests.fuzz.conftest import EMBED, FUZZ_ALIASES, FUZZ_TENANTS, FUZZ_VERSIONS, PROTECTED, TINY, Fuzzed, bearer
 from tests.helpers import fuzz
-from tests.helpers.mesh import embed_version, generate_version, start_mesh
-from tests.helpers.tiny_models import MINILM_SOURCE
-
-TINY, EMBED = "tiny-llama-v1", "minilm-v1"
-# Names the mesh needs intact to serve the final normal requests: admin fuzzing may read them, not change them.
-PROTECTED = {"tiny", TINY, "embed", EMBED, "test-tenant", "fuzz-limited"}
-# Names admin fuzzing may change: they exist, so Update/Delete/Revoke/Rotate reach their success paths.
-FUZZ_VERSIONS = ["fuzz-v1", "fuzz-v2.embed"]
-FUZZ_ALIASES = ["fuzz-alias"]
-FUZZ_TENANTS = ["fuzz-victim", "fuzz_other"]
 
 
 def public_services() -> list[d.ServiceDescriptor]:
@@ -80,54 +70,6 @@ CALL_TIMEOUT_S = 60  # a hang is a failure (DEADLINE_EXCEEDED is not in PRECISE)
 # Details of a status grpc made up because the call broke, not because a service answered.
 TRANSPORT_FAILURES = ("Stream removed", "Socket closed", "Connection reset", "GOAWAY", "failed to connect",
                       "Broken pipe", "Received RST_STREAM")
-
-
-@dataclasses.dataclass
-class Fuzzed:
-    mesh: object
-    admin_channel: grpc.aio.Channel
-    limited_key: str
-    victim_key_ids: list[str]
-    admin_key_id: str
-    loop: asyncio.AbstractEventLoop
-
-
-@pytest.fixture(scope="module")
-async def fz(make_config, tiny_llama_dir):
-    config = make_config()
-    # A short context and short default completions bound the work of any accepted request: it stays cheap,
-    # whatever the fuzzer sends (at most 128 sequences of < 64 tokens).
-    config.gateway.default_chat_max_tokens = config.gateway.default_completion_max_tokens = 8
-    mesh = await start_mesh(
-        config,
-        versions=[generate_version(TINY, f"file:{tiny_llama_dir}", context_length=64),
-                  embed_version(EMBED, MINILM_SOURCE),
-                  generate_version(FUZZ_VERSIONS[0], "file:/nonexistent", context_length=64),
-                  embed_version(FUZZ_VERSIONS[1], "file:/nonexistent")],
-        aliases={"tiny": [(TINY, 1)], "embed": [(EMBED, 1)], FUZZ_ALIASES[0]: [(FUZZ_VERSIONS[0], 1)]},
-        worker_models=[[TINY, EMBED]])
-    # A tenant with every limit and a budget, so that its requests are token-counted, admitted and settled.
-    await mesh.tenants.CreateTenant(tpb.CreateTenantRequest(tenant=tpb.Tenant(
-        name="fuzz-limited", allowed_models=["tiny*", "embed", "minilm-*"], max_priority=pb.PRIORITY_BATCH,
-        requests_per_minute=1_000_000, tokens_per_minute=2_000_000_000, budget_usd=1e6)))
-    limited_key = (await mesh.tenants.CreateApiKey(tpb.CreateApiKeyRequest(tenant="fuzz-limited",
-                                                                           tokens_per_minute=1_000_000_000))).key
-    victim_ids = []
-    for name in FUZZ_TENANTS:
-        await mesh.tenants.CreateTenant(tpb.CreateTenantRequest(tenant=tpb.Tenant(name=name)))
-        for _ in range(2):
-            victim_ids.append((await mesh.tenants.CreateApiKey(tpb.CreateApiKeyRequest(tenant=name))).api_key.key_id)
-    await mesh.gateway.view.tenants.wait_for(lambda s: "fuzz-limited" in s, 5)
-    await mesh.gateway.view.keys.wait_for(lambda s: len(s) >= 2 + len(victim_ids), 5)
-    admin_channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.registry.service.port}")
-    admin_key_id = "adm_" + keys.hash_key(mesh.admin_key)[:12]
-    yield Fuzzed(mesh, admin_channel, limited_key, victim_ids, admin_key_id, asyncio.get_running_loop())
-    await admin_channel.close()
-    await mesh.stop()
-
-
-def bearer(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
 
 
 BAD_AUTH = [(), (("authorization", "Bearer lls_not_a_key"),), (("authorization", "Basic YWxhZGRpbjpvcGVu"),),
