@@ -216,6 +216,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                f"n={num_choices} is more sequences than model {model.version.version!r} runs at once "
                                f"on a worker ({model.max_num_seqs}): lower n")
         max_tokens = s.max_tokens
+        if num_prompt == 0:  # tokenizers drop some characters (SmolLM2's: U+0004, U+0006, U+0013, ...)
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"{field} has no tokens for model {model.version.version!r}: its tokenizer keeps none "
+                               f"of its characters (control characters, for example); send text")
         if num_prompt >= context:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{field} is {num_prompt} tokens, but model {model.version.version!r} has a context "

@@ -151,3 +151,20 @@ async def test_huge_descriptions_are_invalid_argument_at_once(admin):
         await tenants.CreateApiKey(tpb.CreateApiKeyRequest(tenant="big-descriptions", description="d" * (2 << 20)),
                                    timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- a prompt that tokenizes to nothing is the caller's to fix ----
+# Found by the REST fuzzer: the prompt "\x04" (SmolLM2's tokenizer keeps none of U+0004, U+0006, U+0013, U+0014,
+# U+0016, U+001D) reached the engine with no tokens, which refused it: INTERNAL "generation failed".
+
+@pytest.mark.parametrize("prompt", ["\x04", "\x06\x13\x14\x16\x1d"])
+async def test_prompt_without_tokens_is_invalid_argument(fz, prompt):
+    from google.protobuf import wrappers_pb2 as w
+
+    for key in (fz.mesh.api_key, fz.limited_key):  # the limited tenant's prompt is counted at the gateway first
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fz.mesh.stub.CreateCompletion(pb.CreateCompletionRequest(
+                model="tiny", prompt=prompt, max_tokens=w.Int32Value(value=2), skip_cache=True),
+                metadata=(("authorization", f"Bearer {key}"),), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("prompt has no tokens for model 'tiny-llama-v1'")
