@@ -504,8 +504,12 @@ func normalizeMessages(body map[string]interface{}) *bodyError {
 					return invalidType(fmt.Sprintf("%s.content[%d]", field, j), "a content part object", part)
 				}
 				if t, _ := p["type"].(string); t != "text" {
-					return &bodyError{message: fmt.Sprintf("%s.content[%d]: content parts of type %v are not "+
-						"supported; only \"text\"", field, j, p["type"]), param: field + ".content",
+					shown := describe(p["type"]) // a part without a type: "null", not Go's "<nil>"
+					if s, ok := p["type"].(string); ok {
+						shown = strconv.Quote(s)
+					}
+					return &bodyError{message: fmt.Sprintf("%s.content[%d]: content parts of type %s are not "+
+						"supported; only \"text\"", field, j, shown), param: field + ".content",
 						code: "unsupported_value"}
 				}
 				text, ok := p["text"].(string)
@@ -538,8 +542,12 @@ func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyE
 		if !ok {
 			return nil, invalidType(name, "a number", v)
 		}
-		if _, err := n.Float64(); err != nil {
+		f, err := n.Float64()
+		if err != nil {
 			return nil, invalidValue(name, fmt.Sprintf("%s=%s is not a finite number", name, n))
+		}
+		if math.Abs(f) > math.MaxFloat32 { // the proto fields are 32-bit floats: the decoder would refuse it
+			return nil, invalidValue(name, fmt.Sprintf("%s=%s is out of range", name, n))
 		}
 	case kindInt32, kindInt64:
 		n, ok := v.(json.Number)
@@ -572,10 +580,22 @@ func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyE
 			}
 		}
 	case kindPriority:
-		switch v.(type) {
-		case string, json.Number:
+		// What the proto decoder takes: a defined name, or an integral int32 (the gateway checks the number).
+		expected := "a priority name (PRIORITY_INTERACTIVE, PRIORITY_STANDARD, PRIORITY_BATCH)"
+		switch x := v.(type) {
+		case string:
+			if _, ok := Priority_value[x]; !ok {
+				return nil, invalidValue(name, fmt.Sprintf("%s=%s is not a priority: use PRIORITY_INTERACTIVE, "+
+					"PRIORITY_STANDARD or PRIORITY_BATCH", name, strconv.Quote(x)))
+			}
+		case json.Number:
+			i, err := strconv.ParseInt(string(x), 10, 32)
+			if err != nil {
+				return nil, invalidType(name, expected, v)
+			}
+			return json.Number(strconv.FormatInt(i, 10)), nil
 		default:
-			return nil, invalidType(name, "a priority name (PRIORITY_INTERACTIVE, PRIORITY_STANDARD, PRIORITY_BATCH)", v)
+			return nil, invalidType(name, expected, v)
 		}
 	case kindObject:
 		if _, ok := v.(map[string]interface{}); !ok {

@@ -832,3 +832,42 @@ func TestOpenAPIDocument(t *testing.T) {
 		t.Fatalf("POST /openapi.json: %d %s", resp.StatusCode, body)
 	}
 }
+
+// Values that pass the JSON type checks but not the proto field's decoder get a message in the request's terms,
+// naming the field, never the Go decoder's text ("cannot unmarshal number ... into Go value of type float32").
+// Found by the REST fuzzer (tests/fuzz/test_rest.py): temperature=-1.7e307.
+func TestValuesTheProtoCannotHoldAreNamed(t *testing.T) {
+	h := newHarness(t)
+	cases := []struct{ path, body, param string }{
+		{"/v1/chat/completions", `{"model":"","messages":[{"content":null,"role":"user"}],"temperature":-3.402823567797337e+38}`, "temperature"},
+		{"/v1/completions", `{"model":"m","prompt":"x","top_p":3.5e38}`, "top_p"},
+		{"/v1/completions", `{"model":"m","prompt":"x","priority":1.5}`, "priority"},
+		{"/v1/completions", `{"model":"m","prompt":"x","priority":""}`, "priority"},
+		{"/v1/embeddings", `{"model":"m","input":"x","priority":"PRIORITY_URGENT"}`, "priority"},
+		{"/v1/completions", `{"model":"m","prompt":"x","priority":99999999999}`, "priority"},
+		{"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":[{"text":"x"}]}]}`, "messages[0].content"},
+	}
+	for _, c := range cases {
+		resp, body := h.do("POST", c.path, c.body)
+		if resp.StatusCode != 400 {
+			t.Errorf("%s: status %d: %s", c.body, resp.StatusCode, body)
+			continue
+		}
+		e := parseError(t, body)
+		for _, internal := range []string{"Go value", "unmarshal", "<nil>", "enum llmserve"} {
+			if strings.Contains(e.Error.Message, internal) {
+				t.Errorf("%s: the message is the decoder's: %s", c.body, body)
+			}
+		}
+		if e.Error.Param == nil || *e.Error.Param != c.param {
+			t.Errorf("%s: param %v, want %s: %s", c.body, e.Error.Param, c.param, body)
+		}
+	}
+	// Numbers and names the decoder takes still reach the gateway.
+	if resp, body := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x","priority":"PRIORITY_BATCH","temperature":3.4e38}`); resp.StatusCode != 200 {
+		t.Errorf("a valid priority name and a float32-sized number: %d %s", resp.StatusCode, body)
+	}
+	if resp, body := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x","priority":3}`); resp.StatusCode != 200 {
+		t.Errorf("a priority number: %d %s", resp.StatusCode, body)
+	}
+}
