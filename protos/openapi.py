@@ -177,7 +177,7 @@ def request_schema(schemas: Schemas, name: str, cfg) -> dict:
         p["prompt"] = strings_or_one(cfg.max_prompts, "One prompt, or a list of prompts (choice i*n+j answers prompt "
                                                       "i). Exactly one of prompt and prompts is required.")
         p["prompts"] = bounded(p["prompts"], minItems=1, maxItems=cfg.max_prompts, items=text)
-        schema["anyOf"] = [{"required": ["model", "prompt"]}, {"required": ["model", "prompts"]}]
+        schema["oneOf"] = [{"required": ["model", "prompt"]}, {"required": ["model", "prompts"]}]  # not both
     elif name == "CreateChatCompletionRequest":
         p["messages"] = bounded(p["messages"], minItems=1, maxItems=cfg.max_messages)
         schema["required"] = ["model", "messages"]
@@ -187,8 +187,10 @@ def request_schema(schemas: Schemas, name: str, cfg) -> dict:
         p["inputs"] = bounded(p["inputs"], minItems=1, maxItems=cfg.max_embedding_inputs, items=text)
         p["encoding_format"] = {"type": "string", "enum": ["float", "base64"],
                                 "description": "Optional. \"float\" (default) or \"base64\" (little-endian float32s)."}
-        schema["anyOf"] = [{"required": ["model", "input"]}, {"required": ["model", "inputs"]}]
-    schema["properties"] = {k: (v if k in ("model",) else nullable(v)) for k, v in p.items()}
+        schema["oneOf"] = [{"required": ["model", "input"]}, {"required": ["model", "inputs"]}]  # not both
+    # Null means "not given" (the sidecar drops it), so the fields a request needs are never null.
+    needed = {"model", "messages", "prompt", "prompts", "input", "inputs"}
+    schema["properties"] = {k: (v if k in needed else nullable(v)) for k, v in p.items()}
     schema["additionalProperties"] = True  # unknown fields are ignored, as OpenAI's SDKs expect
     return schema
 
