@@ -55,6 +55,7 @@ class UsageBuffer:
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
+        self._flushing = asyncio.Lock()  # one flush at a time: flush() also waits for the one in progress
         journal.on("usage", self._replay)
 
     def add(self, tenant: str, key_id: str, version: str, counts: dict[str, int]) -> asyncio.Future:
@@ -85,19 +86,21 @@ class UsageBuffer:
         await self.flush()
 
     async def flush(self) -> None:
-        if not self.pending:
-            return
-        rows, self.pending = self.pending, collections.defaultdict(collections.Counter)
-        durable, self._durable = self._durable, None
-        flush_id = uuid.uuid4().hex
-        try:
-            # Shielded: a flush interrupted by a cancellation still completes (or is journaled) in its task.
-            await asyncio.shield(self._send(rows, flush_id))
-        except Exception:
-            pass  # journaled by _send (a journal that cannot be written is logged there)
-        finally:
-            if durable is not None and not durable.done():
-                durable.set_result(None)
+        """Returns once everything added before the call is durable, a flush in progress included."""
+        async with self._flushing:
+            if not self.pending:
+                return
+            rows, self.pending = self.pending, collections.defaultdict(collections.Counter)
+            durable, self._durable = self._durable, None
+            flush_id = uuid.uuid4().hex
+            try:
+                # Shielded: a flush interrupted by a cancellation still completes (or is journaled) in its task.
+                await asyncio.shield(self._send(rows, flush_id))
+            except Exception:
+                pass  # journaled by _send (a journal that cannot be written is logged there)
+            finally:
+                if durable is not None and not durable.done():
+                    durable.set_result(None)
 
     async def _send(self, rows, flush_id: str) -> None:
         try:
