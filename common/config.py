@@ -123,6 +123,10 @@ class SchedulerConfig:
     aging_s: float = 2.0  # a waiting task climbs one priority class per this many seconds, so none starves
     max_backlog_per_request: int = 1024  # outputs buffered for a caller that is not reading; beyond: cancelled
     slow_consumer_timeout_s: float = 30.0  # a caller with unread outputs this long is cancelled (worker freed)
+    # A model whose last worker went away (crashed, restarting) less than this long ago keeps taking tasks: they
+    # wait in its queue for a worker to come back, up to their deadlines, instead of failing at once; past it,
+    # and for a model no worker ever served, UNAVAILABLE at once. 0: never wait.
+    worker_wait_s: float = 30.0
 
 
 @dataclass

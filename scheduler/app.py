@@ -21,7 +21,7 @@ class SchedulerApp:
         cfg = config.scheduler
         self.client = etcd.connect(config.etcd)
         token = config.security.mesh_token
-        self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s,
+        self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s, worker_wait_s=cfg.worker_wait_s,
                                      connect=functools.partial(WorkerConnection, mesh_token=token,
                                                                security=config.security))
         self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,

@@ -30,9 +30,16 @@ RECONNECT_DELAY_S = 1.0
 
 class Dispatcher:
     def __init__(self, max_queue_per_model: int, aging_s: float, *,
-                 connect: ConnectionFactory = WorkerConnection, reconnect_delay_s: float = RECONNECT_DELAY_S):
+                 connect: ConnectionFactory = WorkerConnection, reconnect_delay_s: float = RECONNECT_DELAY_S,
+                 worker_wait_s: float = 0.0):
         self.max_queue_per_model = max_queue_per_model
         self.aging_s = aging_s
+        # A model whose last worker went away less than this long ago still takes tasks: they wait for a worker
+        # to come back (a restarted one is back in seconds) instead of failing at once.
+        self.worker_wait_s = worker_wait_s
+        self._lost: dict[str, float] = {}  # model version -> when its last worker went away (monotonic)
+        self._wait_timer: asyncio.TimerHandle | None = None
+        self._is_stopping = False
         self.connect = connect
         self.reconnect_delay_s = reconnect_delay_s
         self.queues: dict[str, ModelQueue] = {}
@@ -48,6 +55,9 @@ class Dispatcher:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+        self._is_stopping = True  # the connections closed below must not schedule redials
         for handle in self._reconnects.values():
             handle.cancel()
         await asyncio.gather(*(w.close() for w in self.workers.values()), return_exceptions=True)
@@ -66,6 +76,7 @@ class Dispatcher:
             info = members.get(worker_id)
             if info is None or info.address != conn.info.address:
                 self.workers.pop(worker_id)
+                self._note_lost(conn)
                 asyncio.create_task(conn.close())
                 log.info("worker left", worker_id=worker_id)
         for worker_id, info in members.items():
@@ -83,7 +94,10 @@ class Dispatcher:
     def _on_worker_change(self) -> None:
         # A dead stream of a worker that is still registered: reconnect after a pause.
         for worker_id, conn in self.workers.items():
+            if self._is_stopping:
+                break
             if not conn.is_alive and worker_id not in self._reconnects:
+                self._note_lost(conn)
                 self._reconnects[worker_id] = asyncio.get_running_loop().call_later(
                     self.reconnect_delay_s, self._reconnect, worker_id)
         self.wake()
@@ -95,6 +109,26 @@ class Dispatcher:
             self.workers[worker_id] = self.connect(self.members[worker_id], self._on_worker_change)
             asyncio.create_task(conn.close())
 
+    def _note_lost(self, conn: WorkerConnection) -> None:
+        """Notes when the models of a connection that went away lost their last live worker (a connection that
+        never answered, a redial of a worker still down, changes nothing: the wait runs from the real loss)."""
+        if not conn.is_ready:
+            return
+        for version in conn.capacity:
+            if not any(w is not conn for w in self.serving(version)):
+                self._lost[version] = time.monotonic()
+
+    def _awaits_worker(self, version: str) -> bool:
+        """Whether tasks of a model without a live worker wait for one (its last went away recently)."""
+        lost = self._lost.get(version)
+        return lost is not None and time.monotonic() - lost < self.worker_wait_s
+
+    def _wake_when_the_wait_ends(self, version: str) -> None:
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+        delay = self._lost[version] + self.worker_wait_s - time.monotonic()
+        self._wait_timer = asyncio.get_running_loop().call_later(max(0.0, delay) + 0.01, self.wake)
+
     def serving(self, version: str) -> list[WorkerConnection]:
         return [w for w in self.workers.values() if w.is_alive and w.serves(version)]
 
@@ -102,7 +136,7 @@ class Dispatcher:
 
     def submit(self, entry: Entry) -> None:
         version = entry.task.model_version
-        if not self.serving(version):
+        if not self.serving(version) and not self._awaits_worker(version):
             raise unavailable(f"no worker serves model version {version!r} right now; start a worker with it "
                               "(worker.models) or retry later")
         queue = self.queues.setdefault(version, ModelQueue(self.aging_s))
@@ -134,6 +168,9 @@ class Dispatcher:
         now_ms = time.time() * 1000
         for version, queue in self.queues.items():
             workers = self.serving(version)
+            if not workers and self._awaits_worker(version):
+                self._wake_when_the_wait_ends(version)
+                continue
             if not workers:
                 for orphan in queue.drain():
                     orphan.outbox.put_nowait(unavailable(

@@ -33,6 +33,9 @@ class WorkerConnection:
         self.load: dict[str, task_pb2.ModelLoad] = {}
         self.entries: dict[str, Entry] = {}
         self.is_alive = True
+        # The worker answered on the stream (it sends a load report as soon as the stream opens). Tasks go only to
+        # a ready connection: one still dialling a restarting worker would lose them at once.
+        self.is_ready = False
         self._on_change = on_change
         self._outbox: asyncio.Queue[worker_pb2.ServeRequest | None] = asyncio.Queue()
         security = security or SecurityConfig()
@@ -53,7 +56,9 @@ class WorkerConnection:
 
     def room(self, version: str) -> int:
         """Sequences of the model the worker can take now."""
-        return self.capacity.get(version, 0) - self.num_inflight.get(version, 0) if self.is_alive else 0
+        if not (self.is_alive and self.is_ready):
+            return 0
+        return self.capacity.get(version, 0) - self.num_inflight.get(version, 0)
 
     def fits(self, entry: Entry) -> bool:
         """Whether the task's sequences fit now (one wider than the whole model waits for an idle worker)."""
@@ -108,6 +113,9 @@ class WorkerConnection:
         reason = "stream ended"
         try:
             async for message in self._serve():
+                if not self.is_ready:
+                    self.is_ready = True
+                    self._on_change()
                 if message.HasField("output"):
                     output = message.output
                     entry = self.entries.get(output.request_id)

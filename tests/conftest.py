@@ -69,6 +69,7 @@ def _config(etcd, redis_srv) -> MeshConfig:
         section.metrics_port = 0
     config.worker.model_cache_dir = str(model_cache_dir())
     config.worker.lease_ttl_s = 2
+    config.scheduler.worker_wait_s = 0  # a lost worker fails its model's tasks at once (test_chaos tests the wait)
     config.worker.dtype = "float32"  # the same numbers on every machine ("auto" picks by CPU)
     return config
 

@@ -134,15 +134,11 @@ def test_buf_curl_with_reflection(launched):
 
 
 def test_killed_worker_is_restarted_and_serving_resumes(launched, client):
+    """Requests sent while the worker restarts wait for it in the scheduler's queue (scheduler.worker_wait_s);
+    one that finds no worker after that wait fails with UNAVAILABLE and is retried here."""
     (worker_pid,) = [pid for pid in _pids_with("llmserve.worker") if pid in _pids_with(str(launched.dir))]
     os.kill(worker_pid, signal.SIGKILL)
     started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as err:
-        while time.monotonic() - started < 10:  # until the scheduler notices (stream breaks at once)
-            client.complete("smollm2", "Hi", max_tokens=2, skip_cache=True)
-            time.sleep(0.05)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert time.monotonic() - started < 5
     while True:
         try:
             response = client.complete("smollm2", "Hi", max_tokens=2, skip_cache=True)

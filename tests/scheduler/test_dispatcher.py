@@ -21,10 +21,12 @@ MODEL = "m-v1"
 class WorkerConnectionDouble(WorkerConnection):
     """TEST DOUBLE: WorkerConnection whose Serve stream is two local queues instead of a gRPC call to a worker."""
 
-    def __init__(self, info: worker_pb2.WorkerInfo, on_change):
+    def __init__(self, info: worker_pb2.WorkerInfo, on_change, answers: bool = True):
         self.responses: asyncio.Queue[worker_pb2.ServeResponse | None] = asyncio.Queue()
         self.sent: list[worker_pb2.ServeRequest] = []
         super().__init__(info, on_change)
+        if answers:  # as a real worker does when the stream opens
+            self.report(num_running=0)
 
     async def _serve(self):
         async def record() -> None:
@@ -58,12 +60,13 @@ class WorkerConnectionDouble(WorkerConnection):
 class Harness:
     def __init__(self, **kwargs):
         self.connections: list[WorkerConnectionDouble] = []
+        self.answers = True  # whether new connections' workers answer (send their first load report)
         kwargs.setdefault("max_queue_per_model", 8)
         kwargs.setdefault("aging_s", 2.0)
         self.dispatcher = Dispatcher(connect=self._connect, reconnect_delay_s=0.05, **kwargs)
 
     def _connect(self, info, on_change) -> WorkerConnectionDouble:
-        conn = WorkerConnectionDouble(info, on_change)
+        conn = WorkerConnectionDouble(info, on_change, answers=self.answers)
         self.connections.append(conn)
         return conn
 
@@ -205,6 +208,65 @@ async def test_a_worker_leaving_membership_fails_what_waits_for_it(harness):
     harness.dispatcher.sync_members({})
     item = await next_item(queued)
     assert item.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_tasks_wait_for_a_worker_that_comes_back():
+    """A worker crashed and restarts (seconds): what was queued and what arrives meanwhile waits for it."""
+    h = Harness(worker_wait_s=5.0)
+    h.dispatcher.start()
+    try:
+        h.workers(a=1)
+        h.submit("running")
+        queued = h.submit("queued")
+        await settle()
+        h.dispatcher.sync_members({})  # its lease expired
+        arriving = h.submit("arriving")  # accepted: the model had a worker a moment ago
+        await asyncio.sleep(0.1)
+        assert queued.outbox.empty() and arriving.outbox.empty()
+        back = h.workers(a=2)["a"]
+        await settle()
+        assert back.task_ids == ["queued", "arriving"]
+    finally:
+        await h.dispatcher.stop()
+
+
+async def test_tasks_waiting_for_a_worker_fail_when_none_comes_back_in_time():
+    h = Harness(worker_wait_s=0.2)
+    h.dispatcher.start()
+    try:
+        with pytest.raises(ServiceError):
+            h.submit("never-served")  # no worker ever served the model: no wait
+        h.workers(a=1)
+        h.submit("running")
+        queued = h.submit("queued")
+        await settle()
+        h.dispatcher.sync_members({})
+        started = time.monotonic()
+        item = await next_item(queued)
+        assert item.code == grpc.StatusCode.UNAVAILABLE and 0.15 < time.monotonic() - started < 1.0
+        with pytest.raises(ServiceError) as err:
+            h.submit("late")
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await h.dispatcher.stop()
+
+
+async def test_a_redialled_worker_gets_tasks_only_once_it_answers(harness):
+    """Redialling a worker that is still down used to take tasks at once and lose them when the dial failed."""
+    w = harness.workers(a=1)
+    harness.answers = False
+    w["a"].break_stream()
+    for _ in range(50):  # reconnect_delay_s is 0.05
+        if len(harness.connections) == 2:
+            break
+        await asyncio.sleep(0.02)
+    redial = harness.connections[1]
+    entry = harness.submit("t1")
+    await settle()
+    assert redial.task_ids == [] and entry.outbox.empty()
+    redial.report(num_running=0)  # the worker answers
+    await settle()
+    assert redial.task_ids == ["t1"]
 
 
 def test_aging_bounds_how_long_a_batch_task_waits_behind_interactive_traffic():
