@@ -37,9 +37,12 @@ class Fuzzed:
 @pytest.fixture(scope="package")
 async def fz(make_config, tiny_llama_dir):
     config = make_config()
-    # A short context and short default completions bound the work of any accepted request: it stays cheap,
-    # whatever the fuzzer sends (at most 128 sequences of < 64 tokens).
+    # A short context, short default completions and small batches bound the work of any accepted request, so
+    # that each example costs milliseconds whatever the fuzzer sends (at most 16 sequences of < 64 tokens, 64
+    # embedding inputs); the bounds are checked the same way at any size.
     config.gateway.default_chat_max_tokens = config.gateway.default_completion_max_tokens = 8
+    config.gateway.max_sequences_per_request = config.gateway.max_prompts = 16
+    config.gateway.max_embedding_inputs = 64
     mesh = await start_mesh(
         config,
         versions=[generate_version(TINY, f"file:{tiny_llama_dir}", context_length=64),
