@@ -19,8 +19,10 @@ from llmserve.registry.tenants import TenantServicer, tenant_service_name
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Admin requests carry small records, and etcd refuses writes over its --max-request-bytes (1.5 MiB by default):
-# a larger request is refused before it is parsed (INVALID_ARGUMENT), not by a failed write (INTERNAL).
-MAX_ADMIN_REQUEST_BYTES = 1024 * 1024
+# a larger request is refused before it is parsed (INVALID_ARGUMENT), not by a failed write (INTERNAL). Records are
+# stored as JSON (common/state/codec.py), where a character can take 6 bytes ("\u0000"; astral ones 12 for their
+# 4), so the cap leaves room for that: 6 x 200 KiB is 1.2 MiB.
+MAX_ADMIN_REQUEST_BYTES = 200 * 1024
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
