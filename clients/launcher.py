@@ -182,21 +182,29 @@ class Launcher:
         self.children.append(child)
 
     def _start_service(self, name: str, port: int, timeout_s: float, child: Child | None = None,
-                       setting: str = "") -> None:
+                       setting: str = "", wait: bool = True) -> Child:
+        """Spawns the service; with wait, returns once it is healthy (else see _await_service)."""
         child = child or self._service(name, port)
         if is_listening("127.0.0.1", port):
             raise SystemExit(f"{child.name}: port {port} is already taken; stop what runs there or change "
                              f"{setting or name + '.port'} in {self.config_path}")
         self._spawn(child)
+        if wait:
+            self._await_service(child, port, timeout_s)
+        return child
+
+    def _await_service(self, child: Child, port: int, timeout_s: float) -> None:
         try:
             wait_healthy(child.health_address, timeout_s, child.proc, self.config.security)
         except (RuntimeError, TimeoutError) as exc:
             raise SystemExit(f"{child.name} failed to start ({exc}); see {child.log_path}") from None
         self.say(f"{child.name}: serving on 127.0.0.1:{port}")
 
-    def _start_gateway_replicas(self) -> None:
-        """One more gateway per gateway.replica_ports: the same config but its own port and metrics port."""
+    def _start_gateway_replicas(self) -> list[tuple[Child, int]]:
+        """One more gateway per gateway.replica_ports: the same config but its own port and metrics port.
+        Returns (child, port) of each, not waited for."""
         cfg = self.config.gateway
+        started = []
         for number, port in enumerate(cfg.replica_ports, start=2):
             metrics = free_port() if cfg.metrics_port else 0
             child = self._service("gateway", port)
@@ -204,7 +212,9 @@ class Launcher:
             child.env = {"LLMSERVE_GATEWAY__PORT": str(port), "LLMSERVE_GATEWAY__METRICS_PORT": str(metrics),
                          "LLMSERVE_GATEWAY__REPLICA_PORTS": ""}  # a replica starts no replicas
             self.replica_metrics.append(metrics)
-            self._start_service("gateway", port, 60, child, setting="gateway.replica_ports")
+            started.append((self._start_service("gateway", port, 0, child, setting="gateway.replica_ports",
+                                                wait=False), port))
+        return started
 
     def _start_rest(self) -> None:
         cfg = self.config.rest
@@ -273,10 +283,16 @@ class Launcher:
         self._start_service("registry", cfg.registry.port, 60)
         self._admin_setup()
         self.say("worker: loading models (the first run converts SmolLM2 once, about 20 s) ...")
-        self._start_service("worker", cfg.worker.port, 600)
-        self._start_service("scheduler", cfg.scheduler.port, 60)
-        self._start_service("gateway", cfg.gateway.port, 60)
-        self._start_gateway_replicas()
+        # The worker, the scheduler and the gateways need only etcd, Redis and the registry: they start at once
+        # (a mesh with two gateways came up in about half the time on 2 cores), and are waited for in turn.
+        worker = self._start_service("worker", cfg.worker.port, 0, wait=False)
+        scheduler = self._start_service("scheduler", cfg.scheduler.port, 0, wait=False)
+        gateway = self._start_service("gateway", cfg.gateway.port, 0, wait=False)
+        replicas = self._start_gateway_replicas()
+        self._await_service(worker, cfg.worker.port, 600)
+        self._await_service(scheduler, cfg.scheduler.port, 60)
+        for child, port in [(gateway, cfg.gateway.port), *replicas]:
+            self._await_service(child, port, 120)  # it listens once its tokenizers are loaded
         self._start_rest()
         self._banner()
 
