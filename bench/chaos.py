@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pathlib
@@ -40,6 +41,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=2, help="concurrent streaming completions per tenant")
     parser.add_argument("--unary", type=int, default=1, help="concurrent unary requests per tenant")
     parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--dir", help="run in this (new) folder and keep it: the mesh's logs are in mesh/state/logs")
     args = parser.parse_args()
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = sorted(set(faults) - set(chaos.FAULTS))
@@ -47,7 +49,8 @@ def main() -> int:
         parser.error(f"unknown faults {unknown}; choose from {', '.join(chaos.FAULTS)}")
     settings = chaos.Settings(steady_s=args.duration, quiet_s=args.quiet, streams=args.streams, unary=args.unary,
                               max_tokens=args.max_tokens)
-    with tempfile.TemporaryDirectory(prefix="llmserve-chaos-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="llmserve-chaos-"))
         model = build_tiny_llama(pathlib.Path(tmp) / "tiny-llama")
         started = time.monotonic()
         with chaos.chaos_mesh(pathlib.Path(tmp) / "mesh", model) as mesh:

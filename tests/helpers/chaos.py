@@ -85,7 +85,7 @@ def chaos_mesh(directory: str | os.PathLike, model_dir: pathlib.Path) -> LocalMe
                      worker={"models": [VERSION], "lease_ttl_s": 3, "dtype": "float32", "max_num_seqs": 16,
                              "num_threads": 1, "num_kv_blocks": 256},
                      # Short reservations: a killed gateway's open budget reservations are released in seconds.
-                     gateway={"reservation_ttl_s": 3.0}, start_timeout_s=300)
+                     gateway={"reservation_ttl_s": 1.0}, start_timeout_s=300)
 
 
 # ---- traffic ----
@@ -115,7 +115,7 @@ class Traffic:
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
         self.outcomes: list[Outcome] = []
         self.running = asyncio.Event()
-        self.inflight = 0
+        self.inflight: dict[int, float] = {}  # request number -> when it was sent
         self._lanes: list[asyncio.Task] = []
         self._n = 0
 
@@ -132,6 +132,11 @@ class Traffic:
         while self.inflight:
             await asyncio.sleep(0.02)
 
+    def stalled(self, older_than_s: float) -> int:
+        """Requests in flight for longer than older_than_s (hung somewhere, not failed)."""
+        now = time.monotonic()
+        return sum(now - sent > older_than_s for sent in self.inflight.values())
+
     def resume(self) -> None:
         self.running.set()
 
@@ -146,14 +151,14 @@ class Traffic:
         while True:
             await self.running.wait()
             self._n += 1
-            self.inflight += 1
-            started = time.monotonic()
+            n, started = self._n, time.monotonic()
+            self.inflight[n] = started
             try:
-                code, used = await self._send(kind, self._n, metadata)
+                code, used = await self._send(kind, n, metadata)
             except grpc.aio.AioRpcError as exc:
                 code, used = exc.code().name, {}
             finally:
-                self.inflight -= 1
+                del self.inflight[n]
             self.outcomes.append(Outcome(tenant, kind, started, time.monotonic(), code, used))
             await asyncio.sleep(self.settings.think_s if code == "OK" else max(self.settings.think_s, 0.1))
 
@@ -323,7 +328,8 @@ async def inject(mesh: LocalMesh, traffic: Traffic, fault: str, settings: Settin
         failures = [o for o in seen if o.code != "OK"]
         since = max((o.ended for o in failures), default=killed)
         fresh_ok = any(o.code == "OK" and o.started > since for o in seen)
-        if fresh_ok and time.monotonic() - since >= settings.quiet_s and restart.done():
+        if fresh_ok and time.monotonic() - since >= settings.quiet_s and restart.done() and \
+                not traffic.stalled(settings.quiet_s):
             recovered = True
             break
     restarted_s = await restart if restart.done() else None
@@ -368,11 +374,12 @@ async def _steady(traffic: Traffic, seconds: float, timeout_s: float) -> None:
         await asyncio.sleep(0.1)
         now = time.monotonic()
         recent = [o for o in traffic.outcomes if o.ended > now - seconds]
-        if now - started >= seconds and recent and all(o.code == "OK" for o in recent):
+        if now - started >= seconds and recent and all(o.code == "OK" for o in recent) and \
+                not traffic.stalled(seconds):
             return
         if now - started > timeout_s:
             raise RuntimeError("the mesh does not serve without errors: " + str(collections.Counter(
-                o.code for o in recent)))
+                o.code for o in recent)) + f", {traffic.stalled(seconds)} requests hung")
 
 
 async def keys_for(mesh: LocalMesh) -> tuple[str, dict[str, str]]:
