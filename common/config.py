@@ -56,6 +56,9 @@ class GatewayConfig:
     port: int = 50051  # public gRPC port
     metrics_port: int = 9400  # Prometheus /metrics (0 disables it)
     scheduler_address: str = "127.0.0.1:50052"  # where the scheduler listens
+    # A request that finds the scheduler unreachable (restarting) waits this long for it (at most its deadline)
+    # before UNAVAILABLE; 0: fail at once.
+    scheduler_wait_s: float = 10.0
     response_cache_ttl_s: int = 3600  # lifetime of a cached deterministic response
     default_completion_max_tokens: int = 16  # max_tokens when a completion request has none (as OpenAI)
     default_chat_max_tokens: int = 256  # max_tokens when a chat request has none

@@ -41,7 +41,8 @@ class GatewayApp:
         self.edge = Edge(self.view, limiter, self.redis, self.journal, reservation_ttl_s=cfg.reservation_ttl_s,
                          concurrency=concurrency)
         cache = ResponseCache(self.cache_redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes)
-        scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token)
+        scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token,
+                                    channel=self.channel, wait_s=cfg.scheduler_wait_s)
         self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens)
         # A request the REST sidecar would refuse as too large is refused over gRPC too, before it is parsed.
         # Public: TLS when the mesh has it, client certificates only if asked for (clients bring API keys).

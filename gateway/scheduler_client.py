@@ -8,6 +8,7 @@ the codes whose messages the mesh writes for the caller (what to change in the r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import typing
 
@@ -55,9 +56,21 @@ def public_error(code: grpc.StatusCode, detail: str, task: task_pb2.Task, *, dis
 
 
 class SchedulerClient:
-    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerServiceStub, mesh_token: str = ""):
+    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerServiceStub, mesh_token: str = "",
+                 channel: grpc.aio.Channel | None = None, wait_s: float = 0.0):
         self.scheduler = scheduler
         self.mesh_metadata = mesh_metadata(mesh_token)  # the scheduler refuses callers outside the mesh
+        self.channel, self.wait_s = channel, wait_s  # see _wait_for_scheduler
+
+    async def _wait_for_scheduler(self, remaining: float | None) -> None:
+        """A scheduler that restarts is back in seconds: rather than failing every request meanwhile (bench/chaos.py
+        saw 75 UNAVAILABLE in 2 s), a request waits up to wait_s (and its deadline) for the channel to be ready."""
+        if self.channel is None or self.wait_s <= 0:
+            return
+        if self.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        with contextlib.suppress(TimeoutError):  # not back: the call below fails with UNAVAILABLE at once
+            await asyncio.wait_for(self.channel.channel_ready(), min(self.wait_s, remaining or self.wait_s))
 
     async def run_task(self, task: task_pb2.Task, context, on_dispatched: OnDispatched
                        ) -> typing.AsyncIterator[task_pb2.TaskOutput]:
@@ -65,6 +78,9 @@ class SchedulerClient:
         remaining = context.time_remaining()
         if remaining is not None:
             task.deadline_unix_ms = int((time.time() + remaining) * 1000)
+        await self._wait_for_scheduler(remaining)
+        if remaining is not None:
+            remaining = context.time_remaining()
         call = self.scheduler.Submit(timeout=remaining,
                                      metadata=(*tracing.inject().items(), *self.mesh_metadata))
         dispatched = False

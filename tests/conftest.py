@@ -69,7 +69,9 @@ def _config(etcd, redis_srv) -> MeshConfig:
         section.metrics_port = 0
     config.worker.model_cache_dir = str(model_cache_dir())
     config.worker.lease_ttl_s = 2
-    config.scheduler.worker_wait_s = 0  # a lost worker fails its model's tasks at once (test_chaos tests the wait)
+    # A lost worker or an unreachable scheduler fails requests at once (test_chaos tests the waits).
+    config.scheduler.worker_wait_s = 0
+    config.gateway.scheduler_wait_s = 0
     config.worker.dtype = "float32"  # the same numbers on every machine ("auto" picks by CPU)
     return config
 

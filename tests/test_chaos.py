@@ -71,6 +71,35 @@ async def test_a_restarted_gateway_listens_only_once_it_can_count_tokens(make_co
         await mesh.stop()
 
 
+
+async def test_requests_wait_for_a_restarting_scheduler(make_config, tiny_llama_dir):
+    """A request that finds the scheduler gone waits for it (gateway.scheduler_wait_s) instead of failing."""
+    from google.protobuf import wrappers_pb2 as w
+
+    from llmserve.inference.v1 import inference_pb2 as pb
+    from llmserve.scheduler.app import SchedulerApp
+
+    config = make_config()
+    config.gateway.scheduler_wait_s = 10.0
+    mesh = await start_mesh(config, versions=[generate_version(TINY, f"file:{tiny_llama_dir}")],
+                            aliases={"tiny": [(TINY, 1)]}, worker_models=[[TINY]])
+    request = pb.CreateCompletionRequest(model="tiny", prompt="hi", max_tokens=w.Int32Value(value=2),
+                                         skip_cache=True)
+    try:
+        assert (await mesh.stub.CreateCompletion(request, metadata=mesh.auth, timeout=10)).choices
+        port = int(mesh.config.gateway.scheduler_address.rpartition(":")[2])
+        await mesh.scheduler.stop(0)
+        call = mesh.stub.CreateCompletion(request, metadata=mesh.auth, timeout=20)
+        await asyncio.sleep(1.5)  # the request waits meanwhile
+        successor_config = copy.deepcopy(mesh.config)
+        successor_config.scheduler.port = port
+        mesh.scheduler = SchedulerApp(successor_config)
+        await mesh.scheduler.start()
+        assert (await call).usage.completion_tokens == 2
+    finally:
+        await mesh.stop()
+
+
 # Seconds after the kill by which requests succeed again (worker: the launcher restarts it after 1 s and it loads
 # the tiny model, ~10 s on a busy 2-core machine; meanwhile requests wait for it in the scheduler's queue).
 RECOVERY_S = {"worker": 40.0, "scheduler": 15.0, "gateway": 10.0, "redis": 10.0, "etcd": 10.0}
