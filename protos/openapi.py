@@ -222,6 +222,19 @@ def error_schema() -> dict:
             "code": {**nullable_string, "description": "A machine-readable reason (invalid_api_key, ...)."}}}}}
 
 
+def sse_event(chunk: str) -> dict:
+    """One server-sent event of a stream: a chunk, the final `[DONE]`, or an error that ended the stream after
+    its 200 (forward.go)."""
+    def json_of(name: str) -> dict:
+        return {"type": "string", "contentMediaType": "application/json",
+                "contentSchema": {"$ref": f"#/components/schemas/{name}"}}
+    return {"type": "object", "required": ["data"], "description": (
+        f"With \"stream\": true: `data: <{chunk}>` events, then `data: [DONE]`; an error after the first event "
+        "comes as `data: <Error>`."), "properties": {
+            "data": {"anyOf": [{"const": "[DONE]"}, json_of(chunk), json_of("Error")]},
+            "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
 def errors(*codes: str) -> dict:
     return {code: {"description": ERROR_STATUSES[code], "content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/Error"}}}, **({"headers": {"Retry-After": {
@@ -273,10 +286,9 @@ def build() -> dict:
     for path, (unary, stream) in ROUTES.items():
         method = methods[unary]
         ok = {"application/json": {"schema": {"$ref": f"#/components/schemas/{method.output_type.split('.')[-1]}"}}}
-        if stream:
+        if stream:  # OpenAPI 3.1: the schema of one event
             chunk = methods[stream].output_type.split(".")[-1]
-            ok["text/event-stream"] = {"schema": {"type": "string", "description": (
-                f"With \"stream\": true: `data: <{chunk}>` events, then `data: [DONE]`.")}}
+            ok["text/event-stream"] = {"schema": sse_event(chunk)}
         paths[path] = {"post": {
             "operationId": unary + ("Alias" if path == "/v1/chat" else ""), "summary": method_docs[unary],
             "tags": ["inference"],
