@@ -199,3 +199,26 @@ async def test_streams_match_the_document(fz, api, sidecar, path, body):
     response = await asyncio.to_thread(stream)
     assert response.headers["content-type"][0].startswith("text/event-stream")
     assert response.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("depth", [10, 1_000, 10_001, 200_000])
+@pytest.mark.parametrize("field", ["metadata", "stop", "messages"])
+async def test_deeply_nested_json_is_refused_or_ignored(fz, sidecar, field, depth):
+    """JSON nested `depth` levels in an unknown field (ignored), in a known one (refused) and in the messages:
+    a 400 with OpenAI's error body or a 200, never a 5xx, and no time spent in proportion to the depth."""
+    nested = "[" * depth + "1" + "]" * depth
+    body = ('{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}], '
+            f'"{field}": {nested}}}' if field != "messages" else
+            f'{{"model": "tiny", "max_tokens": 2, "messages": {nested}}}')
+
+    def post() -> tuple[requests.Response, float]:
+        started = time.monotonic()
+        response = requests.post(f"{sidecar}/v1/chat/completions", data=body.encode(), timeout=60, headers={
+            "Authorization": f"Bearer {fz.mesh.api_key}", "Content-Type": "application/json"})
+        return response, time.monotonic() - started
+
+    response, elapsed = await asyncio.to_thread(post)
+    assert response.status_code in (200, 400), response.text[:300]
+    if response.status_code == 400:
+        assert_openai_error(response, f"{field} nested {depth} deep")
+    assert elapsed < 5
