@@ -557,7 +557,11 @@ func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyE
 		i, err := strconv.ParseInt(string(n), 10, 64)
 		if err != nil { // 16.0 or 1e3 are integers too; 1.5 is not
 			f, ferr := n.Float64()
-			if ferr != nil || f != math.Trunc(f) || math.Abs(f) > math.MaxInt64 {
+			switch {
+			case errors.Is(err, strconv.ErrRange), errors.Is(ferr, strconv.ErrRange),
+				ferr == nil && (f < -(1<<63) || f >= 1<<63): // int64(2^63) would wrap to -2^63
+				return nil, invalidValue(name, fmt.Sprintf("%s=%s is out of range", name, n))
+			case ferr != nil || f != math.Trunc(f):
 				return nil, invalidType(name, "an integer", v)
 			}
 			i = int64(f)

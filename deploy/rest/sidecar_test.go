@@ -846,6 +846,11 @@ func TestValuesTheProtoCannotHoldAreNamed(t *testing.T) {
 		{"/v1/embeddings", `{"model":"m","input":"x","priority":"PRIORITY_URGENT"}`, "priority"},
 		{"/v1/completions", `{"model":"m","prompt":"x","priority":99999999999}`, "priority"},
 		{"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":[{"text":"x"}]}]}`, "messages[0].content"},
+		// Found by the REST fuzzer: 2^63 passed the int64 check and wrapped to -2^63 (a different seed, silently).
+		{"/v1/completions", `{"model":"m","prompt":"x","seed":9223372036854775808}`, "seed"},
+		{"/v1/completions", `{"model":"m","prompt":"x","seed":9.223372036854775808e18}`, "seed"},
+		{"/v1/completions", `{"model":"m","prompt":"x","seed":-1e19}`, "seed"},
+		{"/v1/completions", `{"model":"m","prompt":"x","max_tokens":1e400}`, "max_tokens"},
 	}
 	for _, c := range cases {
 		resp, body := h.do("POST", c.path, c.body)
@@ -869,5 +874,13 @@ func TestValuesTheProtoCannotHoldAreNamed(t *testing.T) {
 	}
 	if resp, body := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x","priority":3}`); resp.StatusCode != 200 {
 		t.Errorf("a priority number: %d %s", resp.StatusCode, body)
+	}
+	for _, seed := range []string{"9223372036854775807", "-9223372036854775808", "-9.223372036854775808e18"} {
+		resp, body := h.do("POST", "/v1/completions", `{"model":"m","prompt":"x","seed":`+seed+`}`)
+		got := h.gateway.completion.Seed.GetValue()
+		if resp.StatusCode != 200 || strconv.FormatInt(got, 10) != strings.Replace(seed, "-9.223372036854775808e18",
+			"-9223372036854775808", 1) {
+			t.Errorf("seed %s: %d %s, the gateway got %d", seed, resp.StatusCode, body, got)
+		}
 	}
 }
