@@ -26,6 +26,7 @@ from llmserve.worker.engine.contract import (
     GenerationOutput,
     GenerationRequest,
     SamplingParams,
+    TokenLogprob,
 )
 
 log = get_logger(__name__)
@@ -67,7 +68,19 @@ def sampling_from_pb(s: task_pb2.SamplingParams, max_tokens: int, choice: int = 
     choice j draws from seed + j, so choices differ and each reproduces."""
     return SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
                           seed=(s.seed + choice) & SEED_MASK if s.has_seed else None, max_tokens=max_tokens,
-                          stop=list(s.stop), ignore_eos=s.ignore_eos)
+                          stop=list(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+                          top_logprobs=max(0, min(s.top_logprobs, MAX_TOP_LOGPROBS)),
+                          prompt_logprobs=s.prompt_logprobs)
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def logprobs_to_pb(entries: list[TokenLogprob]) -> list[task_pb2.TokenLogprob]:
+    return [task_pb2.TokenLogprob(token_id=e.token_id, logprob=e.logprob or 0.0, token=e.token,
+                                  top=[task_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob, token=t.token)
+                                       for t in e.top])
+            for e in entries]
 
 
 def _error(request_id: str, code: grpc.StatusCode, message: str) -> task_pb2.TaskOutput:
@@ -216,6 +229,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                f"n={num_choices} is more sequences than model {model.version.version!r} runs at once "
                                f"on a worker ({model.max_num_seqs}): lower n")
         max_tokens = s.max_tokens
+        if (s.logprobs or s.prompt_logprobs) and not getattr(engine, "supports_logprobs", False):
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model {model.version.version!r} runs on the {model.version.engine or 'torch'} "
+                               "engine, which does not return logprobs: send the request without logprobs (and "
+                               "without echo with logprobs), or use a version served by the torch engine")
+        if max_tokens < 1 and not s.prompt_logprobs:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"max_tokens={max_tokens} generates nothing: it must be >= 1 (0 only to score the "
+                               "prompt, with echo and logprobs)")
         if num_prompt == 0:  # tokenizers drop some characters (SmolLM2's: U+0004, U+0006, U+0013, ...)
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"{field} has no tokens for model {model.version.version!r}: its tokenizer keeps none "
@@ -286,7 +308,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 yield task_pb2.TaskOutput(request_id=task.request_id, index=j, text_delta=out.text_delta,
                                           prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
                                           cached_tokens=out.cached_tokens, finished=out.finished and not running,
-                                          finish_reason=(out.finish_reason or "") if out.finished else "")
+                                          finish_reason=(out.finish_reason or "") if out.finished else "",
+                                          logprobs=logprobs_to_pb(out.logprobs),
+                                          prompt_logprobs=logprobs_to_pb(out.prompt_logprobs or []))
         finally:
             starter.cancel()
             for choice in choices:

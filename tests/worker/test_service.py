@@ -123,3 +123,27 @@ async def test_a_stalled_scheduler_stream_cancels_the_task_and_frees_the_engine(
     assert engine.num_steps < 400  # aborted long before its 480 tokens: not generating for nobody
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     await stream.aclose()
+
+
+async def test_logprobs_travel_per_choice_and_the_prompt_is_scored_once_per_choice(engine):
+    t = task("t", max_tokens=3, n=2, seed=5)
+    t.generate.sampling.logprobs, t.generate.sampling.top_logprobs = True, 2
+    t.generate.sampling.prompt_logprobs = True
+    outputs = await run(servicer(engine), t)
+    for j in (0, 1):
+        mine = [o for o in outputs if o.index == j]
+        assert sum(len(o.logprobs) for o in mine) == 3
+        assert all(len(e.top) == 2 and e.top[0].logprob >= e.top[1].logprob for o in mine for e in o.logprobs)
+        prompts = [o.prompt_logprobs for o in mine if o.prompt_logprobs]
+        assert len(prompts) == 1 and [e.token_id for e in prompts[0]] == engine.encode("Hello there")
+        assert not prompts[0][0].top and all(e.logprob < 0 for e in prompts[0][1:])
+
+
+async def test_max_tokens_0_is_scoring_only_and_refused_without_prompt_logprobs(engine):
+    t = task("t", max_tokens=0)
+    (refused,) = await run(servicer(engine), t)
+    assert refused.error.code == 3 and "max_tokens=0" in refused.error.message
+    t.generate.sampling.prompt_logprobs = True
+    (scored,) = await run(servicer(engine), t)
+    assert scored.finished and scored.finish_reason == "length" and scored.completion_tokens == 0
+    assert len(scored.prompt_logprobs) == scored.prompt_tokens

@@ -25,6 +25,25 @@ class SamplingParams:
     max_tokens: int = 16
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Log probabilities are the model's own log-softmax of its raw logits, before temperature, top-p and top-k.
+    logprobs: bool = False  # one TokenLogprob per generated token
+    top_logprobs: int = 0  # alternatives per position (generated and prompt tokens)
+    prompt_logprobs: bool = False  # one TokenLogprob per prompt token (the first has none); max_tokens may be 0
+
+
+@dataclass
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: bytes  # the token's bytes (UTF-8, possibly part of a character)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float | None  # None for the first prompt token (nothing before it)
+    token: bytes
+    top: list[TopLogprob] = field(default_factory=list)  # most likely first
 
 
 @dataclass
@@ -51,6 +70,8 @@ class GenerationOutput:
     completion_tokens: int = 0  # cumulative
     error: str | None = None  # set with finish_reason "error": what went wrong, for the caller's status message
     cached_tokens: int = 0  # prompt tokens whose prefill a prefix cache skipped (0 where an engine has none)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens generated since the previous output
+    prompt_logprobs: list[TokenLogprob] | None = None  # set once, on the first output, when asked for
 
 
 @dataclass

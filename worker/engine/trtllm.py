@@ -92,8 +92,15 @@ class TensorRTLLMEngine:
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None,
             seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos)
 
+    supports_logprobs = False  # not wired to TensorRT-LLM's own logprobs: the worker refuses such requests
+
     async def generate(self, request: GenerationRequest) -> typing.AsyncIterator[GenerationOutput]:
         rid = request.request_id
+        p = request.params
+        if p.logprobs or p.prompt_logprobs or p.max_tokens < 1:
+            yield GenerationOutput(rid, "", True, "error", error="the TensorRT-LLM engine does not return logprobs "
+                                   "or score prompts (max_tokens 0); use a version served by the torch engine")
+            return
         result = self.llm.generate_async(request.prompt_token_ids, sampling_params=self._sampling_params(request),
                                          streaming=True)
         self._running[rid] = result

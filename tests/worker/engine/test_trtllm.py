@@ -100,3 +100,12 @@ def test_registry_entry_with_engine_tensorrt_llm_loads_the_adapter(monkeypatch, 
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # not installed
     with pytest.raises(RuntimeError, match=r"pip install \.\[tensorrt\]"):
         load_model(version, MeshConfig())
+
+
+@pytest.mark.parametrize("params", [{"logprobs": True}, {"prompt_logprobs": True, "max_tokens": 0}])
+async def test_logprobs_are_refused_with_a_clear_error(tokenizer, params):
+    eng, llm = engine(tokenizer)
+    assert eng.supports_logprobs is False  # the worker refuses such tasks with INVALID_ARGUMENT first
+    _, outputs = await run(eng, **params)
+    assert outputs[-1].finish_reason == "error" and "logprobs" in outputs[-1].error
+    assert not llm.requests

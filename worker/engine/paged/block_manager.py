@@ -78,9 +78,10 @@ class BlockManager:
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks equal to the sequence's leading full blocks.
 
-        At least one token stays uncomputed: its forward pass yields the logits for the next token.
+        At least one token stays uncomputed: its forward pass yields the logits for the next token. A sequence that
+        still needs its prompt logits gets no hits: every prompt row must be computed.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logits:
             return []
         hits = []
         for i in range((seq.num_tokens - 1) // self.block_size):

@@ -20,6 +20,7 @@ import concurrent.futures
 import functools
 import logging
 import pathlib
+import typing
 from collections.abc import AsyncIterator
 
 import torch
@@ -27,8 +28,9 @@ import torch
 from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
 
 from ..compute import ComputeThread, compute_thread
-from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, eos_token_ids
+from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, TokenLogprob, eos_token_ids
 from ..detokenizer import IncrementalDetokenizer, StopMatcher
+from ..logprobs import TokenBytes, token_logprobs
 from . import lora
 from .block_manager import BlockManager, num_blocks_for_memory
 from .model_runner import ModelRunner
@@ -81,6 +83,7 @@ class PagedEngine:
         self._context_length = min(max_model_len, num_kv_blocks * block_size)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = int(config.vocab_size)
+        self.token_bytes = TokenBytes(tokenizer)
         self.num_steps = 0
         self._cond = self._compute.cond  # guards the inbox, the aborts and the stop flag
         self._inbox: list[Sequence] = []
@@ -108,6 +111,8 @@ class PagedEngine:
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
+
+    supports_logprobs = True  # generated and prompt tokens' (SamplingParams.logprobs, prompt_logprobs)
 
     @property
     def caches_prefixes(self) -> bool:
@@ -285,11 +290,16 @@ class PagedEngine:
         if batch.is_empty:
             return
         with torch.inference_mode():
-            rows, logits = self.runner.execute(batch)
+            result = self.runner.run(batch)
             self.scheduler.update(batch)
-            seqs = [batch.seqs[i] for i in rows]
-            tokens = sample(seqs, logits)
+            seqs = [batch.seqs[i] for i in result.sampled]
+            tokens = sample(seqs, result.logits)
+            self._record_prompt_logprobs(batch, result.prompt_logits)
+            self._record_logprobs(seqs, tokens, result.logits)
         for seq, token in zip(seqs, tokens):
+            if seq.params is not None and seq.params.max_tokens == 0 and not seq.is_finished:
+                self._finish(seq, "length")  # scoring only (echo with prompt logprobs): nothing is generated
+                continue
             if token is None:  # the model's scores for this row were NaN: only this request fails
                 self._fail(seq, "the model produced no valid scores for this request")
                 continue
@@ -299,6 +309,37 @@ class PagedEngine:
                 log.exception("decoding a sampled token failed")
                 self._fail(seq, "decoding the generated text failed")
         self.num_steps += 1
+
+    def _record_prompt_logprobs(self, batch, prompt_logits) -> None:
+        """Entries of the prompt tokens whose logits this step computed: row r of a chunk starting at position p
+        scores the prompt token at p + r + 1. A chunk computed again (after a preemption) adds nothing twice."""
+        for part in prompt_logits:
+            seq = batch.seqs[part.index]
+            entries = seq.prompt_logprobs
+            if entries is None or seq.is_finished:
+                continue
+            first = len(entries) - part.start - 1  # the first row that scores a token not yet recorded
+            last = min(part.logits.shape[0], seq.num_prompt_tokens - part.start - 1)
+            if first < 0 or first >= last:
+                continue
+            targets = seq.token_ids[part.start + first + 1:part.start + last + 1]
+            entries.extend(token_logprobs(part.logits[first:last], targets, seq.params.top_logprobs,
+                                          self.token_bytes))
+
+    def _record_logprobs(self, seqs: list[Sequence], tokens: list[int | None], logits: torch.Tensor) -> None:
+        """Entries of the tokens just sampled, for the sequences that ask (one log-softmax over their rows only)."""
+        rows = [i for i, (seq, token) in enumerate(zip(seqs, tokens))
+                if token is not None and seq.params is not None and seq.params.logprobs and seq.params.max_tokens]
+        if not rows:
+            return
+        by_top: dict[int, list[int]] = {}
+        for i in rows:
+            by_top.setdefault(seqs[i].params.top_logprobs, []).append(i)
+        for num_top, group in by_top.items():
+            entries = token_logprobs(logits[group], [typing.cast(int, tokens[i]) for i in group], num_top,
+                                     self.token_bytes)
+            for i, entry in zip(group, entries):
+                seqs[i].pending_logprobs.append(entry)
 
     def _admit(self, seq: Sequence) -> None:
         error = None
@@ -316,6 +357,8 @@ class PagedEngine:
         try:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
             seq.stop_matcher = StopMatcher(seq.params.stop)
+            if seq.params.prompt_logprobs:  # the first prompt token has no logprob: nothing comes before it
+                seq.prompt_logprobs = [TokenLogprob(seq.token_ids[0], None, self.token_bytes(seq.token_ids[0]))]
             self.scheduler.add(seq)
         except ValueError as exc:  # the scheduler's own message: the request cannot fit the KV cache
             self._finish(seq, "error", error=str(exc))
@@ -343,7 +386,7 @@ class PagedEngine:
             reason = "stop" if stopped else reason
         if reason is not None:
             self._finish(seq, reason, text)
-        elif text:
+        elif text or seq.pending_logprobs:
             self._emit(seq, text)
 
     def _finish(self, seq: Sequence, reason: str, text: str = "", error: str | None = None) -> None:
@@ -361,7 +404,11 @@ class PagedEngine:
         self._finish(seq, "error", error=message)
 
     def _emit(self, seq: Sequence, text: str, finish_reason: str | None = None, error: str | None = None) -> None:
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        logprobs, seq.pending_logprobs = seq.pending_logprobs, []
         seq.stream.put(GenerationOutput(
             seq.request_id, text, finish_reason is not None, finish_reason, seq.num_prompt_tokens,
-            seq.num_completion_tokens, error, seq.num_cached_tokens,
+            seq.num_completion_tokens, error, seq.num_cached_tokens, logprobs, prompt_logprobs,
         ))

@@ -61,6 +61,24 @@ class StepInputs:
     logits_rows: torch.Tensor  # [num_sampled] flat rows whose logits are sampled (each sequence's last token)
     sampled: list[int]  # batch indices of those sequences, in the same order
     lora: list[lora_mod.LoraGroup] = dataclasses.field(default_factory=list)  # rows by adapter (none: base only)
+    # Sequences that need their prompt's logits: (batch index, first flat row, first position, prompt rows).
+    prompt_rows: list[tuple[int, int, int, int]] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class PromptLogits:
+    """The logits of a sequence's prompt rows computed this step: row r predicts the token at position start + r + 1."""
+
+    index: int  # in the batch
+    start: int  # position of the first row
+    logits: torch.Tensor  # [rows, vocab]
+
+
+@dataclass
+class StepResult:
+    sampled: list[int]  # batch indices of the sequences to sample
+    logits: torch.Tensor  # [num_sampled, vocab]
+    prompt_logits: list[PromptLogits]  # only for sequences that ask for prompt logprobs
 
 
 def _length_groups(lengths: list[int], max_groups: int = 4, group_cost: int = 512) -> list[tuple[int, int]]:
@@ -138,6 +156,7 @@ class ModelRunner:
         slots: list[int] = []
         decode_tables, decode_lens, prefills = [], [], []
         last_row = {}
+        prompt_rows: list[tuple[int, int, int, int]] = []
         adapter_rows: dict[str, tuple[lora_mod.Adapter, list[int]]] = {}
         for i in order:
             seq, num_new = batch.seqs[i], batch.num_new_tokens[i]
@@ -150,6 +169,8 @@ class ModelRunner:
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             last_row[i] = row + num_new - 1
+            if seq.needs_prompt_logits and start < seq.num_prompt_tokens:
+                prompt_rows.append((i, row, start, min(end, seq.num_prompt_tokens) - start))
             if num_new == 1:
                 decode_tables.append(table[: (end + bs - 1) // bs])
                 decode_lens.append(end)
@@ -174,18 +195,28 @@ class ModelRunner:
 
         return StepInputs(tensor(input_ids), tensor(positions), tensor(slots), decode_groups, prefills,
                           tensor([last_row[i] for i in sampled]), sampled,
-                          [lora_mod.LoraGroup(adapter, tensor(rows)) for adapter, rows in adapter_rows.values()])
+                          [lora_mod.LoraGroup(adapter, tensor(rows)) for adapter, rows in adapter_rows.values()],
+                          prompt_rows)
 
     # ---- forward ----
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor]:
         """Run one step; return (batch indices of the sequences to sample, their logits [num_sampled, vocab])."""
+        result = self.run(batch)
+        return result.sampled, result.logits
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        """Run one step: the sampled rows' logits, and every prompt row's of the sequences that need them (the
+        other rows cost nothing more: only the rows asked for go through the LM head)."""
         inputs = self.prepare(batch)
         hidden = self._forward(inputs)
+        prompt_logits = [PromptLogits(i, start, self._logits(hidden[row:row + num]))
+                         for i, row, start, num in inputs.prompt_rows]
         if not inputs.sampled:
-            return [], hidden.new_empty((0, self.config.vocab_size))
-        return inputs.sampled, self._logits(hidden[inputs.logits_rows])
+            return StepResult([], hidden.new_empty((0, self.config.vocab_size)), prompt_logits)
+        return StepResult(inputs.sampled, self._logits(hidden[inputs.logits_rows]), prompt_logits)
 
     @torch.inference_mode()
     def prompt_logprobs(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:

@@ -53,6 +53,11 @@ class Sequence:
         self.stop_matcher: StopMatcher = None  # type: ignore[assignment]
         self.stream: _Stream = None  # type: ignore[assignment]
         self.finish_reason: str | None = None
+        # Log probabilities (params.logprobs / prompt_logprobs): generated tokens' entries not yet emitted, and the
+        # prompt's entries, filled as its chunks are computed and emitted once with the first output.
+        self.pending_logprobs: list = []
+        self.prompt_logprobs: list | None = None
+        self.prompt_logprobs_sent = False
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
@@ -77,6 +82,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether the prompt's logits are still wanted: the runner returns every prompt row of this sequence's
+        chunks, and the prefix cache gives it no hits (their rows would never be computed)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def sort_key(self) -> tuple[int, int]:

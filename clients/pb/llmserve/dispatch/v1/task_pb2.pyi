@@ -34,6 +34,9 @@ class SamplingParams(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """Temperature; 0 is greedy."""
     top_p: _builtins.float
@@ -45,11 +48,21 @@ class SamplingParams(_message.Message):
     seed: _builtins.int
     """Seed of this sequence's random generator."""
     max_tokens: _builtins.int
-    """Maximum tokens to generate, >= 1."""
+    """Maximum tokens to generate, >= 1; 0 only with prompt_logprobs (the prompt is scored, nothing generated)."""
     ignore_eos: _builtins.bool
     """Generate past end-of-sequence."""
     max_tokens_is_default: _builtins.bool
     """max_tokens is the gateway's default, not the caller's: lower it to fit the context instead of failing."""
+    logprobs: _builtins.bool
+    """Return the log probability of each generated token (TaskOutput.logprobs): the model's own log-softmax of its
+    raw logits, before temperature, top-p and top-k.
+    """
+    top_logprobs: _builtins.int
+    """With logprobs or prompt_logprobs: the most likely alternatives returned per position, 0-20."""
+    prompt_logprobs: _builtins.bool
+    """Return the log probability of each prompt token (TaskOutput.prompt_logprobs, on the choice's first output).
+    The prompt is then computed in full (no prefix-cache hits). With max_tokens 0 nothing is generated.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Stop strings."""
@@ -66,10 +79,13 @@ class SamplingParams(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         ignore_eos: _builtins.bool = ...,
         max_tokens_is_default: _builtins.bool = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
+        prompt_logprobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "ignore_eos", b"ignore_eos", "max_tokens", b"max_tokens", "max_tokens_is_default", b"max_tokens_is_default", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "max_tokens_is_default", b"max_tokens_is_default", "prompt_logprobs", b"prompt_logprobs", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,6 +138,72 @@ class GenerateInput(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateInput: _TypeAlias = GenerateInput  # noqa: Y015
+
+@_typing.final
+class TopLogprob(_message.Message):
+    """One alternative token at a position, with its log probability."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.int
+    """Token id."""
+    logprob: _builtins.float
+    """Natural log of its probability under the model (log-softmax of the raw logits)."""
+    token: _builtins.bytes
+    """The token's bytes (UTF-8, possibly part of a character)."""
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.int = ...,
+        logprob: _builtins.float = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopLogprob: _TypeAlias = TopLogprob  # noqa: Y015
+
+@_typing.final
+class TokenLogprob(_message.Message):
+    """One token of a sequence (prompt or generated) with its log probability and the top alternatives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.int
+    """Token id."""
+    logprob: _builtins.float
+    """Natural log of its probability given the tokens before it; unset (0) for the first prompt token."""
+    token: _builtins.bytes
+    """The token's bytes (UTF-8, possibly part of a character)."""
+    @_builtins.property
+    def top(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
+        """The most likely tokens at this position, most likely first (top_logprobs of them)."""
+
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.int = ...,
+        logprob: _builtins.float = ...,
+        token: _builtins.bytes = ...,
+        top: _abc.Iterable[Global___TopLogprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLogprob: _TypeAlias = TokenLogprob  # noqa: Y015
 
 @_typing.final
 class EmbedInput(_message.Message):
@@ -318,6 +400,8 @@ class TaskOutput(_message.Message):
     EMBEDDINGS_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The task's request_id."""
     text_delta: _builtins.str
@@ -344,6 +428,16 @@ class TaskOutput(_message.Message):
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Vector]:
         """Embedding rows, in input order (embed tasks)."""
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """With SamplingParams.logprobs: one entry per token generated since the previous output of this choice."""
+
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """With SamplingParams.prompt_logprobs: one entry per prompt token, on the choice's first output; the first
+        entry has no logprob and no alternatives.
+        """
+
     def __init__(
         self,
         *,
@@ -357,10 +451,12 @@ class TaskOutput(_message.Message):
         embeddings: _abc.Iterable[Global___Vector] | None = ...,
         cached_tokens: _builtins.int = ...,
         index: _builtins.int = ...,
+        logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
+        prompt_logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "index", b"index", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "index", b"index", "logprobs", b"logprobs", "prompt_logprobs", b"prompt_logprobs", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
