@@ -43,6 +43,10 @@ async def fz(make_config, tiny_llama_dir):
     config.gateway.default_chat_max_tokens = config.gateway.default_completion_max_tokens = 8
     config.gateway.max_sequences_per_request = config.gateway.max_prompts = 16
     config.gateway.max_embedding_inputs = 64
+    # The fuzzers share the process (and the GIL) with the whole mesh: a 2 s worker lease (the tests' default) can
+    # lapse while hypothesis builds a megabyte example on a loaded machine, failing requests in flight with 503s
+    # that say nothing about input handling. Losing a worker is what the chaos tests are for.
+    config.worker.lease_ttl_s = 10
     mesh = await start_mesh(
         config,
         versions=[generate_version(TINY, f"file:{tiny_llama_dir}", context_length=64),
