@@ -120,6 +120,8 @@ async def test_every_fault_once_recovers_in_time_and_loses_no_acknowledged_usage
         assert fault["usage"]["ok"], (name, fault["usage"])
         assert not fault["usage"]["dev"]["lost"] and not fault["usage"]["metered"]["lost"], fault["usage"]
         assert fault["usage"]["metered"]["spend_lost_micro_usd"] == 0
+        # A key made after the fault is served by both gateways: their etcd watches carry on (after etcd's too).
+        assert fault["new_key_served_s"] is not None and fault["new_key_served_s"] <= 5.0, fault
     # Only what the kills cut short fails: a killed gateway's own streams, a worker's in-flight tasks, the
     # scheduler's Submit streams; the other gateway, and requests sent while a worker restarts, are served.
     gateway = next(f for f in report["faults"] if f["fault"] == "gateway")

@@ -49,6 +49,7 @@ FAULTS = ("worker", "scheduler", "gateway", "registry", "redis", "redis-cache", 
 DEFAULT_FAULTS = ("worker", "scheduler", "gateway", "redis", "etcd")
 GRPC_PARTS = {"worker", "scheduler", "gateway", "gateway-2", "registry"}
 TENANTS = ("dev", "metered")  # dev: no budget (limits fail open); metered: a budget (fails closed, has spend)
+PROBE = "probe"  # a tenant whose fresh keys check, after each fault, that changes in etcd still reach the gateways
 
 
 @dataclasses.dataclass
@@ -392,7 +393,33 @@ async def keys_for(mesh: LocalMesh) -> tuple[str, dict[str, str]]:
             name="metered", budget_usd=1000.0)), metadata=metadata, timeout=10)
         created = await stub.CreateApiKey(tenants_pb2.CreateApiKeyRequest(tenant="metered", description="chaos"),
                                           metadata=metadata, timeout=10)
+        await stub.CreateTenant(tenants_pb2.CreateTenantRequest(tenant=tenants_pb2.Tenant(name=PROBE)),
+                                metadata=metadata, timeout=10)
     return admin_key, {"dev": mesh.api_key, "metered": created.key}
+
+
+async def new_key_served_s(mesh: LocalMesh, admin_key: str, timeout_s: float) -> float | None:
+    """Seconds until an API key made now is served by every gateway (their etcd watches work), or None."""
+    metadata = (("authorization", f"Bearer {admin_key}"),)
+    async with grpc.aio.insecure_channel(mesh.address("registry")) as channel:
+        created = await tenants_pb2_grpc.TenantServiceStub(channel).CreateApiKey(
+            tenants_pb2.CreateApiKeyRequest(tenant=PROBE, description="chaos probe"), metadata=metadata, timeout=10)
+    started = time.monotonic()
+    request = pb.CreateCompletionRequest(model=ALIAS, prompt="probe", max_tokens=w.Int32Value(value=1),
+                                         skip_cache=True)
+    for gateway in mesh.gateways:
+        async with grpc.aio.insecure_channel(gateway) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            while True:
+                try:
+                    await stub.CreateCompletion(request, metadata=(("authorization", f"Bearer {created.key}"),),
+                                                timeout=5)
+                    break
+                except grpc.aio.AioRpcError:
+                    if time.monotonic() - started > timeout_s:
+                        return None
+                    await asyncio.sleep(0.05)
+    return round(time.monotonic() - started, 2)
 
 
 async def run(mesh: LocalMesh, faults: typing.Sequence[str], settings: Settings,
@@ -425,6 +452,7 @@ async def run(mesh: LocalMesh, faults: typing.Sequence[str], settings: Settings,
             acked = acknowledged(period)
             now = await ledger.settle(_plus(acked, before), settings.settle_timeout_s)
             failures = result.pop("_failures")
+            result["new_key_served_s"] = await new_key_served_s(mesh, admin_key, settings.recover_timeout_s)
             result["usage"] = (compare(acked, delta(now, before), [o for o in period if o.code != "OK"],
                                               settings))
             log(f"{fault}: {len(failures)} failed, first success {result['first_success_s']} s, error-free after "
