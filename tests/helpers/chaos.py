@@ -99,6 +99,7 @@ class Outcome:
     ended: float
     code: str  # "OK" or the status code name
     usage: dict[str, int]  # acknowledged usage (successes only)
+    detail: str = ""  # a failure's status message
 
 
 class Traffic:
@@ -157,10 +158,12 @@ class Traffic:
             try:
                 code, used = await self._send(kind, n, metadata)
             except grpc.aio.AioRpcError as exc:
-                code, used = exc.code().name, {}
+                code, used, detail = exc.code().name, {}, (exc.details() or "")[:200]
+            else:
+                detail = ""
             finally:
                 del self.inflight[n]
-            self.outcomes.append(Outcome(tenant, kind, started, time.monotonic(), code, used))
+            self.outcomes.append(Outcome(tenant, kind, started, time.monotonic(), code, used, detail))
             await asyncio.sleep(self.settings.think_s if code == "OK" else max(self.settings.think_s, 0.1))
 
     async def _send(self, kind: str, n: int, metadata) -> tuple[str, dict[str, int]]:
@@ -354,6 +357,7 @@ async def inject(mesh: LocalMesh, traffic: Traffic, fault: str, settings: Settin
         "requests_in_window": len(in_window),
         "failed_in_window": len(failures),
         "status_codes": dict(collections.Counter(o.code for o in failures)),
+        "failure_messages": sorted({o.detail for o in failures})[:3],
         "failed_by_tenant": dict(collections.Counter(o.tenant for o in failures)),
         "first_success_s": _rounded(first_ok, killed),
         "error_free_after_s": _rounded(last_failure, killed) if failures else 0.0,
@@ -368,7 +372,7 @@ def _rounded(t: float | None, since: float) -> float | None:
     return None if t is None else round(t - since, 2)
 
 
-async def _steady(traffic: Traffic, seconds: float, timeout_s: float) -> None:
+async def _steady(traffic: Traffic, seconds: float, timeout_s: float, before: str) -> None:
     """Traffic for `seconds`, and at least until the mesh is error-free for that long."""
     started = time.monotonic()
     while True:
@@ -379,8 +383,10 @@ async def _steady(traffic: Traffic, seconds: float, timeout_s: float) -> None:
                 not traffic.stalled(seconds):
             return
         if now - started > timeout_s:
-            raise RuntimeError("the mesh does not serve without errors: " + str(collections.Counter(
-                o.code for o in recent)) + f", {traffic.stalled(seconds)} requests hung")
+            failed = [o for o in recent if o.code != "OK"]
+            raise RuntimeError(f"before {before}: the mesh does not serve without errors: "
+                               f"{collections.Counter(o.code for o in failed)}, {traffic.stalled(seconds)} requests "
+                               f"hung; e.g. {failed[0].detail if failed else ''!r}")
 
 
 async def keys_for(mesh: LocalMesh) -> tuple[str, dict[str, str]]:
@@ -433,7 +439,7 @@ async def run(mesh: LocalMesh, faults: typing.Sequence[str], settings: Settings,
     report: dict[str, typing.Any] = {"settings": dataclasses.asdict(settings), "faults": []}
     try:
         traffic.start()
-        await _steady(traffic, settings.steady_s, settings.recover_timeout_s)
+        await _steady(traffic, settings.steady_s, settings.recover_timeout_s, "the baseline")
         await traffic.pause()
         acked = acknowledged(traffic.outcomes)
         recorded = await ledger.settle(acked, settings.settle_timeout_s)
@@ -445,7 +451,7 @@ async def run(mesh: LocalMesh, faults: typing.Sequence[str], settings: Settings,
         before, checkpoint = recorded, len(traffic.outcomes)
         for fault in faults:
             traffic.resume()
-            await _steady(traffic, settings.steady_s, settings.recover_timeout_s)
+            await _steady(traffic, settings.steady_s, settings.recover_timeout_s, fault)
             result = await inject(mesh, traffic, fault, settings)
             await traffic.pause()
             period = traffic.outcomes[checkpoint:]
