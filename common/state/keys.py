@@ -20,10 +20,16 @@ M = typing.TypeVar("M", keys_pb2.ApiKey, keys_pb2.AdminKey)
 KEY_PREFIX = "lls_"
 ADMIN_KEY_PREFIX = "llsadm_"
 MAX_EXPIRES = 2**32 - 1  # `expires` and `created` are uint32 unix seconds (until 2106)
+MAX_DESCRIPTION = 256  # characters of a key's free-text description (records stay small: etcd caps a request)
 
 
 class LastAdminKey(Exception):
     """Revoking this admin key would leave no active one (nobody could call the admin services any more)."""
+
+
+def check_description(description: str) -> None:
+    if len(description) > MAX_DESCRIPTION:
+        raise ValueError(f"description has {len(description)} characters; at most {MAX_DESCRIPTION}")
 
 
 def expiry(ttl_s: int, now: float | None = None) -> int:
@@ -77,6 +83,7 @@ async def create_api_key(api_keys: Collection[keys_pb2.ApiKey], tenant: str, des
     never). Returns (key, stored record)."""
     if not tenant or len(tenant) > 128:
         raise ValueError("tenant must be 1-128 characters")
+    check_description(description)
     now = int(time.time())
     expires = expiry(ttl_s, now)
     key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -105,6 +112,7 @@ async def revoke_api_key(api_keys: Collection[keys_pb2.ApiKey], key_id: str) -> 
 async def create_admin_key(admin_keys: Collection[keys_pb2.AdminKey], description: str = "",
                            ttl_s: int = 0) -> tuple[str, keys_pb2.AdminKey]:
     """A new admin key, expiring after ttl_s seconds (0: never). Returns (key, stored record)."""
+    check_description(description)
     now = int(time.time())
     expires = expiry(ttl_s, now)
     key = ADMIN_KEY_PREFIX + secrets.token_urlsafe(32)

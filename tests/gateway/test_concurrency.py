@@ -60,6 +60,7 @@ async def test_a_dead_gateways_slots_come_back_when_their_lease_passes(redis_srv
 async def mesh(make_config, tiny_llama_dir):
     config = make_config()
     config.gateway.concurrency_lease_s = 1.0  # renewed every third of a second: long streams outlive it
+    config.redis.timeout_s = 5.0  # a busy machine must not make admissions fail open (no slot taken)
     mesh = await start_mesh(config, versions=[generate_version(TINY, f"file:{tiny_llama_dir}"),
                                               generate_version(IDLE, f"file:{tiny_llama_dir}")],
                             aliases={"tiny": [(TINY, 1)]}, worker_models=[[TINY]])

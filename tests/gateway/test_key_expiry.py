@@ -75,6 +75,7 @@ async def test_a_rotated_key_keeps_its_lifetime_and_limits(mesh):
 @pytest.mark.parametrize("fields, needle", [
     (dict(ttl_seconds=2**32 - 1), "ttl_seconds"),
     (dict(max_concurrent_requests=-2), "max_concurrent_requests"),
+    (dict(description="x" * 257), "description has 257 characters; at most 256"),
 ])
 async def test_bad_key_settings_name_the_field(mesh, fields, needle):
     with pytest.raises(grpc.aio.AioRpcError) as err:

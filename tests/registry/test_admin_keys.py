@@ -79,10 +79,11 @@ async def test_an_admin_key_expires_on_time_with_nothing_changing_in_etcd(regist
     assert f"the admin key {made.admin_key.key_id} expired at" in err.details()
     # Not revoked: no watch event told the registry anything; the clock did.
     assert not registry_app.admin_keys.snapshot[made.admin_key.key_hash].revoked
-    for ttl in (keys.MAX_EXPIRES,):
+    for bad_request, needle in [(apb.CreateAdminKeyRequest(ttl_seconds=keys.MAX_EXPIRES), "ttl_seconds"),
+                                (apb.CreateAdminKeyRequest(description="\u0645" * 10000), "at most 256")]:
         with pytest.raises(grpc.aio.AioRpcError) as bad:
-            await admin.CreateAdminKey(apb.CreateAdminKeyRequest(ttl_seconds=ttl))
-        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ttl_seconds" in bad.value.details()
+            await admin.CreateAdminKey(bad_request)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in bad.value.details()
 
 
 async def test_the_last_active_admin_key_cannot_be_revoked(registry_app, channel, mesh_config):
