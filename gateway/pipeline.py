@@ -18,21 +18,21 @@ import typing
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
-from llmserve.common.errors import failed_precondition, invalid_argument, not_found
+from llmserve.common.errors import failed_precondition, invalid_argument, not_found, unavailable
 from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.context import RequestContext
 from llmserve.gateway.edge import Edge
-from llmserve.gateway.requests import Call
-from llmserve.gateway.result import Collector, Result
+from llmserve.gateway.requests import Call, GenerationCall
+from llmserve.gateway.result import Collector, Delta, Result
 from llmserve.gateway.scheduler_client import SchedulerClient
 from llmserve.gateway.tokens import TokenCounter
 
 KIND_NAMES = {registry_pb2.MODEL_KIND_GENERATE: "generate", registry_pb2.MODEL_KIND_EMBED: "embed"}
 
-OnOutput = typing.Callable[[int, task_pb2.TaskOutput], typing.Awaitable[None]]
+OnOutput = typing.Callable[[int, task_pb2.TaskOutput, Delta], typing.Awaitable[None]]
 
 
 class Pipeline:
@@ -66,9 +66,33 @@ class Pipeline:
             raise failed_precondition(f"model version {version.version!r} is disabled in the registry")
         return version
 
+    async def _check_prompt_ids(self, call: GenerationCall, version: registry_pb2.ModelVersion) -> GenerationCall:
+        """Token-id prompts against the version's vocabulary (INVALID_ARGUMENT naming the first id out of range),
+        and their text, which echo returns. Without the version's tokenizer the worker still refuses ids outside
+        the model's vocabulary, but echo cannot be served."""
+        tokenizer = await self.tokens.tokenizer(version)
+        if tokenizer is None:
+            if call.echo:
+                raise unavailable(f"the gateway cannot load the tokenizer of model {version.version!r}, which echo "
+                                  "of a token-id prompt needs; retry later, or send the prompt as text")
+            return call
+        vocab = len(tokenizer)
+        for i, ids in enumerate(call.prompt_ids):
+            for j, token in enumerate(ids):
+                if token >= vocab:
+                    raise invalid_argument(f"prompt_token_ids[{i}][{j}]={token} is outside the vocabulary of model "
+                                           f"{version.version!r}: token ids are below {vocab}")
+        if not call.echo:
+            return call
+        texts = await asyncio.to_thread(lambda: tokenizer.batch_decode(
+            [list(ids) for ids in call.prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+        return dataclasses.replace(call, prompts=tuple(texts))
+
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
-        """The request's Result; on_output(choice index, output) sees live outputs (not on a cache hit)."""
+        """The request's Result; on_output(choice index, output, delta) sees live outputs (not on a cache hit)."""
         caller, call, version = ctx.begun()
+        if isinstance(call, GenerationCall) and call.prompt_ids:
+            ctx.call = call = await self._check_prompt_ids(call, version)
         key = cache_key(caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
         cached = await self.cache.get(key) if key is not None else None
         ctx.cache = "bypass" if key is None else "hit" if cached else "miss"
@@ -97,9 +121,9 @@ class Pipeline:
             async for task_index, output in self.scheduler.run_all(tasks, context,
                                                                     lambda d: ctx.note_queue_time(d.queue_time_ms)):
                 index = task_index * call.n + output.index  # the choice: input * n + choice
-                collector.add(index, output)
+                delta = collector.add(index, output)
                 if on_output is not None:
-                    await on_output(index, output)
+                    await on_output(index, output, delta)
             result = collector.result()
         finally:
             # Settle what was really computed, also when the request failed or the client went away.

@@ -50,6 +50,9 @@ class Sampling:
     max_tokens_is_default: bool
     stop: tuple[str, ...]
     ignore_eos: bool
+    logprobs: bool = False  # the tokens' log probabilities, with top_logprobs alternatives each
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False  # echo: the prompt's too (also to score it with max_tokens 0)
 
     @property
     def is_deterministic(self) -> bool:
@@ -61,7 +64,8 @@ class Sampling:
         return task_pb2.SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, has_seed=seed is not None,
             seed=seed or 0, max_tokens=self.max_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
-            max_tokens_is_default=self.max_tokens_is_default)
+            max_tokens_is_default=self.max_tokens_is_default, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
+            prompt_logprobs=self.prompt_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +80,24 @@ class GenerationCall:
     user: str
     priority: int  # 1..3
     skip_cache: bool
+    # completion: prompts given as token ids (prompts then holds their decoded text, for echo, once the pipeline
+    # has checked them against the version's vocabulary)
+    prompt_ids: tuple[tuple[int, ...], ...] = ()
+    echo: bool = False  # completion: the prompt in front of the text (and its logprobs, with logprobs)
 
     @property
     def num_inputs(self) -> int:
-        return len(self.prompts) if self.kind == "completion" else 1
+        if self.kind == "chat":
+            return 1
+        return len(self.prompt_ids) or len(self.prompts)
+
+    def field_name(self, i: int) -> str:
+        """How the caller named input i."""
+        if self.kind == "chat":
+            return "messages"
+        if self.prompt_ids:
+            return "prompt_token_ids" if self.num_inputs == 1 else f"prompt_token_ids[{i}]"
+        return "prompt" if self.num_inputs == 1 else f"prompts[{i}]"
 
     @property
     def num_sequences(self) -> int:
@@ -97,16 +115,20 @@ class GenerationCall:
     def cache_fields(self) -> dict:
         """What decides the output: everything but user, priority and cache control."""
         return {"kind": self.kind, "prompts": self.prompts, "messages": self.messages, "n": self.n,
-                "sampling": dataclasses.asdict(self.sampling)}
+                "sampling": dataclasses.asdict(self.sampling), "prompt_ids": self.prompt_ids, "echo": self.echo}
 
     def count_inputs(self) -> dict:
         """What to count prompt tokens of: the prompts, or the conversation (templated)."""
-        return {"messages": self.messages} if self.kind == "chat" else {"texts": self.prompts}
+        if self.kind == "chat":
+            return {"messages": self.messages}
+        return {"token_ids": self.prompt_ids} if self.prompt_ids else {"texts": self.prompts}
 
     def check_prompt_bytes(self, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
         """Refuses text that cannot fit the version's context whatever its tokens, before it is tokenized."""
         if self.kind == "chat":
             _check_prompt_bytes("messages", sum(len(c.encode()) for _, c in self.messages), version, cfg)
+            return
+        if self.prompt_ids:  # counted exactly, against the context, once the tokens are counted
             return
         for i, prompt in enumerate(self.prompts):
             _check_prompt_bytes("prompt" if self.num_inputs == 1 else f"prompts[{i}]", len(prompt.encode()), version,
@@ -124,7 +146,7 @@ class GenerationCall:
                                        f"below {context}")
             return
         for i, num_prompt in enumerate(counted.per_input):
-            field = "messages" if self.kind == "chat" else "prompt" if self.num_inputs == 1 else f"prompts[{i}]"
+            field = self.field_name(i)
             if num_prompt >= context:
                 raise invalid_argument(f"{field} is {num_prompt} tokens, but model {version.version!r} has a context "
                                        f"length of {context} tokens: shorten the {field}")
@@ -145,7 +167,7 @@ class GenerationCall:
             if self.kind == "chat":
                 gen = task_pb2.GenerateInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages])
             else:
-                gen = task_pb2.GenerateInput(prompt=self.prompts[i])
+                gen = task_pb2.GenerateInput(prompt=self.prompts[i] if self.prompts else "")
             gen.sampling.CopyFrom(sampling)
             gen.n = self.n
             if len(ids) == self.num_inputs:
@@ -227,15 +249,19 @@ def _user(name: str, cfg: GatewayConfig) -> str:
     return name
 
 
-def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+
+
+def _sampling(request, cfg: GatewayConfig, default_max_tokens: int, *, min_max_tokens: int = 1) -> Sampling:
     given = {name: getattr(request, name).value for name in ("max_tokens", "max_completion_tokens")
              if request.HasField(name)}
     if len(set(given.values())) > 1:
         raise invalid_argument(f"max_tokens={given['max_tokens']} and max_completion_tokens="
                                f"{given['max_completion_tokens']} differ: set only one of them")
     for name, value in given.items():
-        if value < 1:
-            raise invalid_argument(f"{name}={value} is out of range: it must be >= 1")
+        if value < min_max_tokens:
+            hint = " (0 only with echo, to score the prompt)" if "echo" in request.DESCRIPTOR.fields_by_name else ""
+            raise invalid_argument(f"{name}={value} is out of range: it must be >= {min_max_tokens}{hint}")
     max_tokens = next(iter(given.values()), default_max_tokens)
     temperature = request.temperature.value if request.HasField("temperature") else 1.0
     if not 0.0 <= temperature <= 2.0:
@@ -247,6 +273,18 @@ def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
         raise invalid_argument(f"top_k={request.top_k} is out of range: it must be >= 0 (0 disables it)")
     if len(request.stop) > cfg.max_stop:
         raise invalid_argument(f"stop has {len(request.stop)} strings; at most {cfg.max_stop} are allowed")
+    logprobs, top_logprobs = False, 0
+    if request.DESCRIPTOR.fields_by_name["logprobs"].message_type is not None:  # completions: an Int32Value
+        if request.HasField("logprobs"):
+            logprobs, top_logprobs = True, request.logprobs.value
+            if not 0 <= top_logprobs <= MAX_LOGPROBS:
+                raise invalid_argument(f"logprobs={top_logprobs} is out of range: it must be in [0, {MAX_LOGPROBS}]")
+    else:  # chat: a flag and a count
+        logprobs, top_logprobs = request.logprobs, request.top_logprobs
+        if not 0 <= top_logprobs <= MAX_LOGPROBS:
+            raise invalid_argument(f"top_logprobs={top_logprobs} is out of range: it must be in [0, {MAX_LOGPROBS}]")
+        if top_logprobs and not logprobs:
+            raise invalid_argument("top_logprobs needs logprobs: set logprobs to true, or leave top_logprobs out")
     for i, stop in enumerate(request.stop):
         if not stop:
             raise invalid_argument("stop strings must not be empty")
@@ -256,7 +294,8 @@ def _sampling(request, cfg: GatewayConfig, default_max_tokens: int) -> Sampling:
     return Sampling(temperature=temperature, top_p=top_p, top_k=request.top_k,
                     seed=request.seed.value & INT64_MASK if request.HasField("seed") else None,
                     max_tokens=max_tokens, max_tokens_is_default=not given,
-                    stop=tuple(request.stop), ignore_eos=request.ignore_eos)
+                    stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=logprobs,
+                    top_logprobs=top_logprobs)
 
 
 def _n(request, cfg: GatewayConfig) -> int:
@@ -282,15 +321,41 @@ def _one_or_many(request, single: str, many: str, limit: int) -> tuple[str, ...]
     return texts
 
 
+def _prompt_ids(request, cfg: GatewayConfig) -> tuple[tuple[int, ...], ...]:
+    """Token-id prompts (checked against the vocabulary by the pipeline, which knows the version)."""
+    if request.prompt or request.prompts:
+        raise invalid_argument("set one of prompt, prompts and prompt_token_ids, not several")
+    if len(request.prompt_token_ids) > cfg.max_prompts:  # counted before anything iterates them
+        raise invalid_argument(f"prompt_token_ids has {len(request.prompt_token_ids)} prompts; at most "
+                               f"{cfg.max_prompts} are allowed: split the request")
+    prompts = []
+    for i, entry in enumerate(request.prompt_token_ids):
+        if not entry.token_ids:
+            raise invalid_argument(f"prompt_token_ids[{i}] has no token ids: give each prompt at least one")
+        for j, token in enumerate(entry.token_ids):
+            if token < 0:
+                raise invalid_argument(f"prompt_token_ids[{i}][{j}]={token} is not a token id: ids are >= 0")
+        prompts.append(tuple(entry.token_ids))
+    return tuple(prompts)
+
+
 def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
     model = _model(request.model, cfg)
-    prompts = _one_or_many(request, "prompt", "prompts", cfg.max_prompts)
+    prompts: tuple[str, ...] = ()
+    if request.prompt_token_ids:
+        prompt_ids = _prompt_ids(request, cfg)
+    else:
+        prompt_ids, prompts = (), _one_or_many(request, "prompt", "prompts", cfg.max_prompts)
+    num_prompts = len(prompt_ids) or len(prompts)
     n = _n(request, cfg)
-    if len(prompts) * n > cfg.max_sequences_per_request:
-        raise invalid_argument(f"{len(prompts)} prompts x n={n} make {len(prompts) * n} sequences; at most "
+    if num_prompts * n > cfg.max_sequences_per_request:
+        raise invalid_argument(f"{num_prompts} prompts x n={n} make {num_prompts * n} sequences; at most "
                                f"{cfg.max_sequences_per_request} per request: lower n or split the prompts")
-    return GenerationCall("completion", model, prompts, (), _sampling(request, cfg, cfg.default_completion_max_tokens),
-                          n, _user(request.user, cfg), _priority(request.priority), request.skip_cache)
+    sampling = _sampling(request, cfg, cfg.default_completion_max_tokens, min_max_tokens=0 if request.echo else 1)
+    if request.echo and (sampling.logprobs or sampling.max_tokens == 0):
+        sampling = dataclasses.replace(sampling, prompt_logprobs=True)
+    return GenerationCall("completion", model, prompts, (), sampling, n, _user(request.user, cfg),
+                          _priority(request.priority), request.skip_cache, prompt_ids=prompt_ids, echo=request.echo)
 
 
 def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:

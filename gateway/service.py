@@ -17,6 +17,7 @@ from llmserve.gateway.context import observe
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.pipeline import KIND_NAMES, Pipeline
 from llmserve.gateway.requests import chat_from_pb, completion_from_pb, embeddings_from_pb
+from llmserve.gateway.result import Delta, logprobs_pb
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.inference.v1 import inference_pb2_grpc
 
@@ -32,8 +33,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return pb.CreateCompletionResponse(
                 id=f"cmpl-{ctx.request_id}", object="text_completion", created=int(time.time()),
                 model=ctx.version.version, usage=result.usage(),
-                choices=[pb.CompletionChoice(index=i, text=t, finish_reason=r) for i, (t, r) in
-                         enumerate(result.choices)])
+                choices=[pb.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=result.choice_logprobs(i))
+                         for i, (t, r) in enumerate(result.choices)])
 
     async def CreateChatCompletion(self, request, context):
         async with observe("CreateChatCompletion") as ctx:
@@ -42,7 +43,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             return pb.CreateChatCompletionResponse(
                 id=f"chatcmpl-{ctx.request_id}", object="chat.completion", created=int(time.time()),
                 model=ctx.version.version, usage=result.usage(),
-                choices=[pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=t), finish_reason=r)
+                choices=[pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=t), finish_reason=r,
+                                       logprobs=result.choice_logprobs(i))
                          for i, (t, r) in enumerate(result.choices)])
 
     async def CreateEmbeddings(self, request, context):
@@ -66,19 +68,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             started: set[int] = set()
             include_usage = not request.HasField("stream_options") or request.stream_options.include_usage
 
-            async def on_output(index: int, output: task_pb2.TaskOutput) -> None:
-                if output.text_delta or output.finish_reason:
+            async def on_output(index: int, output: task_pb2.TaskOutput, delta: Delta) -> None:
+                if delta.text or output.finish_reason or delta.logprobs:
                     is_first = index not in started
                     started.add(index)
                     chunks.put_nowait(response_cls(**header, choices=[
-                        chunk_choice(index, output.text_delta, output.finish_reason, is_first)]))
+                        chunk_choice(index, delta.text, output.finish_reason, is_first, logprobs_pb(delta.logprobs))]))
 
             async def produce():
                 try:
                     result = await self.pipeline.run(ctx, context, on_output)
                     if ctx.cache == "hit":  # replay the cached answer as one chunk per choice
                         for index, (text, reason) in enumerate(result.choices):
-                            chunks.put_nowait(response_cls(**header, choices=[chunk_choice(index, text, reason, True)]))
+                            chunks.put_nowait(response_cls(**header, choices=[
+                                chunk_choice(index, text, reason, True, result.choice_logprobs(index))]))
                     if include_usage:
                         chunks.put_nowait(response_cls(**header, usage=result.usage()))
                 finally:
@@ -93,14 +96,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 producer.cancel()
 
     def StreamCompletion(self, request, context):
-        def choice(index, text, reason, _first):
-            return pb.CompletionChoice(index=index, text=text, finish_reason=reason)
+        def choice(index, text, reason, _first, logprobs):
+            return pb.CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=logprobs)
         return self._stream("StreamCompletion", completion_from_pb, choice, pb.StreamCompletionResponse,
                             "text_completion", "cmpl", request, context)
 
     def StreamChatCompletion(self, request, context):
-        def choice(index, text, reason, first):
-            return pb.ChatChunkChoice(index=index, finish_reason=reason,
+        def choice(index, text, reason, first, logprobs):
+            return pb.ChatChunkChoice(index=index, finish_reason=reason, logprobs=logprobs,
                                       delta=pb.ChatDelta(role="assistant" if first else "", content=text))
         return self._stream("StreamChatCompletion", chat_from_pb, choice, pb.StreamChatCompletionResponse,
                             "chat.completion.chunk", "chatcmpl", request, context)

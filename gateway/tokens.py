@@ -80,10 +80,13 @@ class TokenCounter:
         self._start_loading(version)
         return False
 
-    async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None, wait: bool
-                    ) -> TokenCount | None:
-        """Tokens per text, or of the templated conversation when messages are given. None when the tokenizer is
-        still loading and `wait` is false."""
+    async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None, token_ids=(),
+                    wait: bool) -> TokenCount | None:
+        """Tokens per text, or of the templated conversation when messages are given, or of prompts given as token
+        ids (exact without a tokenizer). None when the tokenizer is still loading and `wait` is false."""
+        if token_ids:
+            return TokenCount(tuple(len(ids) for ids in token_ids), is_exact=True,
+                              ids=tuple(list(ids) for ids in token_ids))
         if not wait and not self.is_ready(version):
             return None
         tokenizer = await self.tokenizer(version)

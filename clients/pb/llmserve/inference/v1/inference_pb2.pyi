@@ -155,10 +155,13 @@ class CreateCompletionRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     PROMPTS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    ECHO_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias (e.g. "smollm2") or concrete version (e.g. "smollm2-135m-instruct-v1")."""
     prompt: _builtins.str
-    """One prompt. Exactly one of prompt and prompts is required."""
+    """One prompt. Exactly one of prompt, prompts and prompt_token_ids is required."""
     top_k: _builtins.int
     """Optional. Sample only from the k most likely tokens; 0 (default) disables it."""
     user: _builtins.str
@@ -169,9 +172,15 @@ class CreateCompletionRequest(_message.Message):
     """Optional. Neither read nor write the response cache for this request."""
     ignore_eos: _builtins.bool
     """Optional. Keep generating past the end-of-sequence token, up to max_tokens."""
+    echo: _builtins.bool
+    """Optional. Return the prompt in front of the generated text; with logprobs, the prompt tokens' logprobs too (the
+    first prompt token has none). With echo, max_tokens may be 0: the prompt is scored, nothing is generated.
+    """
     @_builtins.property
     def max_tokens(self) -> _wrappers_pb2.Int32Value:
-        """Optional. Maximum tokens to generate per choice, >= 1; default 16. prompt + max_tokens must fit the context."""
+        """Optional. Maximum tokens to generate per choice, >= 1 (0 with echo); default 16. prompt + max_tokens must fit
+        the context.
+        """
 
     @_builtins.property
     def temperature(self) -> _wrappers_pb2.FloatValue:
@@ -199,7 +208,22 @@ class CreateCompletionRequest(_message.Message):
 
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """A batch of prompts; choice i*n+j answers prompt i. Exactly one of prompt and prompts is required."""
+        """A batch of prompts; choice i*n+j answers prompt i. Exactly one of prompt, prompts and prompt_token_ids is
+        required.
+        """
+
+    @_builtins.property
+    def logprobs(self) -> _wrappers_pb2.Int32Value:
+        """Optional. Return the log probabilities of the tokens (choices[].logprobs) and of this many most likely
+        alternatives per position, 0-20. They are the model's own log-softmax of its raw logits, before temperature,
+        top-p and top-k (as vLLM reports them).
+        """
+
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptTokenIds]:
+        """Prompts as token ids of the model's vocabulary (one entry per prompt; choice i*n+j answers prompt i). Exactly
+        one of prompt, prompts and prompt_token_ids is required.
+        """
 
     def __init__(
         self,
@@ -219,10 +243,13 @@ class CreateCompletionRequest(_message.Message):
         ignore_eos: _builtins.bool = ...,
         max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
         prompts: _abc.Iterable[_builtins.str] | None = ...,
+        logprobs: _wrappers_pb2.Int32Value | None = ...,
+        echo: _builtins.bool = ...,
+        prompt_token_ids: _abc.Iterable[Global___PromptTokenIds] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,26 +264,168 @@ class CompletionChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. Position of this choice (prompt index * n + choice number)."""
     text: _builtins.str
     """Output only. Generated text (the whole text, or the new text in a stream chunk)."""
     finish_reason: _builtins.str
     """Output only. "stop" (end of sequence or stop string) or "length" (max_tokens); empty in unfinished chunks."""
+    @_builtins.property
+    def logprobs(self) -> Global___ChoiceLogprobs:
+        """Output only. With logprobs: the tokens of text (of this chunk's text in a stream), prompt tokens first with
+        echo; text_offset is each token's character offset in the choice's text.
+        """
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         text: _builtins.str = ...,
         finish_reason: _builtins.str = ...,
+        logprobs: Global___ChoiceLogprobs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompletionChoice: _TypeAlias = CompletionChoice  # noqa: Y015
+
+@_typing.final
+class PromptTokenIds(_message.Message):
+    """A prompt given as token ids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Required. At least one token id, each below the model's vocabulary size."""
+
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptTokenIds: _TypeAlias = PromptTokenIds  # noqa: Y015
+
+@_typing.final
+class TopLogprob(_message.Message):
+    """A likely token at one position and its log probability."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Output only. The token's text; a token holding only part of a UTF-8 character is written "bytes:\\xNN..."."""
+    logprob: _builtins.float
+    """Output only. Natural log of the token's probability (the model's log-softmax before sampling modifications)."""
+    token_id: _builtins.int
+    """Output only. The token's id."""
+    @_builtins.property
+    def bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Output only. The token's UTF-8 bytes."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        bytes: _abc.Iterable[_builtins.int] | None = ...,
+        token_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "logprob", b"logprob", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopLogprob: _TypeAlias = TopLogprob  # noqa: Y015
+
+@_typing.final
+class TokenLogprob(_message.Message):
+    """One token of a choice with its log probability and the most likely alternatives at its position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Output only. The token's text; a token holding only part of a UTF-8 character is written "bytes:\\xNN..."."""
+    token_id: _builtins.int
+    """Output only. The token's id."""
+    text_offset: _builtins.int
+    """Output only. Completions: character offset of the token in the choice's text (echoed prompt included)."""
+    @_builtins.property
+    def logprob(self) -> _wrappers_pb2.FloatValue:
+        """Output only. Natural log of the token's probability given the tokens before it (the model's log-softmax of its
+        raw logits, before temperature, top-p and top-k); unset for the first prompt token (echo), which has none.
+        """
+
+    @_builtins.property
+    def bytes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Output only. The token's UTF-8 bytes."""
+
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
+        """Output only. The most likely tokens at this position, most likely first (logprobs / top_logprobs of them)."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _wrappers_pb2.FloatValue | None = ...,
+        bytes: _abc.Iterable[_builtins.int] | None = ...,
+        top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+        token_id: _builtins.int = ...,
+        text_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "logprob", b"logprob", "text_offset", b"text_offset", "token", b"token", "token_id", b"token_id", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLogprob: _TypeAlias = TokenLogprob  # noqa: Y015
+
+@_typing.final
+class ChoiceLogprobs(_message.Message):
+    """Log probabilities of a choice's tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def content(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """Output only. One entry per token, in order."""
+
+    def __init__(
+        self,
+        *,
+        content: _abc.Iterable[Global___TokenLogprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChoiceLogprobs: _TypeAlias = ChoiceLogprobs  # noqa: Y015
 
 @_typing.final
 class CreateCompletionResponse(_message.Message):
@@ -326,10 +495,13 @@ class StreamCompletionRequest(_message.Message):
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     STREAM_OPTIONS_FIELD_NUMBER: _builtins.int
     PROMPTS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    ECHO_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     prompt: _builtins.str
-    """One prompt. Exactly one of prompt and prompts is required."""
+    """One prompt. Exactly one of prompt, prompts and prompt_token_ids is required."""
     top_k: _builtins.int
     """Optional. Top-k sampling; 0 disables it."""
     user: _builtins.str
@@ -340,9 +512,13 @@ class StreamCompletionRequest(_message.Message):
     """Optional. Bypass the response cache."""
     ignore_eos: _builtins.bool
     """Optional. Keep generating past end-of-sequence."""
+    echo: _builtins.bool
+    """Optional. Return the prompt in front of the generated text; with logprobs, the prompt tokens' logprobs too (the
+    first prompt token has none). With echo, max_tokens may be 0: the prompt is scored, nothing is generated.
+    """
     @_builtins.property
     def max_tokens(self) -> _wrappers_pb2.Int32Value:
-        """Optional. Maximum tokens to generate per choice, >= 1; default 16."""
+        """Optional. Maximum tokens to generate per choice, >= 1 (0 with echo); default 16."""
 
     @_builtins.property
     def temperature(self) -> _wrappers_pb2.FloatValue:
@@ -374,7 +550,20 @@ class StreamCompletionRequest(_message.Message):
 
     @_builtins.property
     def prompts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """A batch of prompts. Exactly one of prompt and prompts is required."""
+        """A batch of prompts. Exactly one of prompt, prompts and prompt_token_ids is required."""
+
+    @_builtins.property
+    def logprobs(self) -> _wrappers_pb2.Int32Value:
+        """Optional. Return the log probabilities of the tokens (choices[].logprobs) and of this many most likely
+        alternatives per position, 0-20. They are the model's own log-softmax of its raw logits, before temperature,
+        top-p and top-k (as vLLM reports them).
+        """
+
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptTokenIds]:
+        """Prompts as token ids of the model's vocabulary (one entry per prompt; choice i*n+j answers prompt i). Exactly
+        one of prompt, prompts and prompt_token_ids is required.
+        """
 
     def __init__(
         self,
@@ -395,10 +584,13 @@ class StreamCompletionRequest(_message.Message):
         max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
         stream_options: Global___StreamOptions | None = ...,
         prompts: _abc.Iterable[_builtins.str] | None = ...,
+        logprobs: _wrappers_pb2.Int32Value | None = ...,
+        echo: _builtins.bool = ...,
+        prompt_token_ids: _abc.Iterable[Global___PromptTokenIds] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -496,6 +688,8 @@ class CreateChatCompletionRequest(_message.Message):
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     top_k: _builtins.int
@@ -508,6 +702,12 @@ class CreateChatCompletionRequest(_message.Message):
     """Optional. Bypass the response cache."""
     ignore_eos: _builtins.bool
     """Optional. Keep generating past end-of-sequence."""
+    logprobs: _builtins.bool
+    """Optional. Return the log probabilities of the generated tokens in choices[].logprobs.content: the model's own
+    log-softmax of its raw logits, before temperature, top-p and top-k (as vLLM reports them).
+    """
+    top_logprobs: _builtins.int
+    """Optional. With logprobs: the most likely alternatives returned per token, 0-20."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Required. The conversation, oldest first; at least one message."""
@@ -557,10 +757,12 @@ class CreateChatCompletionRequest(_message.Message):
         skip_cache: _builtins.bool = ...,
         ignore_eos: _builtins.bool = ...,
         max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -575,6 +777,7 @@ class ChatChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. Choice number."""
     finish_reason: _builtins.str
@@ -583,16 +786,21 @@ class ChatChoice(_message.Message):
     def message(self) -> Global___ChatMessage:
         """Output only. The assistant's message."""
 
+    @_builtins.property
+    def logprobs(self) -> Global___ChoiceLogprobs:
+        """Output only. With logprobs: the generated tokens."""
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         message: Global___ChatMessage | None = ...,
         finish_reason: _builtins.str = ...,
+        logprobs: Global___ChoiceLogprobs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -665,6 +873,8 @@ class StreamChatCompletionRequest(_message.Message):
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     STREAM_OPTIONS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     top_k: _builtins.int
@@ -677,6 +887,12 @@ class StreamChatCompletionRequest(_message.Message):
     """Optional. Bypass the response cache."""
     ignore_eos: _builtins.bool
     """Optional. Keep generating past end-of-sequence."""
+    logprobs: _builtins.bool
+    """Optional. Return the log probabilities of the generated tokens in choices[].logprobs.content: the model's own
+    log-softmax of its raw logits, before temperature, top-p and top-k (as vLLM reports them).
+    """
+    top_logprobs: _builtins.int
+    """Optional. With logprobs: the most likely alternatives returned per token, 0-20."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Required. The conversation, oldest first."""
@@ -731,10 +947,12 @@ class StreamChatCompletionRequest(_message.Message):
         ignore_eos: _builtins.bool = ...,
         max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
         stream_options: Global___StreamOptions | None = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -775,6 +993,7 @@ class ChatChunkChoice(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. Choice number."""
     finish_reason: _builtins.str
@@ -783,16 +1002,21 @@ class ChatChunkChoice(_message.Message):
     def delta(self) -> Global___ChatDelta:
         """Output only. New role and text."""
 
+    @_builtins.property
+    def logprobs(self) -> Global___ChoiceLogprobs:
+        """Output only. With logprobs: the tokens of this chunk."""
+
     def __init__(
         self,
         *,
         index: _builtins.int = ...,
         delta: Global___ChatDelta | None = ...,
         finish_reason: _builtins.str = ...,
+        logprobs: Global___ChoiceLogprobs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "logprobs", b"logprobs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "index", b"index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
