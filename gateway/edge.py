@@ -295,10 +295,11 @@ class Edge:
                                              f"; 0 on this key: gateway.max_concurrent_requests_per_key, "
                                              f"{defaults.per_key}"))
         return [
-            Limit(f"concurrent sequences of key {key.key_id}", "i", (f"{base}:key:{key.key_id}:inflight",),
+            Limit(f"concurrent sequences of key {key.key_id}", "i",
+                  (f"{base}:key:{key.key_id}:inflight", f"{base}:key:{key.key_id}:inflight:sum"),
                   concurrency_cap(key.max_concurrent_requests, defaults.per_key), sequences, "sequences",
                   hint=key_hint),
-            Limit(f"concurrent sequences of tenant {tenant.name}", "i", (f"{base}:inflight",),
+            Limit(f"concurrent sequences of tenant {tenant.name}", "i", (f"{base}:inflight", f"{base}:inflight:sum"),
                   concurrency_cap(tenant.max_concurrent_requests, defaults.per_tenant), sequences, "sequences",
                   hint=tenant_hint),
         ]

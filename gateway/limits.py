@@ -18,10 +18,11 @@ expiry, ms): the gateway running the request renews it; one whose gateway died i
 lazily by the next admission of that counter). A window entry needs no expiry: it leaves its window in 60 s.
 
 Concurrency caps (key and tenant) are in-flight sets: a sorted set of "<request id>:<sequences>" members scored
-by lease deadline (ms). Admission drops the members whose lease passed (requests of a gateway that died), sums
-the rest and adds the request if it fits, in the same script as the other limits; settlement removes it; the
-gateway running it renews the lease. So the count is exact across replicas and cannot leak for longer than one
-lease.
+by lease deadline (ms), plus their running sum. Admission drops the members whose lease passed (requests of a
+gateway that died) from both and adds the request if it fits, in the same script as the other limits;
+settlement removes it; the gateway running it renews the lease. So the count is exact across replicas, costs
+O(log n) per admission, and cannot leak for longer than one lease. Set and sum expire together (twice the
+lease after their last touch); a sum found missing beside a non-empty set is counted again from the set.
 
 Settlement (RECONCILE) happens once per request: the script records "<scope>:settled:<request id>" with the
 change, so a settlement replayed from the journal after a timeout or a crash changes nothing the second time.
@@ -48,6 +49,32 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# The sequences in flight in one in-flight set after dropping the leases that passed. zset, sum: keys; now: ms.
+_INFLIGHT = """
+local function inflight(zset, sum, now)
+  local dead = redis.call('ZRANGEBYSCORE', zset, '-inf', now)
+  if #dead > 0 then redis.call('ZREMRANGEBYSCORE', zset, '-inf', now) end
+  if redis.call('ZCARD', zset) == 0 then
+    redis.call('DEL', sum)
+    return 0
+  end
+  local total = redis.call('GET', sum)
+  if not total then
+    total = 0
+    for _, m in ipairs(redis.call('ZRANGE', zset, 0, -1)) do
+      total = total + tonumber(string.match(m, ':(%d+)$'))
+    end
+    redis.call('SET', sum, total, 'PX', math.max(1, redis.call('PTTL', zset)))
+    return total
+  else
+    total = tonumber(total)
+    for _, m in ipairs(dead) do total = total - tonumber(string.match(m, ':(%d+)$')) end
+  end
+  redis.call('SET', sum, total, 'KEEPTTL')
+  return total
+end
+"""
+
 # Releases the expired reservations of one budget counter. counter, resv: keys; now: ms.
 _REAP = """
 local function reap(counter, resv, now)
@@ -63,10 +90,10 @@ end
 
 # ARGV: window_ms, request_id, reservation_ttl_ms, lease_ms, then per limit: kind ("w" window | "c" counter |
 # "i" in flight), limit, amount, ttl_s. KEYS: per window limit: zset, sum; per counter limit: counter,
-# reservations (zset); per in-flight limit: its zset.
+# reservations (zset); per in-flight limit: zset, sum.
 # Returns {1} when admitted, else {0, index of the failing limit (1-based), retry_after_ms (-1: never fits),
 # amount in use}.
-ADMIT = _NOW + _REAP + """
+ADMIT = _NOW + _REAP + _INFLIGHT + """
 local window, rid, resv_ttl, lease = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local limits = {}
 local k, a = 1, 5
@@ -83,18 +110,14 @@ while a <= #ARGV do
     end
     l.used = tonumber(redis.call('GET', l.sum) or '0')
   elseif l.kind == 'i' then
-    l.zset = KEYS[k]
-    redis.call('ZREMRANGEBYSCORE', l.zset, '-inf', now)  -- leases nobody renewed: their gateway died
-    l.used = 0
-    for _, m in ipairs(redis.call('ZRANGE', l.zset, 0, -1)) do
-      l.used = l.used + tonumber(string.match(m, ':(%d+)$'))
-    end
+    l.zset, l.sum = KEYS[k], KEYS[k + 1]
+    l.used = inflight(l.zset, l.sum, now)  -- leases nobody renewed (their gateway died) are gone
   else
     l.counter, l.resv = KEYS[k], KEYS[k + 1]
     reap(l.counter, l.resv, now)
     l.used = tonumber(redis.call('GET', l.counter) or '0')
   end
-  k = k + (l.kind == 'i' and 1 or 2)
+  k = k + 2
   limits[#limits + 1] = l
   a = a + 4
 end
@@ -115,7 +138,9 @@ end
 for _, l in ipairs(limits) do
   if l.kind == 'i' then
     redis.call('ZADD', l.zset, now + lease, rid .. ':' .. l.amount)
+    redis.call('INCRBY', l.sum, l.amount)
     redis.call('PEXPIRE', l.zset, lease * 2)
+    redis.call('PEXPIRE', l.sum, lease * 2)
   elseif l.kind == 'w' then
     redis.call('ZADD', l.zset, now, rid .. ':' .. l.amount)
     redis.call('INCRBY', l.sum, l.amount)
@@ -143,7 +168,10 @@ local k, a = 2, 3
 while a <= #ARGV do
   local kind, reserved, actual = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   if kind == 'i' then
-    redis.call('ZREM', KEYS[k], rid .. ':' .. reserved)  -- the slot is free again
+    -- the slot is free again (a sum that expired apart is counted again by the next admission)
+    if redis.call('ZREM', KEYS[k], rid .. ':' .. reserved) == 1 and redis.call('EXISTS', KEYS[k + 1]) == 1 then
+      redis.call('DECRBY', KEYS[k + 1], reserved)
+    end
   elseif kind == 'w' then
     local old = rid .. ':' .. reserved
     local score = redis.call('ZSCORE', KEYS[k], old)
@@ -163,17 +191,19 @@ while a <= #ARGV do
     end
     if redis.call('TTL', counter) < 0 then redis.call('EXPIRE', counter, 2 * 86400) end
   end
-  k = k + (kind == 'i' and 1 or 2)
+  k = k + 2
   a = a + 3
 end
 return 1
 """
 
-# KEYS[1]: a reservation or in-flight zset; ARGV: ttl_ms, member, keep_ms (> 0: the zset itself lives that much
-# longer). Extends a reservation or lease still held (XX).
+# KEYS[1]: a reservation or in-flight zset, then keys that live on with it (an in-flight sum); ARGV: ttl_ms,
+# member, keep_ms (> 0: every key lives that much longer). Extends a reservation or lease still held (XX).
 RENEW = _NOW + """
 redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[2])
-if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3])) end
+if tonumber(ARGV[3]) > 0 then
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, tonumber(ARGV[3])) end
+end
 return 1
 """
 
@@ -189,7 +219,7 @@ RESERVATIONS_SUFFIX = ":resv"
 class Limit:
     name: str  # for messages: "requests per minute of key key_ab12"
     kind: str  # "w" sliding window, "c" period counter, "i" in flight (a concurrency cap)
-    keys: tuple[str, ...]  # window: zset, sum; counter: counter, reservations; in flight: zset
+    keys: tuple[str, ...]  # window: zset, sum; counter: counter, reservations; in flight: zset, sum
     limit: int
     amount: int
     measure: str = "requests"  # what amount counts: "requests", "tokens", "cost" (micro-USD) or "sequences"
@@ -216,9 +246,10 @@ class Reservation:
     def settled_key(self) -> str:
         return f"{self.scope}:settled:{self.request_id}"
 
-    def held(self) -> list[tuple[str, str, str]]:
-        """(zset, member, kind) of every budget reservation and in-flight lease that expires unless renewed."""
-        return [(lim.keys[0] if lim.kind == "i" else lim.keys[1], f"{self.request_id}:{lim.amount}", lim.kind)
+    def held(self) -> list[tuple[tuple[str, ...], str, str]]:
+        """(keys to renew, the zset first; member; kind) of every budget reservation and in-flight lease that
+        expires unless renewed."""
+        return [(lim.keys if lim.kind == "i" else lim.keys[1:], f"{self.request_id}:{lim.amount}", lim.kind)
                 for lim in self.limits if lim.kind in ("c", "i") and lim.amount > 0]
 
 
@@ -298,9 +329,9 @@ class Limiter:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                for key, member, kind in held:  # one call per key: every key of a call in one cluster slot
+                for keys, member, kind in held:  # one call per limit: its keys share a cluster slot
                     ttl, keep = (self.lease_ms, 2 * self.lease_ms) if kind == "i" else (self.reservation_ttl_ms, 0)
-                    await self._renew(keys=[key], args=[ttl, member, keep], client=pipe)
+                    await self._renew(keys=list(keys), args=[ttl, member, keep], client=pipe)
                 await pipe.execute()
         except Exception as exc:
             self._warn(exc)

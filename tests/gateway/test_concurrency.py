@@ -28,7 +28,8 @@ IDLE = "idle-v1"  # registered, served by no worker: admitted, then UNAVAILABLE 
 
 
 def inflight(tenant: str, cap: int, amount: int = 1) -> Limit:
-    return Limit("concurrent sequences", "i", (f"llmserve:rl:{{{tenant}}}:inflight",), cap, amount, "sequences")
+    key = f"llmserve:rl:{{{tenant}}}:inflight"
+    return Limit("concurrent sequences", "i", (key, key + ":sum"), cap, amount, "sequences")
 
 
 async def test_a_dead_gateways_slots_come_back_when_their_lease_passes(redis_srv):
@@ -52,6 +53,27 @@ async def test_a_dead_gateways_slots_come_back_when_their_lease_passes(redis_srv
         with pytest.raises(LimitExceeded) as never:
             await limiter.admit("huge", [inflight(tenant, 3, 4)])
         assert never.value.retry_after_s is None  # can never fit: not worth a retry
+    finally:
+        await client.aclose()
+
+
+async def test_the_running_sum_is_counted_again_when_it_went_missing(redis_srv):
+    """Admission reads a running sum, not the whole set; a sum lost apart from its set is rebuilt from it."""
+    client = aioredis.Redis(port=redis_srv.port)
+    try:
+        limiter = Limiter(client)
+        tenant = f"sum{uuid.uuid4().hex[:8]}"
+        held = [await limiter.admit(f"r{w}", [inflight(tenant, 7, w)]) for w in (1, 2, 3)]
+        zset, total = inflight(tenant, 7).keys
+        assert int(await client.get(total)) == 6
+        await client.delete(total)
+        assert await limiter.admit("fits", [inflight(tenant, 7, 1)])  # 6 + 1
+        with pytest.raises(LimitExceeded) as full:
+            await limiter.admit("over", [inflight(tenant, 7, 1)])
+        assert full.value.used == 7 and 0 < await client.pttl(total) <= 30_000
+        for reservation in held:
+            await limiter.reconcile(reservation, {})
+        assert int(await client.get(total)) == 1 and await client.zcard(zset) == 1
     finally:
         await client.aclose()
 
