@@ -175,11 +175,20 @@ def request_schema(schemas: Schemas, name: str, cfg) -> dict:
                                "description": "Optional, streams only. include_usage: a last chunk with the usage."}
     if name == "CreateCompletionRequest":
         p["prompt"] = strings_or_one(cfg.max_prompts, "One prompt, or a list of prompts (choice i*n+j answers prompt "
-                                                      "i). Exactly one of prompt and prompts is required.")
+                                                      "i), as text or token ids. Exactly one of prompt and prompts is "
+                                                      "required.")
+        ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+        p["prompt"]["oneOf"] += [ids, {"type": "array", "minItems": 1, "maxItems": cfg.max_prompts, "items": ids}]
         p["prompts"] = bounded(p["prompts"], minItems=1, maxItems=cfg.max_prompts, items=text)
-        schema["oneOf"] = [{"required": ["model", "prompt"]}, {"required": ["model", "prompts"]}]  # not both
+        p["prompt_token_ids"] = bounded(p["prompt_token_ids"], minItems=1, maxItems=cfg.max_prompts)
+        for f in ("max_tokens", "max_completion_tokens"):
+            p[f] = bounded(p[f], minimum=0)  # 0 with echo: score the prompt
+        p["logprobs"] = bounded(p["logprobs"], minimum=0, maximum=20)
+        schema["oneOf"] = [{"required": ["model", "prompt"]}, {"required": ["model", "prompts"]},  # only one
+                           {"required": ["model", "prompt_token_ids"]}]
     elif name == "CreateChatCompletionRequest":
         p["messages"] = bounded(p["messages"], minItems=1, maxItems=cfg.max_messages)
+        p["top_logprobs"] = bounded(p["top_logprobs"], minimum=0, maximum=20)
         schema["required"] = ["model", "messages"]
     elif name == "CreateEmbeddingsRequest":
         p["input"] = strings_or_one(cfg.max_embedding_inputs, "One text, or a list of texts. Exactly one of input "
@@ -189,7 +198,7 @@ def request_schema(schemas: Schemas, name: str, cfg) -> dict:
                                 "description": "Optional. \"float\" (default) or \"base64\" (little-endian float32s)."}
         schema["oneOf"] = [{"required": ["model", "input"]}, {"required": ["model", "inputs"]}]  # not both
     # Null means "not given" (the sidecar drops it), so the fields a request needs are never null.
-    needed = {"model", "messages", "prompt", "prompts", "input", "inputs"}
+    needed = {"model", "messages", "prompt", "prompts", "prompt_token_ids", "input", "inputs"}
     schema["properties"] = {k: (v if k in needed else nullable(v)) for k, v in p.items()}
     schema["additionalProperties"] = True  # unknown fields are ignored, as OpenAI's SDKs expect
     return schema
@@ -201,6 +210,18 @@ def response_fixups(schemas: dict) -> None:
     for name in ("CompletionChoice", "ChatChoice", "ChatChunkChoice"):
         schemas[name]["properties"]["finish_reason"] = nullable(schemas[name]["properties"]["finish_reason"])
     schemas["ChatDelta"]["required"] = ["content"]
+    for name in ("ChatChoice", "ChatChunkChoice"):  # null without logprobs
+        schemas[name]["properties"]["logprobs"] = nullable(schemas[name]["properties"]["logprobs"])
+    nullable_number = {"type": ["number", "null"]}
+    schemas["CompletionChoice"]["properties"]["logprobs"] = nullable({  # OpenAI's legacy shape (forward.go)
+        "type": "object", "required": ["tokens", "token_logprobs", "top_logprobs", "text_offset"],
+        "description": "With logprobs: per token its text, logprob (null for the first prompt token of an echo), "
+                       "{token: logprob} of the top alternatives and the sampled token, and character offset.",
+        "properties": {"tokens": {"type": "array", "items": {"type": "string"}},
+                       "token_logprobs": {"type": "array", "items": nullable_number},
+                       "top_logprobs": {"type": "array", "items": {"type": ["object", "null"],
+                                                                   "additionalProperties": {"type": "number"}}},
+                       "text_offset": {"type": "array", "items": {"type": "integer"}}}})
     for name in ("StreamCompletionResponse", "StreamChatCompletionResponse"):
         schemas[name]["required"] = [r for r in schemas[name]["required"] if r != "usage"]
     vector = schemas["Embedding"]["properties"]["embedding"]

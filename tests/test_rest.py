@@ -420,3 +420,92 @@ def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after(mesh, ba
         assert time.monotonic() < deadline, "the slots of closed streams did not come back"
         time.sleep(0.1)
     assert status == 200
+
+
+# ---- logprobs, echo and token-id prompts (what lm-evaluation-harness sends) ----
+
+def _smollm2_logprobs(ids: list[int]):
+    import torch
+
+    from llmserve.worker.models import load_generation_model
+    from tests.helpers.tiny_models import SMOLLM2_SOURCE, model_cache_dir
+
+    model, _ = load_generation_model(SMOLLM2_SOURCE, model_cache_dir())
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+@pytest.mark.parametrize("max_tokens", [0, 1])
+def test_echo_logprobs_of_batched_token_id_prompts_score_like_hf(client, max_tokens):
+    from tests.helpers.tiny_models import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    texts = ["The capital of France is Paris", "Water boils at 100 degrees"]
+    prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    r = client.completions.create(model="smollm2", prompt=prompts, echo=True, logprobs=1, max_tokens=max_tokens,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.prompt_tokens == sum(map(len, prompts))
+    truth = _smollm2_logprobs(prompts[0] + ([] if not max_tokens else [tokenizer.convert_tokens_to_ids(
+        r.choices[0].logprobs.tokens[-1])]))
+    for choice, text, ids in zip(r.choices, texts, prompts):
+        lp = choice.logprobs
+        assert choice.text.startswith(text) and len(lp.tokens) == len(ids) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+        assert "".join(lp.tokens) == choice.text
+        assert all(value <= 0 and token in top for token, value, top in
+                   zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]))
+    scored = r.choices[0].logprobs
+    for i in range(1, len(prompts[0])):
+        assert abs(scored.token_logprobs[i] - truth[i - 1, prompts[0][i]].item()) < 1e-3
+    if max_tokens:  # greedy, as lm-eval's is_greedy reads it: the sampled token is the top one
+        assert scored.token_logprobs[-1] == max(scored.top_logprobs[-1].values())
+
+
+def test_a_single_token_id_prompt_equals_its_text_and_bad_ids_name_the_index(client, mesh, base):
+    from tests.helpers.tiny_models import smollm2_tokenizer
+
+    ids = smollm2_tokenizer().encode("The sky is", add_special_tokens=False)
+    by_ids = client.completions.create(model="smollm2", prompt=ids, max_tokens=4, temperature=0)
+    by_text = client.completions.create(model="smollm2", prompt="The sky is", max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smollm2", prompt=[ids, [1, 99999]], max_tokens=1)
+    assert "prompt[1][1]=99999 is outside the vocabulary" in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smollm2", prompt=[5, 99999], max_tokens=1)
+    assert "prompt[1]=99999 is outside the vocabulary" in err.value.message
+    status, _, body = http("POST", f"{base}/v1/completions", json.dumps(
+        {"model": "smollm2", "prompt": [1, "x"]}).encode(), mesh.api_key)
+    assert status == 400 and assert_openai_error(body)["param"] == "prompt[1]"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smollm2", prompt="x", logprobs=21)
+    assert "logprobs=21 is out of range" in err.value.message
+
+
+def test_completion_logprobs_stream_equal_unary(client):
+    kwargs = dict(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=2)
+    unary = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = list(client.completions.create(**kwargs, stream=True, extra_body={"skip_cache": True}))
+    tokens = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    values = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert tokens == unary.tokens and values == pytest.approx(unary.token_logprobs, abs=1e-5)
+    assert len(unary.tokens) == 5 and all(1 <= len(top) <= 3 for top in unary.top_logprobs)
+
+
+def test_chat_logprobs_unary_and_stream(client):
+    messages = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=6,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token for e in content)  # greedy
+    assert all(bytes(e.bytes) == e.token.encode() for e in content if e.bytes is not None and
+               not e.token.startswith("bytes:"))
+    chunks = list(client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=6,
+                                                 logprobs=True, top_logprobs=3, stream=True,
+                                                 extra_body={"skip_cache": True}))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in content]
+    plain = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=2)
+    assert plain.choices[0].logprobs is None

@@ -165,6 +165,7 @@ func marshalFixed(marshaler runtime.Marshaler, msg proto.Message, state *request
 			if r, ok := choice["finish_reason"].(string); ok && r == "" {
 				choice["finish_reason"] = nil // OpenAI: null until the choice ends
 			}
+			reshapeLogprobs(choice, obj["object"] == "text_completion")
 			if delta, ok := choice["delta"].(map[string]interface{}); ok {
 				if role, ok := delta["role"].(string); ok && role == "" {
 					delete(delta, "role") // only a choice's first chunk names the role
@@ -189,6 +190,53 @@ func marshalFixed(marshaler runtime.Marshaler, msg proto.Message, state *request
 		return nil, err
 	}
 	return bytes.TrimRight(out.Bytes(), "\n"), nil
+}
+
+// reshapeLogprobs gives a choice's logprobs OpenAI's shapes. Completions (the legacy shape): {tokens,
+// token_logprobs, top_logprobs: [{token: logprob}], text_offset}, the sampled token always in its top_logprobs
+// entry, null for the first prompt token of an echo. Chat keeps {content: [{token, logprob, bytes, top_logprobs}]}.
+func reshapeLogprobs(choice map[string]interface{}, isCompletion bool) {
+	logprobs, ok := choice["logprobs"].(map[string]interface{})
+	if !ok {
+		return
+	}
+	content, _ := logprobs["content"].([]interface{})
+	if !isCompletion { // chat: the proto's shape is OpenAI's (with token_id and text_offset besides)
+		return
+	}
+	tokens := make([]interface{}, 0, len(content))
+	values := make([]interface{}, 0, len(content))
+	tops := make([]interface{}, 0, len(content))
+	offsets := make([]interface{}, 0, len(content))
+	for _, e := range content {
+		entry, _ := e.(map[string]interface{})
+		tokens = append(tokens, entry["token"])
+		values = append(values, entry["logprob"])
+		offset := entry["text_offset"]
+		if offset == nil {
+			offset = json.Number("0")
+		}
+		offsets = append(offsets, offset)
+		if entry["logprob"] == nil {
+			tops = append(tops, nil)
+			continue
+		}
+		top := map[string]interface{}{}
+		alternatives, _ := entry["top_logprobs"].([]interface{})
+		for _, a := range alternatives {
+			if alt, ok := a.(map[string]interface{}); ok {
+				if token, ok := alt["token"].(string); ok {
+					top[token] = alt["logprob"]
+				}
+			}
+		}
+		if token, ok := entry["token"].(string); ok {
+			top[token] = entry["logprob"]
+		}
+		tops = append(tops, top)
+	}
+	choice["logprobs"] = map[string]interface{}{"tokens": tokens, "token_logprobs": values, "top_logprobs": tops,
+		"text_offset": offsets}
 }
 
 // encodeEmbeddings turns each data[i].embedding float list into OpenAI's base64 form: little-endian float32s.

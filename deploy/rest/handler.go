@@ -269,8 +269,9 @@ var generationFields = map[string]fieldKind{
 }
 
 var fieldsByKind = map[string]map[string]fieldKind{
-	"completions": merge(generationFields, map[string]fieldKind{"prompts": kindStrings}),
-	"chat":        generationFields,
+	"completions": merge(generationFields, map[string]fieldKind{"prompts": kindStrings, "logprobs": kindInt32,
+		"echo": kindBool}),
+	"chat": merge(generationFields, map[string]fieldKind{"logprobs": kindBool, "top_logprobs": kindInt32}),
 	"embeddings": {"model": kindString, "inputs": kindStrings, "encoding_format": kindString, "user": kindString,
 		"priority": kindPriority, "skip_cache": kindBool},
 }
@@ -356,6 +357,9 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 	// Shapes that need more than a type check.
 	switch kind {
 	case "completions":
+		if err := moveTokenPrompts(body, state); err != nil {
+			return nil, err
+		}
 		if err := moveList(body, "prompt", "prompts", state, "prompt"); err != nil {
 			return nil, err
 		}
@@ -465,6 +469,54 @@ func moveList(body map[string]interface{}, name, listName string, state *request
 		return nil
 	}
 	return invalidType(name, "a string or an array of strings", v)
+}
+
+// moveTokenPrompts moves a completions `prompt` of token ids (a list of integers, or a list of such lists, as
+// OpenAI accepts) to the proto's prompt_token_ids; a prompt of text is left to moveList.
+func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyError {
+	list, ok := body["prompt"].([]interface{})
+	if !ok || len(list) == 0 {
+		return nil
+	}
+	ids := func(field string, items []interface{}) ([]interface{}, *bodyError) {
+		out := make([]interface{}, len(items))
+		for i, item := range items {
+			fixed, err := checkField(fmt.Sprintf("%s[%d]", field, i), kindInt32, item)
+			if err != nil {
+				return nil, err
+			}
+			out[i] = fixed
+		}
+		return out, nil
+	}
+	var prompts []interface{}
+	switch list[0].(type) {
+	case json.Number: // one prompt
+		one, err := ids("prompt", list)
+		if err != nil {
+			return err
+		}
+		prompts = []interface{}{map[string]interface{}{"token_ids": one}}
+		state.renames["prompt_token_ids[0]"] = "prompt"
+	case []interface{}: // a batch of prompts
+		for i, item := range list {
+			inner, ok := item.([]interface{})
+			if !ok {
+				return invalidType(fmt.Sprintf("prompt[%d]", i), "an array of token ids", item)
+			}
+			one, err := ids(fmt.Sprintf("prompt[%d]", i), inner)
+			if err != nil {
+				return err
+			}
+			prompts = append(prompts, map[string]interface{}{"token_ids": one})
+		}
+		state.renames["prompt_token_ids"] = "prompt"
+	default:
+		return nil
+	}
+	delete(body, "prompt")
+	body["prompt_token_ids"] = prompts
+	return nil
 }
 
 // normalizeMessages checks chat messages and flattens OpenAI content parts into the proto's single string.

@@ -454,7 +454,7 @@ func TestBodyAndRouteErrors(t *testing.T) {
 		{"POST", "/v1/completions", `{"model":"m","prompt":"x","max_tokens":"abc"}`, 400, "max_tokens"},
 		{"POST", "/v1/completions", `{"model":"m","prompt":"x","max_tokens":1.5}`, 400, "max_tokens"},
 		{"POST", "/v1/completions", `{"model":"m","prompt":"x","max_tokens":9999999999}`, 400, "max_tokens"},
-		{"POST", "/v1/completions", `{"model":"m","prompt":[1,2]}`, 400, "prompt"},
+		{"POST", "/v1/completions", `{"model":"m","prompt":[1,"x"]}`, 400, "prompt[1]"},
 		{"POST", "/v1/completions", `{"model":"m","prompt":"x","stop":[1]}`, 400, "stop[0]"},
 		{"POST", "/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":[{"type":"image_url"}]}]}`, 400, "messages[0].content"},
 		{"POST", "/v1/chat/completions", `{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":"yes"}}`, 400, "stream_options.include_usage"},
