@@ -474,10 +474,6 @@ func moveList(body map[string]interface{}, name, listName string, state *request
 // moveTokenPrompts moves a completions `prompt` of token ids (a list of integers, or a list of such lists, as
 // OpenAI accepts) to the proto's prompt_token_ids; a prompt of text is left to moveList.
 func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyError {
-	list, ok := body["prompt"].([]interface{})
-	if !ok || len(list) == 0 {
-		return nil
-	}
 	ids := func(field string, items []interface{}) ([]interface{}, *bodyError) {
 		out := make([]interface{}, len(items))
 		for i, item := range items {
@@ -488,6 +484,34 @@ func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyErr
 			out[i] = fixed
 		}
 		return out, nil
+	}
+	if given, present := body["prompt_token_ids"]; present { // the proto's own field: integers, as the decoder takes
+		entries, ok := given.([]interface{})
+		if !ok {
+			return invalidType("prompt_token_ids", "an array of {token_ids}", given)
+		}
+		for i, e := range entries {
+			field := fmt.Sprintf("prompt_token_ids[%d]", i)
+			entry, ok := e.(map[string]interface{})
+			if !ok {
+				return invalidType(field, "an object with token_ids", e)
+			}
+			if v, present := entry["token_ids"]; present && v != nil {
+				list, ok := v.([]interface{})
+				if !ok {
+					return invalidType(field+".token_ids", "an array of token ids", v)
+				}
+				fixed, err := ids(field+".token_ids", list)
+				if err != nil {
+					return err
+				}
+				entry["token_ids"] = fixed
+			}
+		}
+	}
+	list, ok := body["prompt"].([]interface{})
+	if !ok || len(list) == 0 {
+		return nil
 	}
 	var prompts []interface{}
 	switch list[0].(type) {
@@ -513,6 +537,9 @@ func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyErr
 		state.renames["prompt_token_ids"] = "prompt"
 	default:
 		return nil
+	}
+	if _, both := body["prompt_token_ids"]; both {
+		return invalidValue("prompt", "set either prompt or prompt_token_ids, not both")
 	}
 	delete(body, "prompt")
 	body["prompt_token_ids"] = prompts

@@ -59,4 +59,15 @@ func TestTokenIDPromptsMoveToPromptTokenIDs(t *testing.T) {
 	if err := moveTokenPrompts(decodeJSON(t, `{"prompt": [[1], 2]}`), state); err == nil || err.param != "prompt[1]" {
 		t.Fatalf("a mixed batch must be refused naming prompt[1]: %v", err)
 	}
+	direct := decodeJSON(t, `{"prompt_token_ids": [{"token_ids": [0.0, 7]}]}`)
+	if err := moveTokenPrompts(direct, state); err != nil {
+		t.Fatal(err.message)
+	}
+	if got, _ := json.Marshal(direct); string(got) != `{"prompt_token_ids":[{"token_ids":[0,7]}]}` {
+		t.Fatalf("integral numbers are sent as integers: %s", got)
+	}
+	bad := decodeJSON(t, `{"prompt_token_ids": [{"token_ids": [1.5]}]}`)
+	if err := moveTokenPrompts(bad, state); err == nil || err.param != "prompt_token_ids[0].token_ids[0]" {
+		t.Fatalf("a fraction must be refused naming it: %v", err)
+	}
 }
