@@ -181,9 +181,13 @@ async def test_admin_records_of_any_characters_under_the_cap_are_stored(admin):
     with pytest.raises(grpc.aio.AioRpcError) as err:  # the fuzzer's example
         await admin_keys.CreateAdminKey(apb.CreateAdminKeyRequest(description="\u0645" * 300_000), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    tenants = tenant_stub(admin.channel, admin.admin_key)
-    await tenants.CreateTenant(tpb.CreateTenantRequest(tenant=tpb.Tenant(name="escapes")))
-    # The most expensive characters to store: each a 6-byte JSON escape, or 12 bytes for 4 of UTF-8.
-    for text in ("\x00" * (MAX_ADMIN_REQUEST_BYTES - 100), "\U0001f916" * (MAX_ADMIN_REQUEST_BYTES // 4 - 100)):
-        created = await tenants.CreateApiKey(tpb.CreateApiKeyRequest(tenant="escapes", description=text), timeout=30)
-        assert created.api_key.description == text
+    # Key descriptions are short by rule (256 characters); a model version's labels are the admin plane's large
+    # free text. The most expensive characters to store: each a 6-byte JSON escape, or 12 bytes for 4 of UTF-8.
+    registry = registry_stub(admin.channel, admin.admin_key)
+    for i, text in enumerate(("\x00" * (MAX_ADMIN_REQUEST_BYTES - 300),
+                              "\U0001f916" * (MAX_ADMIN_REQUEST_BYTES // 4 - 300))):
+        version = rpb.ModelVersion(version=f"escapes-v{i}", family="escapes", kind=rpb.MODEL_KIND_GENERATE,
+                                   weights_source="file:/nowhere", context_length=16, labels={"note": text})
+        created = await registry.CreateModelVersion(rpb.CreateModelVersionRequest(model_version=version), timeout=30)
+        assert created.model_version.labels["note"] == text
+        await registry.DeleteModelVersion(rpb.DeleteModelVersionRequest(version=version.version), timeout=30)
