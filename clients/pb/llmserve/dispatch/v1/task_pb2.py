@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmserve.inference.v1 import inference_pb2 as llmserve_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmserve/dispatch/v1/task.proto\x12\x14llmserve.dispatch.v1\x1a%llmserve/inference/v1/inference.proto\"\xf9\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x15max_tokens_is_default\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\"\xb2\x01\n\rGenerateInput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".llmserve.inference.v1.ChatMessage\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.llmserve.dispatch.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\x12-\n\x03top\x18\x04 \x03(\x0b\x32 .llmserve.dispatch.v1.TopLogprob\"\x1b\n\nEmbedInput\x12\r\n\x05texts\x18\x01 \x03(\t\"\x81\x03\n\x04Task\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x31\n\x08priority\x18\x03 \x01(\x0e\x32\x1f.llmserve.inference.v1.Priority\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x43\n\rtrace_context\x18\x07 \x03(\x0b\x32,.llmserve.dispatch.v1.Task.TraceContextEntry\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x37\n\x08generate\x18\x05 \x01(\x0b\x32#.llmserve.dispatch.v1.GenerateInputH\x00\x12\x31\n\x05\x65mbed\x18\x06 \x01(\x0b\x32 .llmserve.dispatch.v1.EmbedInputH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\" \n\nCancelTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x8a\x03\n\nTaskOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12.\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1f.llmserve.dispatch.v1.TaskError\x12\x30\n\nembeddings\x18\x08 \x03(\x0b\x32\x1c.llmserve.dispatch.v1.Vector\x12\x15\n\rcached_tokens\x18\t \x01(\x05\x12\r\n\x05index\x18\n \x01(\x05\x12\x34\n\x08logprobs\x18\x0b \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\"b\n\tModelLoad\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\"P\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x06models\x18\x02 \x03(\x0b\x32\x1f.llmserve.dispatch.v1.ModelLoadB1Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmserve/dispatch/v1/task.proto\x12\x14llmserve.dispatch.v1\x1a%llmserve/inference/v1/inference.proto\"\xb1\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x15max_tokens_is_default\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12>\n\nstructured\x18\r \x01(\x0b\x32*.llmserve.dispatch.v1.StructuredConstraint\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12G\n\nlogit_bias\x18\x11 \x03(\x0b\x32\x33.llmserve.dispatch.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x13 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa4\x01\n\x14StructuredConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x32\n\x06\x63hoice\x18\x04 \x01(\x0b\x32 .llmserve.dispatch.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\xb2\x01\n\rGenerateInput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".llmserve.inference.v1.ChatMessage\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.llmserve.dispatch.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\x12-\n\x03top\x18\x04 \x03(\x0b\x32 .llmserve.dispatch.v1.TopLogprob\"\x1b\n\nEmbedInput\x12\r\n\x05texts\x18\x01 \x03(\t\"\x81\x03\n\x04Task\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x31\n\x08priority\x18\x03 \x01(\x0e\x32\x1f.llmserve.inference.v1.Priority\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x43\n\rtrace_context\x18\x07 \x03(\x0b\x32,.llmserve.dispatch.v1.Task.TraceContextEntry\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x37\n\x08generate\x18\x05 \x01(\x0b\x32#.llmserve.dispatch.v1.GenerateInputH\x00\x12\x31\n\x05\x65mbed\x18\x06 \x01(\x0b\x32 .llmserve.dispatch.v1.EmbedInputH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\" \n\nCancelTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x8a\x03\n\nTaskOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12.\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1f.llmserve.dispatch.v1.TaskError\x12\x30\n\nembeddings\x18\x08 \x03(\x0b\x32\x1c.llmserve.dispatch.v1.Vector\x12\x15\n\rcached_tokens\x18\t \x01(\x05\x12\r\n\x05index\x18\n \x01(\x05\x12\x34\n\x08logprobs\x18\x0b \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\"b\n\tModelLoad\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\"P\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x06models\x18\x02 \x03(\x0b\x32\x1f.llmserve.dispatch.v1.ModelLoadB1Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmserve.dispatch.v1.task_p
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1'
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TASK_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_TASK_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=97
-  _globals['_SAMPLINGPARAMS']._serialized_end=346
-  _globals['_GENERATEINPUT']._serialized_start=349
-  _globals['_GENERATEINPUT']._serialized_end=527
-  _globals['_TOPLOGPROB']._serialized_start=529
-  _globals['_TOPLOGPROB']._serialized_end=591
-  _globals['_TOKENLOGPROB']._serialized_start=593
-  _globals['_TOKENLOGPROB']._serialized_end=704
-  _globals['_EMBEDINPUT']._serialized_start=706
-  _globals['_EMBEDINPUT']._serialized_end=733
-  _globals['_TASK']._serialized_start=736
-  _globals['_TASK']._serialized_end=1121
-  _globals['_TASK_TRACECONTEXTENTRY']._serialized_start=1061
-  _globals['_TASK_TRACECONTEXTENTRY']._serialized_end=1112
-  _globals['_CANCELTASK']._serialized_start=1123
-  _globals['_CANCELTASK']._serialized_end=1155
-  _globals['_TASKERROR']._serialized_start=1157
-  _globals['_TASKERROR']._serialized_end=1199
-  _globals['_VECTOR']._serialized_start=1201
-  _globals['_VECTOR']._serialized_end=1225
-  _globals['_TASKOUTPUT']._serialized_start=1228
-  _globals['_TASKOUTPUT']._serialized_end=1622
-  _globals['_MODELLOAD']._serialized_start=1624
-  _globals['_MODELLOAD']._serialized_end=1722
-  _globals['_LOADREPORT']._serialized_start=1724
-  _globals['_LOADREPORT']._serialized_end=1804
+  _globals['_SAMPLINGPARAMS']._serialized_end=658
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=610
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=658
+  _globals['_CHOICELIST']._serialized_start=660
+  _globals['_CHOICELIST']._serialized_end=689
+  _globals['_STRUCTUREDCONSTRAINT']._serialized_start=692
+  _globals['_STRUCTUREDCONSTRAINT']._serialized_end=856
+  _globals['_GENERATEINPUT']._serialized_start=859
+  _globals['_GENERATEINPUT']._serialized_end=1037
+  _globals['_TOPLOGPROB']._serialized_start=1039
+  _globals['_TOPLOGPROB']._serialized_end=1101
+  _globals['_TOKENLOGPROB']._serialized_start=1103
+  _globals['_TOKENLOGPROB']._serialized_end=1214
+  _globals['_EMBEDINPUT']._serialized_start=1216
+  _globals['_EMBEDINPUT']._serialized_end=1243
+  _globals['_TASK']._serialized_start=1246
+  _globals['_TASK']._serialized_end=1631
+  _globals['_TASK_TRACECONTEXTENTRY']._serialized_start=1571
+  _globals['_TASK_TRACECONTEXTENTRY']._serialized_end=1622
+  _globals['_CANCELTASK']._serialized_start=1633
+  _globals['_CANCELTASK']._serialized_end=1665
+  _globals['_TASKERROR']._serialized_start=1667
+  _globals['_TASKERROR']._serialized_end=1709
+  _globals['_VECTOR']._serialized_start=1711
+  _globals['_VECTOR']._serialized_end=1735
+  _globals['_TASKOUTPUT']._serialized_start=1738
+  _globals['_TASKOUTPUT']._serialized_end=2132
+  _globals['_MODELLOAD']._serialized_start=2134
+  _globals['_MODELLOAD']._serialized_end=2232
+  _globals['_LOADREPORT']._serialized_start=2234
+  _globals['_LOADREPORT']._serialized_end=2314
 # @@protoc_insertion_point(module_scope)
