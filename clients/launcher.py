@@ -103,6 +103,7 @@ class Launcher:
         self.stopping = False
         self.rest_url = ""
         self.replica_metrics: list[int] = []  # metrics ports of the gateway replicas
+        self.worker_lines: list[str] = []  # the banner's line per worker
         self.backoff_reset_s = BACKOFF_RESET_S
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -200,6 +201,29 @@ class Launcher:
             raise SystemExit(f"{child.name} failed to start ({exc}); see {child.log_path}") from None
         self.say(f"{child.name}: serving on 127.0.0.1:{port}")
 
+    def _start_workers(self) -> list[tuple[Child, int]]:
+        """launch.workers worker processes, worker i on launch.worker_ports[i] (else worker.port + i) serving
+        launch.worker_models[i] (else worker.models); worker 0 keeps worker.metrics_port, the others get free
+        ones. Returns (child, port) of each, not waited for."""
+        cfg, launch = self.config.worker, self.config.launch
+        started = []
+        self.worker_lines = []
+        for i, port in enumerate(launch.ports(cfg.port)):
+            models = launch.models(i, cfg.models)
+            metrics = cfg.metrics_port if i == 0 else (free_port() if cfg.metrics_port else 0)
+            child = self._service("worker", port)
+            if launch.workers > 1:
+                child.name, child.log_path = f"worker-{i + 1}", self.state / "logs" / f"worker-{i + 1}.log"
+            child.env = {"LLMSERVE_WORKER__PORT": str(port), "LLMSERVE_WORKER__METRICS_PORT": str(metrics),
+                         "LLMSERVE_WORKER__MODELS": ",".join(models)}
+            if cfg.worker_id and i:
+                child.env["LLMSERVE_WORKER__WORKER_ID"] = f"{cfg.worker_id}-{i + 1}"
+            self.worker_lines.append(f"127.0.0.1:{port}   models: {', '.join(models)}"
+                                     + (f"   metrics :{metrics}" if metrics else ""))
+            started.append((self._start_service("worker", port, 0, child, setting="launch.worker_ports",
+                                                wait=False), port))
+        return started
+
     def _start_gateway_replicas(self) -> list[tuple[Child, int]]:
         """One more gateway per gateway.replica_ports: the same config but its own port and metrics port.
         Returns (child, port) of each, not waited for."""
@@ -285,11 +309,12 @@ class Launcher:
         self.say("worker: loading models (the first run converts SmolLM2 once, about 20 s) ...")
         # The worker, the scheduler and the gateways need only etcd, Redis and the registry: they start at once
         # (a mesh with two gateways came up in about half the time on 2 cores), and are waited for in turn.
-        worker = self._start_service("worker", cfg.worker.port, 0, wait=False)
+        workers = self._start_workers()
         scheduler = self._start_service("scheduler", cfg.scheduler.port, 0, wait=False)
         gateway = self._start_service("gateway", cfg.gateway.port, 0, wait=False)
         replicas = self._start_gateway_replicas()
-        self._await_service(worker, cfg.worker.port, 600)
+        for child, port in workers:
+            self._await_service(child, port, 600)
         self._await_service(scheduler, cfg.scheduler.port, 60)
         for child, port in [(gateway, cfg.gateway.port), *replicas]:
             self._await_service(child, port, 120)  # it listens once its tokenizers are loaded
@@ -305,7 +330,7 @@ class Launcher:
 llmserve is up.
   gateway (gRPC)   {gw}            InferenceService, health, reflection{self._replica_lines()}
   scheduler        127.0.0.1:{cfg.scheduler.port}
-  worker           127.0.0.1:{cfg.worker.port}   models: {', '.join(cfg.worker.models)}
+{self._worker_lines()}
   registry (admin) 127.0.0.1:{cfg.registry.port}
   metrics          http://127.0.0.1:{cfg.gateway.metrics_port}/metrics (gateway), :{cfg.scheduler.metrics_port}, :{cfg.worker.metrics_port}, :{cfg.registry.metrics_port}
   logs             {self.state / 'logs'}
@@ -319,6 +344,9 @@ Try it:
 
 {self._rest_example(key_file)}Ctrl-C stops everything.
 """, flush=True)
+
+    def _worker_lines(self) -> str:
+        return "\n".join(f"  {'worker':17}{line}" for line in self.worker_lines)
 
     def _replica_lines(self) -> str:
         cfg = self.config.gateway

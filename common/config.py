@@ -168,6 +168,36 @@ class WorkerConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """What `llmserve run` starts on this machine (the services' own settings are in their sections)."""
+    # Worker processes. Worker i (0-based) listens on worker_ports[i], else worker.port + i, with its metrics on a
+    # free port (worker 0 keeps worker.metrics_port), and serves worker_models[i], else worker.models.
+    workers: int = 1
+    worker_ports: list[int] = field(default_factory=list)
+    # Per-worker model sets, one entry per worker, versions separated by spaces ("a b,c": worker 0 serves a and b,
+    # worker 1 serves c); a missing or empty entry means worker.models.
+    worker_models: list[str] = field(default_factory=list)
+
+    def validate(self, worker_port: int) -> None:
+        if self.workers < 1:
+            raise ValueError(f"launch.workers={self.workers} must be >= 1")
+        if len(self.worker_ports) > self.workers or len(self.worker_models) > self.workers:
+            raise ValueError(f"launch.worker_ports ({len(self.worker_ports)}) and launch.worker_models "
+                             f"({len(self.worker_models)}) have at most launch.workers={self.workers} entries")
+        ports = self.ports(worker_port)
+        if any(not 0 < p <= 65535 for p in ports) or len(set(ports)) < len(ports):
+            raise ValueError(f"the workers' ports {ports} must be distinct ports in [1, 65535] "
+                             "(launch.worker_ports, else worker.port + i)")
+
+    def ports(self, worker_port: int) -> list[int]:
+        return [self.worker_ports[i] if i < len(self.worker_ports) else worker_port + i for i in range(self.workers)]
+
+    def models(self, i: int, default: list[str]) -> list[str]:
+        entry = self.worker_models[i].split() if i < len(self.worker_models) else []
+        return entry or list(default)
+
+
+@dataclass
 class RegistryConfig:
     host: str = "127.0.0.1"  # listen address of the admin service
     port: int = 50053  # gRPC port
@@ -275,6 +305,7 @@ class MeshConfig:
     log: LogConfig = field(default_factory=LogConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> MeshConfig:
         for section in ("gateway", "scheduler", "worker", "registry"):
@@ -293,6 +324,7 @@ class MeshConfig:
         self.gateway.validate()
         self.etcd.validate()
         self.security.validate()
+        self.launch.validate(self.worker.port)
         if self.gateway.response_cache_ttl_s < 0:
             raise ValueError(f"gateway.response_cache_ttl_s={self.gateway.response_cache_ttl_s} must be >= 0")
         return self

@@ -40,6 +40,7 @@ class RequestContext:
     queue_ms: float | None = None  # longest time one of its tasks waited in the scheduler's queue
     prompt_tokens: int | None = None  # usage, once known
     completion_tokens: int | None = None
+    workers: list[str] = dataclasses.field(default_factory=list)  # ids of the workers its tasks ran on
 
     def begun(self) -> tuple[Caller, Call, registry_pb2.ModelVersion]:
         """(caller, call, version), which Pipeline.begin sets before anything else reads them."""
@@ -49,6 +50,17 @@ class RequestContext:
 
     def note_queue_time(self, ms: float) -> None:
         self.queue_ms = ms if self.queue_ms is None else max(self.queue_ms, ms)
+
+    def note_dispatched(self, worker_id: str, queue_time_ms: float) -> None:
+        """A task reached a worker (again, when the scheduler migrated it after its worker was lost)."""
+        self.note_queue_time(queue_time_ms)
+        if worker_id and worker_id not in self.workers:
+            self.workers.append(worker_id)
+
+    def trailing_metadata(self) -> list[tuple[str, str]]:
+        """Trailing response metadata: the workers that served the request, in dispatch order (several with
+        several prompts, or after a migration); none for a response-cache hit."""
+        return [("x-llmserve-worker", ",".join(self.workers))] if self.workers else []
 
     def metadata(self) -> list[tuple[str, str]]:
         """Initial response metadata: what served the request (never a worker's identity)."""

@@ -118,14 +118,16 @@ class Pipeline:
             await context.send_initial_metadata(ctx.metadata())
             tasks = call.to_tasks(ctx.request_id, version.version, cache_salt=caller.tenant.name,
                                   counted=ctx.counted)
-            async for task_index, output in self.scheduler.run_all(tasks, context,
-                                                                    lambda d: ctx.note_queue_time(d.queue_time_ms)):
+            async for task_index, output in self.scheduler.run_all(
+                    tasks, context, lambda d: ctx.note_dispatched(d.worker_id, d.queue_time_ms)):
                 index = task_index * call.n + output.index  # the choice: input * n + choice
                 delta = collector.add(index, output)
                 if on_output is not None:
                     await on_output(index, output, delta)
             result = collector.result()
         finally:
+            if ctx.workers:
+                context.set_trailing_metadata(ctx.trailing_metadata())
             # Settle what was really computed, also when the request failed or the client went away.
             # Usage first (no await), then the settlement in its own task, which a cancellation cannot stop.
             done = result or collector.result()

@@ -53,13 +53,17 @@ def listening_pid(port: int) -> int | None:
 class LocalMesh:
     def __init__(self, directory: str | pathlib.Path, *, models_file: str | pathlib.Path | None = None,
                  worker: dict | None = None, gateway: dict | None = None, gateways: int = 1,
-                 cache_redis: bool = False, start_timeout_s: float = 600):
+                 cache_redis: bool = False, start_timeout_s: float = 600, workers: int = 1,
+                 worker_models: list[list[str]] | None = None):
         """gateways: gateway processes (the first on ports["gateway"], replicas on ports["gateway-2"], ...);
-        cache_redis: a response-cache Redis of its own (ports["redis-cache"]), as `make run` has."""
+        cache_redis: a response-cache Redis of its own (ports["redis-cache"]), as `make run` has;
+        workers: worker processes (launch.workers: ports["worker"], ports["worker-2"], ...), worker i serving
+        worker_models[i] when given (launch.worker_models)."""
         self.dir = pathlib.Path(directory)
         self.state = self.dir / "state"
         replicas = [f"gateway-{i}" for i in range(2, gateways + 1)]
-        extra = [*replicas, *(["redis-cache"] if cache_redis else [])]
+        extra_workers = [f"worker-{i}" for i in range(2, workers + 1)]
+        extra = [*replicas, *extra_workers, *(["redis-cache"] if cache_redis else [])]
         self.ports = {name: free_port() for name in ("etcd", "redis", "rest", *SERVICES, *extra)}
         self.metrics_ports = {name: free_port() for name in SERVICES}
         p, m = self.ports, self.metrics_ports
@@ -79,6 +83,9 @@ class LocalMesh:
                        "models": ["smollm2-135m-instruct-v1", "all-minilm-l6-v2-v1"], **(worker or {})},
             "registry": {"port": p["registry"], "metrics_port": m["registry"]},
             "rest": {"port": p["rest"], "gateway_address": f"127.0.0.1:{p['gateway']}"},
+            **({"launch": {"workers": workers, "worker_ports": [p["worker"], *(p[w] for w in extra_workers)],
+                           "worker_models": [" ".join(models) for models in worker_models or []]}}
+               if workers > 1 else {}),
         }))
         self.models_file = pathlib.Path(models_file or REPO / "deploy" / "local" / "models.yaml")
         self.start_timeout_s = start_timeout_s
