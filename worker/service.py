@@ -18,6 +18,7 @@ from llmserve.admin.v1 import registry_pb2
 from llmserve.common import priority, tracing
 from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
+from llmserve.common.structured import Constraint, ConstraintError
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
 from llmserve.worker.engine.contract import (
@@ -63,14 +64,41 @@ class ServedModel:
 SEED_MASK = (1 << 63) - 1
 
 
-def sampling_from_pb(s: task_pb2.SamplingParams, max_tokens: int, choice: int = 0) -> SamplingParams:
-    """The sampling parameters of one choice as the engine takes them (max_tokens already fitted to the context):
-    choice j draws from seed + j, so choices differ and each reproduces."""
+def sampling_from_pb(s: task_pb2.SamplingParams, max_tokens: int, choice: int = 0,
+                     structured: typing.Any = None) -> SamplingParams:
+    """The sampling parameters of one choice as the engine takes them (max_tokens already fitted to the context,
+    the constraint compiled): choice j draws from seed + j, so choices differ and each reproduces."""
     return SamplingParams(temperature=s.temperature, top_p=s.top_p or 1.0, top_k=s.top_k,
                           seed=(s.seed + choice) & SEED_MASK if s.has_seed else None, max_tokens=max_tokens,
                           stop=list(s.stop), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
                           top_logprobs=max(0, min(s.top_logprobs, MAX_TOP_LOGPROBS)),
-                          prompt_logprobs=s.prompt_logprobs)
+                          prompt_logprobs=s.prompt_logprobs, presence_penalty=s.presence_penalty,
+                          frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty or 1.0,
+                          logit_bias=dict(s.logit_bias), min_tokens=max(0, s.min_tokens),
+                          stop_token_ids=list(s.stop_token_ids), structured=structured)
+
+
+def check_sampling(s: task_pb2.SamplingParams, vocab_size: int | None) -> None:
+    """What the gateway validates, checked again where the numbers are used (ServiceError INVALID_ARGUMENT)."""
+    def bad(message: str) -> ServiceError:
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(s, name)
+        if not -2.0 <= value <= 2.0:  # NaN fails too
+            raise bad(f"{name}={value} is out of range: it must be between -2 and 2")
+    if not (s.repetition_penalty == 0 or 0 < s.repetition_penalty <= 2.0):
+        raise bad(f"repetition_penalty={s.repetition_penalty} is out of range: it must be in (0, 2] (1 disables it)")
+    for token, bias in s.logit_bias.items():
+        if not -100.0 <= bias <= 100.0:
+            raise bad(f"logit_bias[{token}]={bias} is out of range: a bias must be between -100 and 100")
+    if s.min_tokens < 0:
+        raise bad(f"min_tokens={s.min_tokens} is negative")
+    if vocab_size is not None:
+        for name, ids in (("logit_bias", list(s.logit_bias)), ("stop_token_ids", list(s.stop_token_ids))):
+            outside = [t for t in ids if not 0 <= t < vocab_size]
+            if outside:
+                raise bad(f"{name} has token id {outside[0]}, outside the vocabulary (0..{vocab_size - 1})")
 
 
 MAX_TOP_LOGPROBS = 20
@@ -234,6 +262,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                f"model {model.version.version!r} runs on the {model.version.engine or 'torch'} "
                                "engine, which does not return logprobs: send the request without logprobs (and "
                                "without echo with logprobs), or use a version served by the torch engine")
+        check_sampling(s, getattr(engine, "vocab_size", None))
+        asks_penalties = bool(s.presence_penalty or s.frequency_penalty or s.repetition_penalty not in (0.0, 1.0)
+                              or s.logit_bias or s.min_tokens or s.stop_token_ids)
+        if asks_penalties and not getattr(engine, "supports_penalties", False):
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"model {model.version.version!r} runs on the {model.version.engine or 'torch'} "
+                               "engine, which does not apply presence_penalty, frequency_penalty, "
+                               "repetition_penalty, logit_bias, min_tokens or stop_token_ids: send the request "
+                               "without them, or use a version served by the torch engine")
+        compiled = None
+        constraint = Constraint.from_pb(s.structured, "structured") if s.HasField("structured") else None
+        if constraint is not None:
+            if not getattr(engine, "supports_structured", False):
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"model {model.version.version!r} runs on the {model.version.engine or 'torch'} "
+                                   "engine, which does not constrain decoding: send the request without "
+                                   "response_format json_object/json_schema and structured_outputs, or use a "
+                                   "version served by the torch engine")
+            try:
+                compiled = await asyncio.to_thread(engine.compile_constraint, constraint)  # type: ignore[attr-defined]
+            except ConstraintError as exc:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if max_tokens < 1 and not s.prompt_logprobs:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"max_tokens={max_tokens} generates nothing: it must be >= 1 (0 only to score the "
@@ -258,7 +308,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
         def request(j: int) -> GenerationRequest:
             request_id = task.request_id if num_choices == 1 else f"{task.request_id}#{j}"
-            return GenerationRequest(request_id, prompt_ids, sampling_from_pb(s, max_tokens, choice=j),
+            return GenerationRequest(request_id, prompt_ids, sampling_from_pb(s, max_tokens, choice=j,
+                                                                              structured=compiled),
                                      priority=priority.from_pb(task.priority), cache_salt=task.cache_salt,
                                      adapter=model.adapter)
 

@@ -29,6 +29,24 @@ class SamplingParams:
     logprobs: bool = False  # one TokenLogprob per generated token
     top_logprobs: int = 0  # alternatives per position (generated and prompt tokens)
     prompt_logprobs: bool = False  # one TokenLogprob per prompt token (the first has none); max_tokens may be 0
+    # Logit changes, per row (engines with supports_penalties): OpenAI's presence/frequency penalties over the
+    # generated tokens, HF/vLLM's repetition penalty over prompt + generated tokens (1 disables it), OpenAI's
+    # logit_bias (token id -> bias added), and min_tokens before EOS or a stop_token_ids token may be sampled.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)  # finish ("stop") when sampled; not part of the text
+    # A compiled decoding constraint (common.structured.CompiledGrammar, from the engine's compile_constraint);
+    # each sequence gets its own matcher. None: unconstrained.
+    structured: typing.Any = None
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether any of the per-row logit changes above is asked for."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty not in (0.0, 1.0)
+                    or self.logit_bias or self.min_tokens or self.stop_token_ids)
 
 
 @dataclass

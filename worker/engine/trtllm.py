@@ -93,6 +93,9 @@ class TensorRTLLMEngine:
             seed=p.seed, stop=list(p.stop) or None, ignore_eos=p.ignore_eos)
 
     supports_logprobs = False  # not wired to TensorRT-LLM's own logprobs: the worker refuses such requests
+    # Not wired to TensorRT-LLM's guided decoding, penalties or logits processors: refused, never ignored.
+    supports_structured = False
+    supports_penalties = False
 
     async def generate(self, request: GenerationRequest) -> typing.AsyncIterator[GenerationOutput]:
         rid = request.request_id
@@ -100,6 +103,12 @@ class TensorRTLLMEngine:
         if p.logprobs or p.prompt_logprobs or p.max_tokens < 1:
             yield GenerationOutput(rid, "", True, "error", error="the TensorRT-LLM engine does not return logprobs "
                                    "or score prompts (max_tokens 0); use a version served by the torch engine")
+            return
+        if p.structured is not None or p.changes_logits:
+            yield GenerationOutput(rid, "", True, "error", error="the TensorRT-LLM engine does not constrain "
+                                   "decoding (response_format, structured_outputs) or apply presence/frequency/"
+                                   "repetition penalties, logit_bias, min_tokens or stop_token_ids; use a version "
+                                   "served by the torch engine")
             return
         result = self.llm.generate_async(request.prompt_token_ids, sampling_params=self._sampling_params(request),
                                          streaming=True)

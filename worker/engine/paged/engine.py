@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from llmserve.common.structured import CompiledGrammar, Constraint, GrammarCompiler
 from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
 
 from ..compute import ComputeThread, compute_thread
@@ -34,7 +35,7 @@ from ..logprobs import TokenBytes, token_logprobs
 from . import lora
 from .block_manager import BlockManager, num_blocks_for_memory
 from .model_runner import ModelRunner
-from .sampler import sample
+from .sampler import row_processing, sample
 from .sequence import Sequence, SequenceStatus
 from .step_scheduler import StepScheduler
 
@@ -84,6 +85,7 @@ class PagedEngine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.vocab_size = int(config.vocab_size)
         self.token_bytes = TokenBytes(tokenizer)
+        self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self.num_steps = 0
         self._cond = self._compute.cond  # guards the inbox, the aborts and the stop flag
         self._inbox: list[Sequence] = []
@@ -113,6 +115,14 @@ class PagedEngine:
         return chat_prompt_ids(self.tokenizer, messages)
 
     supports_logprobs = True  # generated and prompt tokens' (SamplingParams.logprobs, prompt_logprobs)
+    supports_penalties = True  # penalties, logit_bias, min_tokens, stop_token_ids (applied per row in the sampler)
+    supports_structured = True  # SamplingParams.structured (compile_constraint)
+
+    def compile_constraint(self, constraint: Constraint) -> CompiledGrammar:
+        """The constraint compiled for this engine's vocabulary (cached; ConstraintError if it cannot compile).
+        Blocking (up to seconds the first time, when the grammar engine's tokenizer is built): call it off the
+        event loop."""
+        return self._grammars.compile(constraint)
 
     @property
     def caches_prefixes(self) -> bool:
@@ -300,6 +310,9 @@ class PagedEngine:
             if seq.params is not None and seq.params.max_tokens == 0 and not seq.is_finished:
                 self._finish(seq, "length")  # scoring only (echo with prompt logprobs): nothing is generated
                 continue
+            if token is None and seq.dead_end:
+                self._end_dead(seq)
+                continue
             if token is None:  # the model's scores for this row were NaN: only this request fails
                 self._fail(seq, "the model produced no valid scores for this request")
                 continue
@@ -347,6 +360,9 @@ class PagedEngine:
             error = "the prompt has no tokens"
         elif not all(0 <= t < self.vocab_size for t in seq.token_ids):
             error = f"the prompt has token ids outside the vocabulary of {self.vocab_size}"
+        elif seq.params is not None and not all(0 <= t < self.vocab_size for t in
+                                                [*seq.params.logit_bias, *seq.params.stop_token_ids]):
+            error = f"logit_bias or stop_token_ids name token ids outside the vocabulary of {self.vocab_size}"
         elif seq.num_prompt_tokens >= self.context_length:
             error = f"the prompt has {seq.num_prompt_tokens} tokens; the context length is {self.context_length}"
         if seq.request_id in self._seqs:
@@ -357,6 +373,9 @@ class PagedEngine:
         try:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids)
             seq.stop_matcher = StopMatcher(seq.params.stop)
+            grammar = seq.params.structured
+            seq.processing = row_processing(seq.params, self.eos_token_ids,
+                                            grammar.matcher() if grammar is not None else None)
             if seq.params.prompt_logprobs:  # the first prompt token has no logprob: nothing comes before it
                 seq.prompt_logprobs = [TokenLogprob(seq.token_ids[0], None, self.token_bytes(seq.token_ids[0]))]
             self.scheduler.add(seq)
@@ -369,13 +388,31 @@ class PagedEngine:
             return
         self._seqs[seq.request_id] = seq
 
+    def _end_dead(self, seq: Sequence) -> None:
+        """A grammar that allows no next token: the output is complete if the grammar accepts it ("stop"), else
+        the sequence fails with the reason (its slot is freed like any other)."""
+        matcher = seq.processing.matcher if seq.processing is not None else None
+        if matcher is not None and matcher.is_accepting:
+            tail, _ = seq.stop_matcher.feed(seq.detokenizer.flush())
+            self._finish(seq, "stop", tail + seq.stop_matcher.flush())
+            return
+        why = (matcher.error if matcher is not None else "") or "no token continues it"
+        self._fail(seq, f"the output constraint reached a dead end after {seq.num_completion_tokens} tokens: {why}")
+
     def _append(self, seq: Sequence, token: int) -> None:
         """Account for one sampled token and emit what the client should see."""
         params = seq.params
         seq.append_token(token)
-        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        is_eos = ((token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids)
+        matcher = seq.processing.matcher if seq.processing is not None else None
+        if matcher is not None and not is_eos and not matcher.accept(token):
+            seq.token_ids.pop()  # the mask allowed it, so only a grammar engine failure gets here
+            self._end_dead(seq)
+            return
         text, stopped = seq.stop_matcher.feed("" if is_eos else seq.detokenizer.add(token))
         reason = "stop" if stopped or is_eos else None
+        if reason is None and matcher is not None and matcher.is_stopped:
+            reason = "stop"  # the grammar is complete: only end-of-sequence could follow
         if reason is None and (seq.num_completion_tokens >= params.max_tokens
                                or seq.num_tokens >= self.context_length):
             reason = "length"

@@ -5,11 +5,22 @@ parameter can overflow them, and a row the model gave NaN scores gets None (its 
 the other rows of the batch sample as usual. Rows are drawn with the exponential race (argmax of p / E, E ~ Exp(1)
 from the sequence's own generator), which picks token i with probability p_i and, unlike torch.multinomial, has
 no input that makes it raise.
+
+Before that, rows whose sequence asks for it get their logits changed (a copy: the logprobs recorded beside stay
+the model's own log-softmax of its raw logits), in this order: logit_bias is added; while fewer than min_tokens are
+generated, end-of-sequence and stop_token_ids are masked; repetition_penalty divides positive and multiplies
+negative logits of every token in the prompt or generated so far (Hugging Face and vLLM); frequency_penalty times
+each token's count among the generated tokens and presence_penalty once per generated token are subtracted
+(OpenAI); last, a structured-output grammar masks every token it does not allow. Rows that ask for none of these
+cost nothing: a batch without them is sampled exactly as before, and in a mixed batch only the asking rows are
+copied and changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import typing
 
 import torch
 
@@ -23,14 +34,114 @@ MIN_TEMPERATURE = 1e-5
 _MAX_ABS_SCORE = 1e4
 
 
+@dataclasses.dataclass
+class RowProcessing:
+    """What a sequence's row needs before sampling, prepared once at admission (None: nothing)."""
+
+    bias_ids: torch.Tensor | None = None  # logit_bias token ids (int64) and their biases
+    bias_values: torch.Tensor | None = None
+    min_tokens: int = 0
+    blocked_ids: torch.Tensor | None = None  # masked until min_tokens are generated: EOS and stop_token_ids
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    matcher: typing.Any = None  # common.structured.Matcher: this sequence's grammar state
+
+
+def row_processing(params, eos_token_ids: set[int], matcher=None) -> RowProcessing | None:
+    """The row processing a sequence's SamplingParams ask for; None when they ask for none."""
+    if params is None:
+        return None
+    row = RowProcessing(matcher=matcher)
+    if params.logit_bias:
+        row.bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        row.bias_values = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
+    if params.min_tokens > 0:
+        row.min_tokens = params.min_tokens
+        row.blocked_ids = torch.tensor(sorted(set(eos_token_ids) | set(params.stop_token_ids)), dtype=torch.long)
+    if params.repetition_penalty > 0 and params.repetition_penalty != 1.0:
+        row.repetition_penalty = float(params.repetition_penalty)
+    row.presence_penalty, row.frequency_penalty = float(params.presence_penalty), float(params.frequency_penalty)
+    if (row.bias_ids is None and not row.min_tokens and row.repetition_penalty == 1.0 and not row.presence_penalty
+            and not row.frequency_penalty and matcher is None):
+        return None
+    return row
+
+
+_executor = None  # llguidance's thread pool, for the masks of several constrained rows at once
+_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def _fill_masks(matchers: list, vocab: int) -> torch.Tensor:
+    """The allowed tokens [len(matchers), vocab] (bool) of each matcher's next step."""
+    global _executor
+    bitmask = torch.zeros((len(matchers), (vocab + 31) // 32), dtype=torch.int32)
+    if len(matchers) == 1:
+        matchers[0].fill(bitmask, 0)
+    else:
+        import llguidance
+
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+        _executor.unsafe_compute_mask_ptr([(m.raw, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
+                                          bitmask.shape[1] * 4, len(matchers))
+    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1
+    return bits.view(len(matchers), -1)[:, :vocab].bool()
+
+
+def process_rows(seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+    """(logits with each asking row's processing applied, out of place; whether each row's grammar allows no
+    token at all: a dead end)."""
+    dead = [False] * len(seqs)
+    rows = [i for i, seq in enumerate(seqs) if seq.processing is not None]
+    if not rows:
+        return logits, dead
+    sub = logits[rows]  # a copy: the caller's logits (the model's own, for logprobs) stay as they are
+    vocab = sub.shape[-1]
+    constrained: list[int] = []
+    for r, i in enumerate(rows):
+        seq, row = seqs[i], typing.cast(RowProcessing, seqs[i].processing)
+        scores = sub[r]
+        if row.bias_ids is not None and row.bias_values is not None:
+            scores.index_add_(0, row.bias_ids.to(scores.device), row.bias_values.to(scores.device))
+        if row.blocked_ids is not None and seq.num_completion_tokens < row.min_tokens:
+            scores.index_fill_(0, row.blocked_ids.to(scores.device), float("-inf"))
+        if row.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=scores.device)
+            values = scores[seen]
+            scores[seen] = torch.where(values > 0, values / row.repetition_penalty, values * row.repetition_penalty)
+        if (row.presence_penalty or row.frequency_penalty) and seq.num_completion_tokens:
+            generated = torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long, device=scores.device)
+            counts = torch.bincount(generated, minlength=vocab)[:vocab].to(scores.dtype)
+            scores -= counts * row.frequency_penalty + (counts > 0).to(scores.dtype) * row.presence_penalty
+        if row.matcher is not None:
+            if row.matcher.error:  # a failed matcher would allow only end-of-sequence: a dead end, not a stop
+                dead[i] = True
+                continue
+            constrained.append(r)
+    if constrained:
+        matchers = [typing.cast(RowProcessing, seqs[rows[r]].processing).matcher for r in constrained]
+        allowed = _fill_masks(matchers, vocab).to(sub.device)
+        index = torch.tensor(constrained, device=sub.device)
+        sub.index_copy_(0, index, sub[index].masked_fill(~allowed, float("-inf")))
+        for r, has_any in zip(constrained, allowed.any(-1).tolist()):
+            dead[rows[r]] = not has_any
+    return logits.index_copy(0, torch.tensor(rows, device=logits.device), sub), dead
+
+
 def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:
-    """One token per row of logits [len(seqs), vocab]; None where the row cannot be sampled (NaN scores).
+    """One token per row of logits [len(seqs), vocab]; None where the row cannot be sampled (NaN scores, or a
+    grammar that allows no token: the sequence's dead_end is then set).
 
     Sampling runs on the CPU in float32 with each sequence's own generator, so a seed gives the same text
     whatever the device and whatever else is in the batch.
     """
-    logits = logits.float()
+    logits, dead = process_rows(seqs, logits.float())
     broken = torch.isnan(logits).any(-1).tolist()
+    for i, is_dead in enumerate(dead):
+        if is_dead:
+            broken[i] = True
+            seqs[i].dead_end = True
     tokens: list[int | None] = [None if bad else token for bad, token in zip(broken, logits.argmax(-1).tolist())]
     rows = [i for i, seq in enumerate(seqs)
             if not broken[i] and seq.params is not None and seq.params.temperature >= MIN_TEMPERATURE]
@@ -57,7 +168,9 @@ def _draw_alone(logits: torch.Tensor, seq: Sequence) -> int | None:
 def _draw(scores: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
     params = [seq.params for seq in seqs]
     vocab = scores.shape[-1]
-    scores = scores.clamp(-_MAX_ABS_SCORE, _MAX_ABS_SCORE) / torch.tensor([p.temperature for p in params])[:, None]
+    # Masked tokens (-inf: a grammar's, min_tokens') stay impossible after the clamp.
+    scores = (scores.clamp(-_MAX_ABS_SCORE, _MAX_ABS_SCORE).masked_fill(scores == float("-inf"), float("-inf"))
+              / torch.tensor([p.temperature for p in params])[:, None])
     top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params]).clamp(1, vocab)
     top_p = torch.tensor([p.top_p for p in params])
     if (top_k < vocab).any() or (top_p < 1).any():

@@ -19,6 +19,7 @@ if typing.TYPE_CHECKING:
     from ..detokenizer import IncrementalDetokenizer, StopMatcher
     from .engine import _Stream
     from .lora import Adapter
+    from .sampler import RowProcessing
 
 _seq_ids = itertools.count()
 
@@ -58,6 +59,10 @@ class Sequence:
         self.pending_logprobs: list = []
         self.prompt_logprobs: list | None = None
         self.prompt_logprobs_sent = False
+        # Set by the engine when the sampling parameters ask for logit changes (sampler.RowProcessing: logit_bias,
+        # penalties, min_tokens, a grammar); dead_end once the grammar allows no token.
+        self.processing: RowProcessing | None = None
+        self.dead_end = False
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
