@@ -130,6 +130,34 @@ class SchedulerConfig:
     # wait in its queue for a worker to come back, up to their deadlines, instead of failing at once; past it,
     # and for a model no worker ever served, UNAVAILABLE at once. 0: never wait.
     worker_wait_s: float = 30.0
+    # How a task picks among the workers with room for it: "kv" (KV-aware), "least_loaded" or "round_robin".
+    # kv scores each candidate  score = kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure
+    # where hit is the share of the prompt's cacheable blocks (full blocks before its last token) that the
+    # worker's prefix cache holds from the start (its KV events),
+    # load is (running + waiting) / max_num_seqs (the larger of the worker's last report and the scheduler's own
+    # count), pressure the share of its KV blocks in use (last report); the highest score wins, ties go to the
+    # least loaded. With the defaults a worker holding the whole prefix loses to an idle one once its load passes
+    # 2/3. Prompts without token ids (the gateway did not count them) score on load alone.
+    routing: str = "kv"
+    kv_hit_weight: float = 1.0
+    kv_load_weight: float = 1.5
+    kv_pressure_weight: float = 0.5
+    # A generation stream whose worker is lost (its stream breaks, its registration lapses) is resumed on another
+    # worker serving the same version, from the prompt and the tokens already sent, at most this many times per
+    # request (0: never; the request then fails UNAVAILABLE saying why).
+    max_migrations: int = 2
+    # A worker silent this long (no output, no load report: they come every worker.load_report_interval_s) gets no
+    # new tasks until it speaks again (hung, not dead; a dead one leaves when its stream breaks or lease expires).
+    worker_silence_s: float = 5.0
+
+    def validate(self) -> None:
+        if self.routing not in ("kv", "least_loaded", "round_robin"):
+            raise ValueError(f"scheduler.routing={self.routing!r} must be kv, least_loaded or round_robin")
+        for name in ("kv_hit_weight", "kv_load_weight", "kv_pressure_weight", "max_migrations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"scheduler.{name}={getattr(self, name)} must be >= 0")
+        if self.worker_silence_s <= 0:
+            raise ValueError(f"scheduler.worker_silence_s={self.worker_silence_s} must be > 0")
 
 
 @dataclass
@@ -322,6 +350,7 @@ class MeshConfig:
         if self.worker.lease_ttl_s < 2:
             raise ValueError(f"worker.lease_ttl_s={self.worker.lease_ttl_s} must be >= 2")
         self.gateway.validate()
+        self.scheduler.validate()
         self.etcd.validate()
         self.security.validate()
         self.launch.validate(self.worker.port)

@@ -29,6 +29,7 @@ CALLER_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_
                           grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
                           grpc.StatusCode.OUT_OF_RANGE})
 MAX_DETAIL_CHARS = 500  # of a failure's own text in the gateway's log
+MIGRATION_REFUSED = "cannot be migrated: "  # what the scheduler says, then why (scheduler/dispatcher.py)
 
 
 def public_error(code: grpc.StatusCode, detail: str, task: task_pb2.Task, *, dispatched: bool) -> ServiceError:
@@ -40,8 +41,11 @@ def public_error(code: grpc.StatusCode, detail: str, task: task_pb2.Task, *, dis
         return ServiceError(code, detail[:MAX_DETAIL_CHARS])
     if code == grpc.StatusCode.UNAVAILABLE:
         if dispatched:
+            # The scheduler's reason for not migrating the stream to another worker is written for the caller.
+            _, found, why = detail.partition(MIGRATION_REFUSED)
             return ServiceError(code, f"the worker running this request on model version {version!r} went away "
-                                      "before it finished; retry it")
+                                      "before it finished" + (f" and the request {MIGRATION_REFUSED}"
+                                                              f"{why[:MAX_DETAIL_CHARS]}" if found else "; retry it"))
         return ServiceError(code, f"no worker serves model version {version!r} right now (or the scheduler is "
                                   "unreachable); retry later")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -23,7 +23,11 @@ class SchedulerApp:
         token = config.security.mesh_token
         self.dispatcher = Dispatcher(cfg.max_queue_per_model, cfg.aging_s, worker_wait_s=cfg.worker_wait_s,
                                      connect=functools.partial(WorkerConnection, mesh_token=token,
-                                                               security=config.security))
+                                                               security=config.security),
+                                     routing=cfg.routing, kv_hit_weight=cfg.kv_hit_weight,
+                                     kv_load_weight=cfg.kv_load_weight, kv_pressure_weight=cfg.kv_pressure_weight,
+                                     max_migrations=cfg.max_migrations, worker_silence_s=cfg.worker_silence_s,
+                                     engine_of=self._engine_of)
         self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,
                                  on_workers_change=self._members_changed)
         # Internal: mTLS when the mesh has TLS, and only gateways submit (they checked keys, limits and budgets).
@@ -34,6 +38,13 @@ class SchedulerApp:
         servicer = SchedulerServicer(self.dispatcher, max_backlog=cfg.max_backlog_per_request,
                                      slow_consumer_timeout_s=cfg.slow_consumer_timeout_s)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, self.service.server)
+
+    def _engine_of(self, version: str) -> tuple[str, str]:
+        """An adapter version runs on its base's engine, its blocks salted with its name (KV-aware routing)."""
+        known = self.view.versions.snapshot.get(version)
+        if known is not None and known.base_version:
+            return known.base_version, version
+        return version, ""
 
     def _members_changed(self) -> None:
         self.dispatcher.sync_members(self.view.worker_members())

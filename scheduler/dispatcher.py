@@ -1,22 +1,29 @@
-"""The dispatcher: per-model priority queues, worker membership, and dispatch to workers with room.
+"""The dispatcher: per-model priority queues, worker membership, routing, dispatch to workers with room, and
+migration of streams whose worker was lost.
 
 Dispatch is event-driven: a submit, a finished task, a load report or a membership change wakes it, and it pops
-tasks while some worker serving their model has room (least utilised worker first). Connections to workers
-come from a factory (WorkerConnection by default), so the rules here are unit-tested without channels.
+tasks while some worker serving their model has room. Among those, routing picks one: KV-aware (the score in
+SchedulerConfig.routing's comment: cached prompt prefix from the workers' KV events against load and KV pressure),
+least loaded, or round-robin. A task whose worker is lost mid-stream is queued again at the head of its class with
+the tokens already sent (GenerateInput.resume), up to max_migrations times. Connections to workers come from a
+factory (WorkerConnection by default), so the rules here are unit-tested without channels.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import typing
 
 import grpc
 
+from llmserve.common import kvhash
 from llmserve.common.errors import ServiceError, resource_exhausted, unavailable
 from llmserve.common.logs import get_logger
-from llmserve.dispatch.v1 import scheduler_pb2, worker_pb2
+from llmserve.dispatch.v1 import scheduler_pb2, task_pb2, worker_pb2
 from llmserve.scheduler import metrics
+from llmserve.scheduler.kvindex import KvIndex
 from llmserve.scheduler.queue import Entry, ModelQueue
 from llmserve.scheduler.workers import WorkerConnection
 
@@ -27,11 +34,28 @@ ConnectionFactory = typing.Callable[[worker_pb2.WorkerInfo, typing.Callable[[], 
 
 RECONNECT_DELAY_S = 1.0
 
+# version -> (the version whose engine computes it, the LoRA adapter's name or ""): an adapter's blocks are its
+# base engine's, salted with the adapter's name.
+EngineOf = typing.Callable[[str], tuple[str, str]]
+ROUTINGS = ("kv", "least_loaded", "round_robin")
+
 
 class Dispatcher:
     def __init__(self, max_queue_per_model: int, aging_s: float, *,
                  connect: ConnectionFactory = WorkerConnection, reconnect_delay_s: float = RECONNECT_DELAY_S,
-                 worker_wait_s: float = 0.0):
+                 worker_wait_s: float = 0.0, routing: str = "least_loaded", kv_hit_weight: float = 1.0,
+                 kv_load_weight: float = 1.5, kv_pressure_weight: float = 0.5, max_migrations: int = 0,
+                 worker_silence_s: float | None = None, engine_of: EngineOf | None = None):
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r} is not one of {', '.join(ROUTINGS)}")
+        self.routing = routing
+        self.kv_hit_weight, self.kv_load_weight, self.kv_pressure_weight = (kv_hit_weight, kv_load_weight,
+                                                                            kv_pressure_weight)
+        self.max_migrations = max_migrations
+        self.worker_silence_s = worker_silence_s
+        self.engine_of: EngineOf = engine_of or (lambda version: (version, ""))
+        self.index = KvIndex()
+        self._turns: dict[str, itertools.count] = {}  # round-robin position per model version
         self.max_queue_per_model = max_queue_per_model
         self.aging_s = aging_s
         # A model whose last worker went away less than this long ago still takes tasks: they wait for a worker
@@ -77,6 +101,7 @@ class Dispatcher:
             if info is None or info.address != conn.info.address:
                 self.workers.pop(worker_id)
                 self._note_lost(conn)
+                self.index.drop_worker(worker_id)
                 asyncio.create_task(conn.close())
                 log.info("worker left", worker_id=worker_id)
         for worker_id, info in members.items():
@@ -85,7 +110,7 @@ class Dispatcher:
                 known.update_models(info)  # models added or dropped at run time (LoRA adapters)
                 log.info("worker models changed", worker_id=worker_id, models=[m.model_version for m in info.models])
             if worker_id not in self.workers:
-                self.workers[worker_id] = self.connect(info, self._on_worker_change)
+                self.workers[worker_id] = self._connect(info)
                 log.info("worker joined", worker_id=worker_id, address=info.address,
                          models=[m.model_version for m in info.models])
         metrics.WORKERS.set(len(self.workers))
@@ -106,8 +131,13 @@ class Dispatcher:
         self._reconnects.pop(worker_id, None)
         conn = self.workers.get(worker_id)
         if conn is not None and not conn.is_alive and worker_id in self.members:
-            self.workers[worker_id] = self.connect(self.members[worker_id], self._on_worker_change)
+            self.workers[worker_id] = self._connect(self.members[worker_id])
             asyncio.create_task(conn.close())
+
+    def _connect(self, info: worker_pb2.WorkerInfo) -> WorkerConnection:
+        conn = self.connect(info, self._on_worker_change)
+        conn.on_kv_events = self.index.apply  # the new stream starts with a snapshot, which resets the worker's
+        return conn
 
     def _note_lost(self, conn: WorkerConnection) -> None:
         """Notes when the models of a connection that went away lost their last live worker (a connection that
@@ -180,7 +210,7 @@ class Dispatcher:
                 if head is None:
                     break
                 # The head waits for a worker its n sequences fit on (those behind it wait too: none starves).
-                candidates = [w for w in workers if w.fits(head)]
+                candidates = [w for w in workers if w.fits(head) and not w.is_silent(self.worker_silence_s)]
                 if not candidates:
                     break
                 entry = queue.pop()
@@ -192,10 +222,99 @@ class Dispatcher:
                     entry.outbox.put_nowait(ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                          "the deadline passed while the request was queued"))
                     continue
-                worker = min(candidates, key=lambda w: w.utilization(version))
+                worker = self.pick(entry, candidates)
                 wait_s = time.monotonic() - entry.enqueued
+                entry.on_lost = self._on_lost
                 worker.dispatch(entry)
                 metrics.QUEUE_TIME.labels(version).observe(wait_s)
                 entry.outbox.put_nowait(scheduler_pb2.TaskDispatched(worker_id=worker.worker_id,
                                                                      queue_time_ms=wait_s * 1000))
             metrics.QUEUED.labels(version).set(len(queue))
+
+    # ---- routing ----
+
+    def pick(self, entry: Entry, candidates: list[WorkerConnection]) -> WorkerConnection:
+        """The worker the task goes to, among candidates with room for it (scheduler.routing)."""
+        version = entry.task.model_version
+        if self.routing == "round_robin" or len(candidates) == 1:
+            ordered = sorted(candidates, key=lambda w: w.worker_id)
+            return ordered[next(self._turns.setdefault(version, itertools.count())) % len(ordered)]
+        if self.routing == "least_loaded":
+            return min(candidates, key=lambda w: w.utilization(version))
+        hits = self.cached_prompt_share(entry, candidates)
+        return max(candidates, key=lambda w: (self.score(w, version, hits.get(w.worker_id, 0.0)),
+                                              -w.utilization(version)))
+
+    def score(self, worker: WorkerConnection, version: str, hit: float) -> float:
+        """KV-aware routing's score: kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure."""
+        return (self.kv_hit_weight * hit - self.kv_load_weight * worker.utilization(version)
+                - self.kv_pressure_weight * worker.kv_pressure(version))
+
+    def cached_prompt_share(self, entry: Entry, candidates: list[WorkerConnection]) -> dict[str, float]:
+        """worker id -> share of the task's cacheable prompt blocks (the full blocks before its last token) that
+        its prefix cache holds from the start (by the KV index); empty when the task carries no token ids."""
+        task = entry.task
+        if task.WhichOneof("input") != "generate" or not task.generate.prompt_token_ids:
+            return {}
+        tokens = [*task.generate.prompt_token_ids, *task.generate.resume.token_ids]
+        engine_version, adapter = self.engine_of(task.model_version)
+        salt = kvhash.engine_salt(task.cache_salt, adapter)
+        shares: dict[str, float] = {}
+        by_size: dict[int, list[str]] = {}
+        for w in candidates:
+            size = self.index.block_size(w.worker_id, engine_version)
+            if size:
+                by_size.setdefault(size, []).append(w.worker_id)
+        for size, worker_ids in by_size.items():
+            keys = entry.kv_keys.get(size)
+            if keys is None:
+                keys = entry.kv_keys[size] = kvhash.prompt_block_keys(tokens, salt, size)
+            for worker_id, blocks in self.index.cached_prefix_blocks(engine_version, keys, worker_ids).items():
+                shares[worker_id] = blocks / len(keys) if keys else 0.0
+        return shares
+
+    # ---- migration ----
+
+    def _on_lost(self, entry: Entry, reason: str) -> None:
+        """The worker running the task went away: queue it again, resuming where the submitter is, or fail it
+        with UNAVAILABLE saying why it cannot move."""
+        why = self._why_not_migratable(entry)
+        if why:
+            metrics.MIGRATIONS.labels("refused").inc()
+            log.warning("worker lost; request not migrated", request_id=entry.request_id, reason=reason, why=why)
+            entry.outbox.put_nowait(unavailable(f"the worker running the request went away and the request cannot "
+                                                f"be migrated: {why}"))
+            return
+        original = entry.original or entry.task
+        entry.original = original
+        task = task_pb2.Task()
+        task.CopyFrom(original)
+        if entry.num_outputs:
+            task.generate.resume.token_ids[:] = entry.sent_token_ids
+            task.generate.resume.text_length = entry.sent_text_length
+        entry.task, entry.worker, entry.is_done = task, None, False
+        entry.migrations += 1
+        entry.kv_keys.clear()
+        queue = self.queues.setdefault(task.model_version, ModelQueue(self.aging_s))
+        queue.push_front(entry)
+        metrics.MIGRATIONS.labels("migrated").inc()
+        log.info("worker lost; request migrated", request_id=entry.request_id, reason=reason,
+                 resumed_tokens=len(entry.sent_token_ids), migrations=entry.migrations)
+        self.wake()
+
+    def _why_not_migratable(self, entry: Entry) -> str:
+        if not self.max_migrations:
+            return "migration is off (scheduler.max_migrations=0); retry it"
+        if entry.migrations >= self.max_migrations:
+            return (f"it was moved {entry.migrations} time(s) already (scheduler.max_migrations="
+                    f"{self.max_migrations}); retry it")
+        if not entry.num_outputs:
+            return ""  # nothing reached the caller: any worker can start it over
+        task = entry.task
+        if task.WhichOneof("input") != "generate":
+            return "an embeddings call that had answered is not migrated; retry it"
+        if task.generate.n > 1:
+            return f"streams of n={task.generate.n} choices are not migrated; retry it"
+        if entry.sent_completion_tokens > len(entry.sent_token_ids):
+            return "the lost worker did not report the ids of the tokens it sent; retry it"
+        return ""

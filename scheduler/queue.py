@@ -35,6 +35,16 @@ class Entry:
     max_backlog: int = 1024
     slow_consumer_timeout_s: float = 30.0
     last_read: float = dataclasses.field(default_factory=time.monotonic)
+    # Migration: what the submitter has of choice 0 (token ids and their text's length, in code points), how many
+    # outputs it got, and how often the task moved; on_lost is the dispatcher's handler for a lost worker.
+    sent_token_ids: list[int] = dataclasses.field(default_factory=list)
+    sent_text_length: int = 0
+    sent_completion_tokens: int = 0
+    num_outputs: int = 0
+    migrations: int = 0
+    on_lost: typing.Callable[[Entry, str], None] | None = None
+    original: task_pb2.Task | None = None  # the task as submitted (task is its resumed form after a migration)
+    kv_keys: dict[int, list[bytes]] = dataclasses.field(default_factory=dict)  # block size -> prompt block keys
 
     @property
     def request_id(self) -> str:
@@ -54,6 +64,14 @@ class Entry:
         self.outbox.put_nowait(item)
         return True
 
+    def note_sent(self, output: task_pb2.TaskOutput) -> None:
+        """An output went to the submitter: keep what a migration resumes from."""
+        self.num_outputs += 1
+        if output.index == 0:
+            self.sent_token_ids.extend(output.token_ids)
+            self.sent_text_length += len(output.text_delta)
+            self.sent_completion_tokens = max(self.sent_completion_tokens, output.completion_tokens)
+
     async def read(self) -> typing.Any:
         """The submitter's next item (noting when it last read, for deliver())."""
         item = await self.outbox.get()
@@ -71,6 +89,10 @@ class ModelQueue:
 
     def push(self, entry: Entry) -> None:
         self.fifos[entry.priority - 1].append(entry)
+
+    def push_front(self, entry: Entry) -> None:
+        """Back at the head of its class (a migrated task: its client is already waiting mid-stream)."""
+        self.fifos[entry.priority - 1].appendleft(entry)
 
     def _effective(self, entry: Entry, now: float) -> float:
         climbed = int((now - entry.enqueued) / self.aging_s) if self.aging_s > 0 else 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import typing
 
 import grpc
@@ -17,6 +18,9 @@ from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.scheduler.queue import Entry
 
 log = get_logger(__name__)
+
+# Silence after which a message counts as a return (wakes the dispatcher: a worker it skipped may take tasks again).
+SILENT_AFTER_S = 1.5
 
 
 class WorkerConnection:
@@ -36,6 +40,8 @@ class WorkerConnection:
         # The worker answered on the stream (it sends a load report as soon as the stream opens). Tasks go only to
         # a ready connection: one still dialling a restarting worker would lose them at once.
         self.is_ready = False
+        self.last_heard = time.monotonic()  # when the worker last sent anything (outputs, load, KV events)
+        self.on_kv_events: typing.Callable[[str, worker_pb2.KvEvents], None] | None = None  # the dispatcher's index
         self._on_change = on_change
         self._outbox: asyncio.Queue[worker_pb2.ServeRequest | None] = asyncio.Queue()
         security = security or SecurityConfig()
@@ -53,6 +59,17 @@ class WorkerConnection:
 
     def serves(self, version: str) -> bool:
         return version in self.capacity
+
+    def is_silent(self, silence_s: float | None) -> bool:
+        """No message for silence_s (a hung worker: its load reports stopped)."""
+        return silence_s is not None and time.monotonic() - self.last_heard > silence_s
+
+    def kv_pressure(self, version: str) -> float:
+        """Share of the engine's KV blocks in use at the last report (0 when unknown)."""
+        reported = self.load.get(version)
+        if reported is None or not reported.num_kv_blocks:
+            return 0.0
+        return 1.0 - reported.num_free_kv_blocks / reported.num_kv_blocks
 
     def room(self, version: str) -> int:
         """Sequences of the model the worker can take now."""
@@ -113,18 +130,26 @@ class WorkerConnection:
         reason = "stream ended"
         try:
             async for message in self._serve():
-                if not self.is_ready:
+                was_silent = time.monotonic() - self.last_heard > SILENT_AFTER_S
+                self.last_heard = time.monotonic()
+                if not self.is_ready or was_silent:  # a hung worker that speaks again rejoins routing
                     self.is_ready = True
                     self._on_change()
-                if message.HasField("output"):
+                kind = message.WhichOneof("kind")
+                if kind == "output":
                     output = message.output
                     entry = self.entries.get(output.request_id)
                     if entry is None:
                         continue  # cancelled here already
                     if not entry.deliver(output):
                         self._drop_slow_consumer(entry)
-                    elif output.finished:
+                        continue
+                    entry.note_sent(output)
+                    if output.finished:
                         self._finish(entry)
+                elif kind == "kv_events":
+                    if self.on_kv_events is not None:
+                        self.on_kv_events(self.worker_id, message.kv_events)
                 else:
                     self.load = {m.model_version: m for m in message.load.models}
         except asyncio.CancelledError:
@@ -135,10 +160,13 @@ class WorkerConnection:
             self.is_alive = False
             lost = list(self.entries.values())
             for entry in lost:
-                entry.outbox.put_nowait(ServiceError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the worker running the request went away; retry it"))  # which one, and why: the log
                 self._finish(entry)
+                if entry.on_lost is not None:  # the dispatcher migrates it, or fails it saying why
+                    entry.on_lost(entry, reason)
+                else:
+                    entry.outbox.put_nowait(ServiceError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the worker running the request went away; retry it"))  # which one, and why: the log
             if lost:
                 log.warning("worker lost with tasks in flight", worker_id=self.worker_id, num_tasks=len(lost),
                             reason=reason)

@@ -57,8 +57,10 @@ class ServedModel:
 
     def load(self) -> task_pb2.ModelLoad:
         load = self.engine.load()
+        stats = self.engine.stats()
         return task_pb2.ModelLoad(model_version=self.version.version, num_running=load.num_running,
-                                  num_waiting=load.num_waiting, max_num_seqs=self.max_num_seqs)
+                                  num_waiting=load.num_waiting, max_num_seqs=self.max_num_seqs,
+                                  num_kv_blocks=stats.num_kv_blocks, num_free_kv_blocks=stats.num_free_kv_blocks)
 
 
 SEED_MASK = (1 << 63) - 1
@@ -180,6 +182,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 except TimeoutError:
                     pass
 
+        kv = _KvPublisher(self.models, outbox, asyncio.get_running_loop())
         reader = asyncio.create_task(read())
         reporter = asyncio.create_task(report())
         # The peer is read once, now: grpc core's peer string can be freed once the call is cancelled, and reading
@@ -193,6 +196,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                     break
                 yield item
         finally:
+            kv.close()
             reader.cancel()
             reporter.cancel()
             for task in list(running.values()):
@@ -311,7 +315,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             return GenerationRequest(request_id, prompt_ids, sampling_from_pb(s, max_tokens, choice=j,
                                                                               structured=compiled),
                                      priority=priority.from_pb(task.priority), cache_salt=task.cache_salt,
-                                     adapter=model.adapter)
+                                     adapter=model.adapter, resume_token_ids=resume if j == 0 else [],
+                                     resume_text_length=gen.resume.text_length if j == 0 else 0)
+
+        resume = list(gen.resume.token_ids)
+        if resume and (num_choices > 1 or not getattr(engine, "supports_resume", False)):
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"this worker cannot resume a migrated stream of model {model.version.version!r} "
+                               "(n > 1, or an engine without resume)")
 
         outputs: asyncio.Queue[tuple[int, GenerationOutput] | BaseException] = asyncio.Queue()
         prefilled = asyncio.Event()
@@ -361,7 +372,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                           cached_tokens=out.cached_tokens, finished=out.finished and not running,
                                           finish_reason=(out.finish_reason or "") if out.finished else "",
                                           logprobs=logprobs_to_pb(out.logprobs),
-                                          prompt_logprobs=logprobs_to_pb(out.prompt_logprobs or []))
+                                          prompt_logprobs=logprobs_to_pb(out.prompt_logprobs or []),
+                                          token_ids=out.token_ids)
         finally:
             starter.cancel()
             for choice in choices:
@@ -380,6 +392,57 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         metrics.PROMPT_TOKENS.labels(model.version.version).inc(num_tokens)
         return task_pb2.TaskOutput(request_id=task.request_id, finished=True, prompt_tokens=num_tokens,
                                    finish_reason="stop", embeddings=[task_pb2.Vector(values=v) for v in vectors])
+
+
+MAX_KEYS_PER_MESSAGE = 4096  # block keys per KvEvents message (32 bytes each): a snapshot goes in several
+
+
+class _KvPublisher:
+    """The prefix-cache events of this worker's engines onto one Serve stream (KV-aware routing): a snapshot when
+    the stream opens, then each engine step's changes. The outbox is bounded: events that do not fit are dropped
+    and the engine is asked for a new snapshot, so the scheduler's index is never silently wrong for long."""
+
+    def __init__(self, models: dict[str, ServedModel], outbox: asyncio.Queue, loop: asyncio.AbstractEventLoop):
+        self.outbox, self.loop = outbox, loop
+        self._unsubscribe: dict[str, typing.Callable[[], None]] = {}
+        self._engines: dict[str, typing.Any] = {}
+        for version, model in models.items():
+            subscribe = getattr(model.engine, "subscribe_kv_events", None)
+            if model.adapter or model.is_embedding or subscribe is None:
+                continue  # an adapter's blocks are its base engine's (salted per adapter)
+            self._engines[version] = model.engine
+            self._subscribe(version)
+
+    def _subscribe(self, version: str) -> None:
+        def listener(reset: bool, stored: list[bytes], removed: list[bytes], block_size: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the stream is gone
+                self.loop.call_soon_threadsafe(self._put, version, reset, stored, removed, block_size)
+        self._unsubscribe[version] = self._engines[version].subscribe_kv_events(listener)
+
+    def _put(self, version: str, reset: bool, stored: list[bytes], removed: list[bytes], block_size: int) -> None:
+        if version not in self._unsubscribe:
+            return
+        messages = []
+        for i in range(0, max(1, len(stored)), MAX_KEYS_PER_MESSAGE):
+            messages.append(worker_pb2.KvEvents(model_version=version, reset=reset and i == 0, block_size=block_size,
+                                                stored=stored[i:i + MAX_KEYS_PER_MESSAGE]))
+        for i in range(0, len(removed), MAX_KEYS_PER_MESSAGE):
+            messages.append(worker_pb2.KvEvents(model_version=version, block_size=block_size,
+                                                removed=removed[i:i + MAX_KEYS_PER_MESSAGE]))
+        # Events take at most half of the outbox, leaving room for outputs; beyond, they are dropped and a fresh
+        # snapshot is asked for.
+        if self.outbox.qsize() + len(messages) > self.outbox.maxsize // 2:
+            log.warning("KV events dropped on a full stream; asking the engine for a snapshot", model_version=version)
+            self._unsubscribe.pop(version)()
+            self._subscribe(version)
+            return
+        for message in messages:
+            self.outbox.put_nowait(worker_pb2.ServeResponse(kv_events=message))
+
+    def close(self) -> None:
+        for unsubscribe in self._unsubscribe.values():
+            unsubscribe()
+        self._unsubscribe.clear()
 
 
 def worker_service_name() -> str:

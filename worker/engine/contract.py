@@ -74,6 +74,11 @@ class GenerationRequest:
     cache_salt: str = ""
     # LoRA adapter (a name given to the engine's add_adapter) applied on top of the base weights; "" for none.
     adapter: str = ""
+    # A stream migrated from a lost worker (engines with supports_resume): the tokens it had generated, continued
+    # as if it had not stopped (they count as generated, a seeded generator skips their draws), and how many
+    # characters of their text the client already has (the rest, held back there, comes with the next output).
+    resume_token_ids: list[int] = field(default_factory=list)
+    resume_text_length: int = 0
 
 
 @dataclass
@@ -90,6 +95,7 @@ class GenerationOutput:
     cached_tokens: int = 0  # prompt tokens whose prefill a prefix cache skipped (0 where an engine has none)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens generated since the previous output
     prompt_logprobs: list[TokenLogprob] | None = None  # set once, on the first output, when asked for
+    token_ids: list[int] = field(default_factory=list)  # ids of the tokens generated since the previous output
 
 
 @dataclass

@@ -12,27 +12,18 @@ reusing a cached block evicts its key.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
 from collections import OrderedDict
 
 import torch
 
+from llmserve.common.kvhash import CHAIN_DOMAIN, chain_start, hash_block  # noqa: F401 (re-exported)
+
 from .sequence import Sequence
 
-CHAIN_DOMAIN = b"llmserve.kv-prefix.v1\x00"
-
-
-def chain_start(cache_salt: str) -> bytes:
-    """The digest a sequence's chain starts from: SHA-256 of the domain tag and the UTF-8 salt."""
-    return hashlib.sha256(CHAIN_DOMAIN + cache_salt.encode()).digest()
-
-
-def hash_block(prev: bytes, token_ids: list[int]) -> bytes:
-    """Key of a full block: SHA-256 of the previous block's key (or `chain_start`) and the block's token ids as
-    little-endian uint32. Stable across processes and machines, so a router can compute or compare it."""
-    return hashlib.sha256(prev + struct.pack(f"<{len(token_ids)}I", *token_ids)).digest()
+# KV events kept for listeners between two drains (one engine step); beyond it they are dropped and the next drain
+# asks for a snapshot instead.
+MAX_PENDING_KV_EVENTS = 65536
 
 
 class Block:
@@ -54,6 +45,10 @@ class BlockManager:
         self.hash_to_block: dict[bytes, int] = {}
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = reused first
         self.num_prefix_hit_tokens = 0  # prompt tokens served from the cache, over the manager's life
+        # With listeners (KV-aware routing): (stored?, key) of each key added to or evicted from hash_to_block
+        # since the last drain; None when nobody listens. Overflowing it sets kv_events_lost.
+        self.kv_events: list[tuple[bool, bytes]] | None = None
+        self.kv_events_lost = False
 
     @property
     def num_free_blocks(self) -> int:
@@ -103,6 +98,27 @@ class BlockManager:
                     continue
                 block.hash = key
                 self.hash_to_block[key] = block.block_id
+                self._note(True, key)
+
+    def _note(self, stored: bool, key: bytes) -> None:
+        events = self.kv_events
+        if events is None:
+            return
+        if len(events) >= MAX_PENDING_KV_EVENTS:
+            events.clear()
+            self.kv_events_lost = True
+        elif not self.kv_events_lost:
+            events.append((stored, key))
+
+    def drain_kv_events(self) -> tuple[list[bytes], list[bytes], bool]:
+        """(stored, removed, lost) since the last drain, netted per key; lost: events were dropped, listeners
+        need a snapshot (every key of hash_to_block) instead."""
+        events, self.kv_events = self.kv_events or [], []
+        lost, self.kv_events_lost = self.kv_events_lost, False
+        final: dict[bytes, bool] = {}
+        for stored, key in events:
+            final[key] = stored
+        return [k for k, s in final.items() if s], [k for k, s in final.items() if not s], lost
 
     # ---- the verbs the scheduler uses ----
 
@@ -123,8 +139,8 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = list(hits)
         seq.num_computed_tokens = len(hits) * self.block_size
-        if seq.num_preemptions == 0:
-            seq.num_cached_tokens = seq.num_computed_tokens
+        if seq.num_preemptions == 0:  # a resumed stream's generated tokens are not prompt tokens
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         self.num_prefix_hit_tokens += seq.num_computed_tokens
         self._grow(seq)
 
@@ -153,6 +169,7 @@ class BlockManager:
             if block.hash is not None:  # evict the least recently freed cached block
                 if self.hash_to_block.get(block.hash) == block_id:
                     del self.hash_to_block[block.hash]
+                    self._note(False, block.hash)
                 block.hash = None
             block.ref_count = 1
             seq.block_table.append(block_id)

@@ -35,11 +35,14 @@ from ..logprobs import TokenBytes, token_logprobs
 from . import lora
 from .block_manager import BlockManager, num_blocks_for_memory
 from .model_runner import ModelRunner
-from .sampler import row_processing, sample
+from .sampler import row_processing, sample, skip_draws
 from .sequence import Sequence, SequenceStatus
 from .step_scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
+
+# (reset, stored keys, removed keys, block size), called on the compute thread (PagedEngine.subscribe_kv_events)
+KvListener = typing.Callable[[bool, list[bytes], list[bytes], int], None]
 
 
 class _Stream:
@@ -93,6 +96,10 @@ class PagedEngine:
         self._is_stopping = False
         self._stopped: concurrent.futures.Future[None] | None = None  # set by start(); done once stopped
         self._seqs: dict[str, Sequence] = {}  # admitted, not finished; touched by the step thread only
+        # KV-cache events for routing (subscribe_kv_events), guarded by _cond: listeners that have had their
+        # snapshot, and new ones waiting for it.
+        self._kv_listeners: list[KvListener] = []
+        self._kv_new_listeners: list[KvListener] = []
         # LoRA adapters (asyncio side): known sources, the resident ones in LRU order, and who uses them.
         self.max_adapters, self.max_lora_rank = max_adapters, max_lora_rank
         self._adapter_sources: dict[str, pathlib.Path] = {}
@@ -143,6 +150,51 @@ class PagedEngine:
             block_size=bm.block_size, num_prefix_hit_tokens=bm.num_prefix_hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+    supports_resume = True  # GenerationRequest.resume_token_ids (migrated streams)
+
+    def subscribe_kv_events(self, listener: KvListener) -> typing.Callable[[], None]:
+        """listener(reset, stored, removed, block_size) is called on the compute thread, first with a snapshot
+        (reset True, every cached block key), then after each engine step that changed the prefix cache with the
+        keys stored and evicted (netted over the step), and with a new snapshot if events had to be dropped.
+        Returns the function that unsubscribes it."""
+        with self._cond:
+            self._kv_new_listeners.append(listener)
+            self._cond.notify()
+
+        def unsubscribe() -> None:
+            with self._cond:
+                for listeners in (self._kv_listeners, self._kv_new_listeners):
+                    if listener in listeners:
+                        listeners.remove(listener)
+        return unsubscribe
+
+    def _publish_kv_events(self) -> None:
+        """Compute thread: this step's prefix-cache changes to the listeners, snapshots to new ones."""
+        bm = self.block_manager
+        with self._cond:
+            new, self._kv_new_listeners = self._kv_new_listeners, []
+            self._kv_listeners.extend(new)
+            active = [listener for listener in self._kv_listeners if listener not in new]
+        if not active and not new:
+            bm.kv_events = None  # nobody listens: record nothing
+            return
+        if bm.kv_events is None:
+            bm.kv_events = []
+        stored, removed, lost = bm.drain_kv_events()
+        for listener in active:
+            try:
+                if lost:
+                    listener(True, list(bm.hash_to_block), [], bm.block_size)
+                elif stored or removed:
+                    listener(False, stored, removed, bm.block_size)
+            except Exception:
+                log.exception("a KV event listener failed")
+        for listener in new:
+            try:
+                listener(True, list(bm.hash_to_block), [], bm.block_size)
+            except Exception:
+                log.exception("a KV event listener failed")
 
     def start(self) -> None:
         self._stopped = concurrent.futures.Future()
@@ -250,6 +302,7 @@ class PagedEngine:
         seq = Sequence(request.prompt_token_ids, request.params, request_id=request.request_id,
                        priority=request.priority, cache_salt=salt, adapter=adapter)
         seq.stream = _Stream(asyncio.get_running_loop())
+        seq.resume_token_ids, seq.resume_text_length = list(request.resume_token_ids), request.resume_text_length
         with self._cond:
             if self._is_stopping:
                 raise RuntimeError("the generation engine is stopped")
@@ -269,7 +322,7 @@ class PagedEngine:
 
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborted or self._is_stopping or self.scheduler.running
-                    or self.scheduler.waiting)
+                    or self.scheduler.waiting or self._kv_new_listeners)
 
     def run_once(self) -> None:
         with self._cond:
@@ -294,6 +347,7 @@ class PagedEngine:
             log.exception("engine step failed")
             for seq in list(self.scheduler.running):
                 self._fail(seq, "the engine step computing this request failed")
+        self._publish_kv_events()
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
@@ -378,6 +432,8 @@ class PagedEngine:
                                             grammar.matcher() if grammar is not None else None)
             if seq.params.prompt_logprobs:  # the first prompt token has no logprob: nothing comes before it
                 seq.prompt_logprobs = [TokenLogprob(seq.token_ids[0], None, self.token_bytes(seq.token_ids[0]))]
+            if seq.resume_token_ids:
+                self._resume(seq)
             self.scheduler.add(seq)
         except ValueError as exc:  # the scheduler's own message: the request cannot fit the KV cache
             self._finish(seq, "error", error=str(exc))
@@ -398,6 +454,30 @@ class PagedEngine:
             return
         why = (matcher.error if matcher is not None else "") or "no token continues it"
         self._fail(seq, f"the output constraint reached a dead end after {seq.num_completion_tokens} tokens: {why}")
+
+    def _resume(self, seq: Sequence) -> None:
+        """A stream migrated from a lost worker: its tokens become this sequence's generated tokens (their K/V is
+        computed with the prompt's, like a preempted sequence's), replayed through the detokenizer, the stop
+        matcher and a grammar's matcher, and the seeded generator skips their draws; text the client does not
+        have yet is held for the next output."""
+        resumed, seq.resume_token_ids = seq.resume_token_ids, []
+        if not all(0 <= t < self.vocab_size for t in resumed):
+            raise ValueError(f"the resumed tokens include ids outside the vocabulary of {self.vocab_size}")
+        if seq.num_prompt_tokens + len(resumed) >= self.context_length:
+            raise ValueError(f"the prompt and the {len(resumed)} resumed tokens fill the context length of "
+                             f"{self.context_length}")
+        matcher = getattr(getattr(seq, "processing", None), "matcher", None)
+        text = ""
+        for token in resumed:
+            seq.append_token(token)
+            if matcher is not None:
+                matcher.accept(token)
+            delta, _ = seq.stop_matcher.feed(seq.detokenizer.add(token))
+            text += delta
+        seq.num_tokens_sent = len(resumed)
+        seq.held_text = text[seq.resume_text_length:]
+        seq.prompt_logprobs = None  # the lost worker sent them with its first output
+        skip_draws(seq, len(resumed), self.vocab_size)
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Account for one sampled token and emit what the client should see."""
@@ -445,7 +525,11 @@ class PagedEngine:
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        if seq.held_text:
+            text, seq.held_text = seq.held_text + text, ""
+        token_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_tokens_sent:]
+        seq.num_tokens_sent += len(token_ids)
         seq.stream.put(GenerationOutput(
             seq.request_id, text, finish_reason is not None, finish_reason, seq.num_prompt_tokens,
-            seq.num_completion_tokens, error, seq.num_cached_tokens, logprobs, prompt_logprobs,
+            seq.num_completion_tokens, error, seq.num_cached_tokens, logprobs, prompt_logprobs, token_ids,
         ))

@@ -186,3 +186,14 @@ def _draw(scores: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
     for row, seq in enumerate(seqs):
         race[row].exponential_(generator=seq.generator)
     return [int(t) for t in (probs / race).argmax(-1).tolist()]
+
+
+def skip_draws(seq: Sequence, num_tokens: int, vocab: int) -> None:
+    """Advance a seeded sequence's generator past the draws of num_tokens sampled tokens (one Exp(1) row of the
+    vocabulary each, as _draw takes them), so that a stream migrated with those tokens samples on exactly as the
+    lost worker would have."""
+    if seq.generator is None or seq.params is None or seq.params.temperature < MIN_TEMPERATURE:
+        return
+    row = torch.empty(vocab)
+    for _ in range(num_tokens):
+        row.exponential_(generator=seq.generator)

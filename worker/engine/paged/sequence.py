@@ -59,6 +59,12 @@ class Sequence:
         self.pending_logprobs: list = []
         self.prompt_logprobs: list | None = None
         self.prompt_logprobs_sent = False
+        # Migration: generated token ids already handed out in outputs, tokens to resume from (a stream moved from
+        # a lost worker), and the text of those tokens that had not reached the client yet.
+        self.num_tokens_sent = 0
+        self.resume_token_ids: list[int] = []
+        self.resume_text_length = 0
+        self.held_text = ""
         # Set by the engine when the sampling parameters ask for logit changes (sampler.RowProcessing: logit_bias,
         # penalties, min_tokens, a grammar); dead_end once the grammar allows no token.
         self.processing: RowProcessing | None = None

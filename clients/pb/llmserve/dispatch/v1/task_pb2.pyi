@@ -230,10 +230,18 @@ class GenerateInput(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
+    OMIT_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Raw prompt; used when messages is empty."""
     n: _builtins.int
     """Optional. Choices to sample (0 is 1). They run on one worker and count as n sequences of its capacity."""
+    continue_final_message: _builtins.bool
+    """Optional. Chat: the last message is the assistant's and the model continues it (no end-of-turn after it)."""
+    omit_generation_prompt: _builtins.bool
+    """Optional. Chat: do not append the opening of the assistant's turn (add_generation_prompt false)."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.ChatMessage]:
         """Chat messages; the worker applies the model's chat template."""
@@ -248,6 +256,16 @@ class GenerateInput(_message.Message):
         (with the version's own tokenizer, as the worker would); the worker then does not tokenize again.
         """
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.Tool]:
+        """Optional. Chat: the tools shown to the model in its chat template (common/tools.py: the template's own tools
+        rendering, or the Hermes-style fallback for templates without one); empty with tool_choice "none".
+        """
+
+    @_builtins.property
+    def resume(self) -> Global___ResumeState:
+        """Set by the scheduler when it migrates the task from a lost worker: what the client already has."""
+
     def __init__(
         self,
         *,
@@ -256,14 +274,54 @@ class GenerateInput(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         n: _builtins.int = ...,
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        continue_final_message: _builtins.bool = ...,
+        omit_generation_prompt: _builtins.bool = ...,
+        tools: _abc.Iterable[_inference_pb2.Tool] | None = ...,
+        resume: Global___ResumeState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "n", b"n", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_final_message", b"continue_final_message", "messages", b"messages", "n", b"n", "omit_generation_prompt", b"omit_generation_prompt", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "resume", b"resume", "sampling", b"sampling", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateInput: _TypeAlias = GenerateInput  # noqa: Y015
+
+@_typing.final
+class ResumeState(_message.Message):
+    """Where a migrated generation resumes: the tokens the lost worker had streamed, continued as if it had not stopped.
+    The worker computes prompt + token_ids and samples on from there (a seeded generator skips the draws these
+    tokens took), with max_tokens already reduced by len(token_ids); text_length characters of their text reached
+    the client, any text held back (a partial character, a possible stop string) comes with the next output.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    text_length: _builtins.int
+    """Unicode code points of their text already streamed."""
+    completion_tokens: _builtins.int
+    """Completion tokens the client already counts: outputs of the resumed task count on from here."""
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Tokens generated so far (choice 0), in order."""
+
+    def __init__(
+        self,
+        *,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        text_length: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "text_length", b"text_length", "token_ids", b"token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeState: _TypeAlias = ResumeState  # noqa: Y015
 
 @_typing.final
 class TopLogprob(_message.Message):
@@ -338,18 +396,24 @@ class EmbedInput(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXTS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Texts to embed, in order."""
+        """Texts to embed, in order; used when token_ids is empty."""
+
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedCompositeFieldContainer[_inference_pb2.PromptTokenIds]:
+        """Inputs given as token ids (checked against the vocabulary by the gateway), embedded as given."""
 
     def __init__(
         self,
         *,
         texts: _abc.Iterable[_builtins.str] | None = ...,
+        token_ids: _abc.Iterable[_inference_pb2.PromptTokenIds] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["texts", b"texts", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -528,6 +592,7 @@ class TaskOutput(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The task's request_id."""
     text_delta: _builtins.str
@@ -564,6 +629,12 @@ class TaskOutput(_message.Message):
         entry has no logprob and no alternatives.
         """
 
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of the tokens generated since the previous output of this choice (the scheduler keeps them to migrate the
+        stream to another worker if this one is lost).
+        """
+
     def __init__(
         self,
         *,
@@ -579,10 +650,11 @@ class TaskOutput(_message.Message):
         index: _builtins.int = ...,
         logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
         prompt_logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "index", b"index", "logprobs", b"logprobs", "prompt_logprobs", b"prompt_logprobs", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "completion_tokens", b"completion_tokens", "embeddings", b"embeddings", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "index", b"index", "logprobs", b"logprobs", "prompt_logprobs", b"prompt_logprobs", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "text_delta", b"text_delta", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -598,6 +670,8 @@ class ModelLoad(_message.Message):
     NUM_RUNNING_FIELD_NUMBER: _builtins.int
     NUM_WAITING_FIELD_NUMBER: _builtins.int
     MAX_NUM_SEQS_FIELD_NUMBER: _builtins.int
+    NUM_KV_BLOCKS_FIELD_NUMBER: _builtins.int
+    NUM_FREE_KV_BLOCKS_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     """Concrete model version."""
     num_running: _builtins.int
@@ -606,6 +680,9 @@ class ModelLoad(_message.Message):
     """Sequences accepted but not started."""
     max_num_seqs: _builtins.int
     """Sequences the worker accepts at once for this model."""
+    num_kv_blocks: _builtins.int
+    """KV-cache blocks of the model's engine (0: an engine without a paged cache), and how many are free."""
+    num_free_kv_blocks: _builtins.int
     def __init__(
         self,
         *,
@@ -613,10 +690,12 @@ class ModelLoad(_message.Message):
         num_running: _builtins.int = ...,
         num_waiting: _builtins.int = ...,
         max_num_seqs: _builtins.int = ...,
+        num_kv_blocks: _builtins.int = ...,
+        num_free_kv_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_num_seqs", b"max_num_seqs", "model_version", b"model_version", "num_running", b"num_running", "num_waiting", b"num_waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_num_seqs", b"max_num_seqs", "model_version", b"model_version", "num_free_kv_blocks", b"num_free_kv_blocks", "num_kv_blocks", b"num_kv_blocks", "num_running", b"num_running", "num_waiting", b"num_waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

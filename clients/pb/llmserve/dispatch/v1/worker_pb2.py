@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmserve.dispatch.v1 import task_pb2 as llmserve_dot_dispatch_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmserve/dispatch/v1/worker.proto\x12\x14llmserve.dispatch.v1\x1a\x1fllmserve/dispatch/v1/task.proto\"v\n\x0cServeRequest\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1a.llmserve.dispatch.v1.TaskH\x00\x12\x32\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.CancelTaskH\x00\x42\x06\n\x04kind\"}\n\rServeResponse\x12\x32\n\x06output\x18\x01 \x01(\x0b\x32 .llmserve.dispatch.v1.TaskOutputH\x00\x12\x30\n\x04load\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.LoadReportH\x00\x42\x06\n\x04kind\"R\n\x0bWorkerModel\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"t\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\x06models\x18\x03 \x03(\x0b\x32!.llmserve.dispatch.v1.WorkerModel\x12\x0f\n\x07started\x18\x04 \x01(\r2e\n\rWorkerService\x12T\n\x05Serve\x12\".llmserve.dispatch.v1.ServeRequest\x1a#.llmserve.dispatch.v1.ServeResponse(\x01\x30\x01\x42\x31Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!llmserve/dispatch/v1/worker.proto\x12\x14llmserve.dispatch.v1\x1a\x1fllmserve/dispatch/v1/task.proto\"v\n\x0cServeRequest\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1a.llmserve.dispatch.v1.TaskH\x00\x12\x32\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.CancelTaskH\x00\x42\x06\n\x04kind\"\xb2\x01\n\rServeResponse\x12\x32\n\x06output\x18\x01 \x01(\x0b\x32 .llmserve.dispatch.v1.TaskOutputH\x00\x12\x30\n\x04load\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.LoadReportH\x00\x12\x33\n\tkv_events\x18\x03 \x01(\x0b\x32\x1e.llmserve.dispatch.v1.KvEventsH\x00\x42\x06\n\x04kind\"e\n\x08KvEvents\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\r\n\x05reset\x18\x02 \x01(\x08\x12\x0e\n\x06stored\x18\x03 \x03(\x0c\x12\x0f\n\x07removed\x18\x04 \x03(\x0c\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"R\n\x0bWorkerModel\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\x02 \x01(\x05\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\"t\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\x06models\x18\x03 \x03(\x0b\x32!.llmserve.dispatch.v1.WorkerModel\x12\x0f\n\x07started\x18\x04 \x01(\r2e\n\rWorkerService\x12T\n\x05Serve\x12\".llmserve.dispatch.v1.ServeRequest\x1a#.llmserve.dispatch.v1.ServeResponse(\x01\x30\x01\x42\x31Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1'
   _globals['_SERVEREQUEST']._serialized_start=92
   _globals['_SERVEREQUEST']._serialized_end=210
-  _globals['_SERVERESPONSE']._serialized_start=212
-  _globals['_SERVERESPONSE']._serialized_end=337
-  _globals['_WORKERMODEL']._serialized_start=339
-  _globals['_WORKERMODEL']._serialized_end=421
-  _globals['_WORKERINFO']._serialized_start=423
-  _globals['_WORKERINFO']._serialized_end=539
-  _globals['_WORKERSERVICE']._serialized_start=541
-  _globals['_WORKERSERVICE']._serialized_end=642
+  _globals['_SERVERESPONSE']._serialized_start=213
+  _globals['_SERVERESPONSE']._serialized_end=391
+  _globals['_KVEVENTS']._serialized_start=393
+  _globals['_KVEVENTS']._serialized_end=494
+  _globals['_WORKERMODEL']._serialized_start=496
+  _globals['_WORKERMODEL']._serialized_end=578
+  _globals['_WORKERINFO']._serialized_start=580
+  _globals['_WORKERINFO']._serialized_end=696
+  _globals['_WORKERSERVICE']._serialized_start=698
+  _globals['_WORKERSERVICE']._serialized_end=799
 # @@protoc_insertion_point(module_scope)

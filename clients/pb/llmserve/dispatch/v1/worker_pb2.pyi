@@ -59,6 +59,7 @@ class ServeResponse(_message.Message):
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def output(self) -> _task_pb2.TaskOutput:
         """Progress or result of a task."""
@@ -67,21 +68,72 @@ class ServeResponse(_message.Message):
     def load(self) -> _task_pb2.LoadReport:
         """Current load; sent at stream start, on change and periodically."""
 
+    @_builtins.property
+    def kv_events(self) -> Global___KvEvents:
+        """Prefix-cache blocks stored and evicted, batched per engine step."""
+
     def __init__(
         self,
         *,
         output: _task_pb2.TaskOutput | None = ...,
         load: _task_pb2.LoadReport | None = ...,
+        kv_events: Global___KvEvents | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "load", b"load", "output", b"output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "kv_events", b"kv_events", "load", b"load", "output", b"output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "load", b"load", "output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "kv_events", b"kv_events", "load", b"load", "output", b"output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["output", "load"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["output", "load", "kv_events"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ServeResponse: _TypeAlias = ServeResponse  # noqa: Y015
+
+@_typing.final
+class KvEvents(_message.Message):
+    """Changes of one engine's prefix cache, by the engine's own block keys (SHA-256 chains over the salt and the
+    tokens: common/kvhash.py), so the scheduler can keep an index block -> workers and route by cached prefix.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    """The model version whose engine holds the blocks (an adapter's blocks are its base's, salted per adapter)."""
+    reset: _builtins.bool
+    """The first message of a snapshot: forget what is known of this engine; stored then lists every cached block.
+    Sent when the stream opens and whenever events were dropped (a full outbox).
+    """
+    block_size: _builtins.int
+    """Tokens per block."""
+    @_builtins.property
+    def stored(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys of blocks now cached."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Keys of blocks evicted."""
+
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        reset: _builtins.bool = ...,
+        stored: _abc.Iterable[_builtins.bytes] | None = ...,
+        removed: _abc.Iterable[_builtins.bytes] | None = ...,
+        block_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "model_version", b"model_version", "removed", b"removed", "reset", b"reset", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KvEvents: _TypeAlias = KvEvents  # noqa: Y015
 
 @_typing.final
 class WorkerModel(_message.Message):
