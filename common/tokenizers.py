@@ -52,7 +52,16 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """A conversation in the model's chat template, ready for the assistant's turn."""
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
+def chat_message(role: str, content: str, name: str = "") -> dict[str, str]:
+    """One message as the chat template reads it (a name only when given, as OpenAI's optional field)."""
+    return {"role": role, "content": content, "name": name} if name else {"role": role, "content": content}
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, tools: list[dict] | None = None) -> list[int]:
+    """A conversation in the model's chat template: ready for the assistant's turn (add_generation_prompt), or
+    ending inside the final (assistant) message, which the model continues (continue_final_message). tools: for a
+    template that renders them (common/tools.py prepares the messages and decides)."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                              continue_final_message=continue_final_message, tools=tools,
+                                              tokenize=True, return_dict=False))

@@ -16,6 +16,7 @@ from llmserve.admin.v1 import registry_pb2
 from llmserve.common import priority
 from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import invalid_argument
+from llmserve.common.tokenizers import chat_message, chat_prompt_ids
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.inference.v1 import inference_pb2 as pb
 
@@ -23,6 +24,7 @@ if typing.TYPE_CHECKING:
     from llmserve.gateway.tokens import TokenCount
 
 ROLES = ("system", "user", "assistant")
+MAX_NAME_LENGTH = 64  # a message's `name`, as OpenAI allows
 INT64_MASK = (1 << 63) - 1
 SHOWN_CHARS = 40  # a caller's value quoted in an error message is cut to this many characters
 
@@ -69,6 +71,26 @@ class Sampling:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """How a conversation is templated beyond its (role, content) pairs; the worker applies the same."""
+
+    names: tuple[str, ...] = ()  # per message ("" for none); empty when no message has a name
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # assistant prefill: the model continues the last message
+
+    @property
+    def is_set(self) -> bool:
+        return self != ChatTemplate()
+
+    def conversation(self, messages: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+        return [chat_message(r, c, self.names[k] if self.names else "") for k, (r, c) in enumerate(messages)]
+
+    def ids(self, tokenizer, messages: tuple[tuple[str, str], ...]) -> list[int]:
+        return chat_prompt_ids(tokenizer, self.conversation(messages), add_generation_prompt=self.add_generation_prompt,
+                               continue_final_message=self.continue_final_message)
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerationCall:
     model_kind: typing.ClassVar[int] = registry_pb2.MODEL_KIND_GENERATE
     kind: str  # "completion" or "chat"
@@ -84,6 +106,7 @@ class GenerationCall:
     # has checked them against the version's vocabulary)
     prompt_ids: tuple[tuple[int, ...], ...] = ()
     echo: bool = False  # completion: the prompt in front of the text (and its logprobs, with logprobs)
+    template: ChatTemplate | None = None  # chat: names and how the conversation ends (prefill)
 
     @property
     def num_inputs(self) -> int:
@@ -115,12 +138,14 @@ class GenerationCall:
     def cache_fields(self) -> dict:
         """What decides the output: everything but user, priority and cache control."""
         return {"kind": self.kind, "prompts": self.prompts, "messages": self.messages, "n": self.n,
-                "sampling": dataclasses.asdict(self.sampling), "prompt_ids": self.prompt_ids, "echo": self.echo}
+                "sampling": dataclasses.asdict(self.sampling), "prompt_ids": self.prompt_ids, "echo": self.echo,
+                **({"template": dataclasses.asdict(self.template)} if self.template and self.template.is_set
+                   else {})}
 
     def count_inputs(self) -> dict:
         """What to count prompt tokens of: the prompts, or the conversation (templated)."""
         if self.kind == "chat":
-            return {"messages": self.messages}
+            return {"messages": self.messages, "template": self.template}
         return {"token_ids": self.prompt_ids} if self.prompt_ids else {"texts": self.prompts}
 
     def check_prompt_bytes(self, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
@@ -165,7 +190,13 @@ class GenerationCall:
         tasks = []
         for i in range(self.num_inputs):
             if self.kind == "chat":
-                gen = task_pb2.GenerateInput(messages=[pb.ChatMessage(role=r, content=c) for r, c in self.messages])
+                names = self.template.names if self.template else ()
+                gen = task_pb2.GenerateInput(messages=[
+                    pb.ChatMessage(role=r, content=c, name=names[k] if names else "")
+                    for k, (r, c) in enumerate(self.messages)])
+                if self.template:
+                    gen.continue_final_message = self.template.continue_final_message
+                    gen.omit_generation_prompt = not self.template.add_generation_prompt
             else:
                 gen = task_pb2.GenerateInput(prompt=self.prompts[i] if self.prompts else "")
             gen.sampling.CopyFrom(sampling)
@@ -358,8 +389,8 @@ def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
                           _priority(request.priority), request.skip_cache, prompt_ids=prompt_ids, echo=request.echo)
 
 
-def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
-    model = _model(request.model, cfg)
+def _messages(request, cfg: GatewayConfig) -> tuple[tuple[tuple[str, str], ...], ChatTemplate]:
+    """A conversation's (role, content) pairs and how to template it (names, generation prompt, prefill)."""
     if not request.messages:
         raise invalid_argument("messages is required: at least one {role, content}")
     if len(request.messages) > cfg.max_messages:  # counted before anything iterates them
@@ -369,11 +400,34 @@ def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
         if message.role not in ROLES:
             raise invalid_argument(f"messages[{i}].role={_shown(message.role)} is invalid; use one of "
                                    f"{', '.join(ROLES)}")
+        if len(message.name) > MAX_NAME_LENGTH:
+            raise invalid_argument(f"messages[{i}].name is {len(message.name)} characters; at most "
+                                   f"{MAX_NAME_LENGTH} are allowed")
     if not any(m.content for m in request.messages):
         raise invalid_argument("messages must not all be empty: give at least one message some content")
     messages = tuple((m.role, m.content) for m in request.messages)
+    names = tuple(m.name for m in request.messages) if any(m.name for m in request.messages) else ()
+    prefill = request.continue_final_message
+    add_generation_prompt = request.add_generation_prompt.value if request.HasField("add_generation_prompt") \
+        else not prefill
+    if prefill:
+        if add_generation_prompt:
+            raise invalid_argument("continue_final_message and add_generation_prompt cannot both be true: set "
+                                   "add_generation_prompt to false (or leave it out) to continue the last message")
+        last = request.messages[-1]
+        if last.role != "assistant" or not last.content:
+            raise invalid_argument(f"continue_final_message continues the last message, which must be the "
+                                   f"assistant's and not empty; messages[{len(messages) - 1}] is "
+                                   f"{'an empty ' if not last.content else 'a '}{_shown(last.role)} message")
+    return messages, ChatTemplate(names, add_generation_prompt, prefill)
+
+
+def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
+    model = _model(request.model, cfg)
+    messages, template = _messages(request, cfg)
     return GenerationCall("chat", model, (), messages, _sampling(request, cfg, cfg.default_chat_max_tokens),
-                          _n(request, cfg), _user(request.user, cfg), _priority(request.priority), request.skip_cache)
+                          _n(request, cfg), _user(request.user, cfg), _priority(request.priority), request.skip_cache,
+                          template=template if template.is_set else None)
 
 
 def embeddings_from_pb(request: pb.CreateEmbeddingsRequest, cfg: GatewayConfig) -> EmbeddingCall:

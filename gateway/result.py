@@ -76,6 +76,9 @@ class Result:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens the workers' prefix cache did not compute again
     logprobs: list[list[Logprob]] | None = None  # by choice index, when asked for
+    # By choice index: the deltas it arrived in, as (characters, logprob entries), so that a stream served from the
+    # response cache replays in the same pieces (entries cached before this was kept: one piece per choice).
+    pieces: list[list[tuple[int, int]]] | None = None
 
     def to_json(self) -> dict:
         data: dict[str, typing.Any] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
@@ -85,15 +88,31 @@ class Result:
             data["vectors"] = self.vectors
         if self.logprobs is not None:
             data["logprobs"] = [[e.to_json() for e in entries] for entries in self.logprobs]
+        if self.pieces is not None:
+            data["pieces"] = self.pieces
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> Result:
         # Served from the response cache: no prompt token is computed again.
-        logprobs = data.get("logprobs")
+        logprobs, pieces = data.get("logprobs"), data.get("pieces")
         return cls([tuple(c) for c in data.get("choices", ())], data.get("vectors", []), data["prompt_tokens"],
                    data.get("completion_tokens", 0), data["prompt_tokens"],
-                   None if logprobs is None else [[Logprob.from_json(e) for e in entries] for entries in logprobs])
+                   None if logprobs is None else [[Logprob.from_json(e) for e in entries] for entries in logprobs],
+                   None if pieces is None else [[(c, n) for c, n in choice] for choice in pieces])
+
+    def replay(self, index: int) -> typing.Iterator[tuple[str, list[Logprob] | None, bool]]:
+        """Choice `index` as the deltas it was generated in: (text, logprob entries or None, is_last)."""
+        text = self.choices[index][0]
+        entries = None if self.logprobs is None else self.logprobs[index]
+        pieces = self.pieces[index] if self.pieces is not None else [(len(text), len(entries or ()))]
+        chars = lps = 0
+        for k, (num_chars, num_entries) in enumerate(pieces):
+            yield (text[chars:chars + num_chars], None if entries is None else entries[lps:lps + num_entries],
+                   k == len(pieces) - 1)
+            chars, lps = chars + num_chars, lps + num_entries
+        if not pieces:
+            yield "", None if entries is None else [], True
 
     def choice_logprobs(self, index: int) -> pb.ChoiceLogprobs | None:
         return None if self.logprobs is None else logprobs_pb(self.logprobs[index])
@@ -115,6 +134,7 @@ class Collector:
         self.wants_logprobs = bool(sampling and sampling.logprobs)
         self.echo_texts: tuple[str, ...] = getattr(call, "prompts", ()) if getattr(call, "echo", False) else ()
         self.texts: list[list[str]] = [[] for _ in range(num_tasks)]
+        self.pieces: list[list[tuple[int, int]]] = [[] for _ in range(num_tasks)]
         self.logprobs: list[list[Logprob]] = [[] for _ in range(num_tasks)]
         self.offsets = [0] * num_tasks  # characters of each choice's tokens so far (text_offset of the next)
         self.decoders = [codecs.getincrementaldecoder("utf-8")("replace") for _ in range(num_tasks)]
@@ -155,6 +175,8 @@ class Collector:
             if self.echo_texts and output.prompt_logprobs:
                 delta.logprobs += self._entries(index, output.prompt_logprobs, is_prompt=True)
             delta.logprobs += self._entries(index, output.logprobs, is_prompt=False)
+        if text or delta.logprobs or output.finish_reason:  # what a stream sends a chunk for
+            self.pieces[index].append((len(text), len(delta.logprobs or ())))
         self.prompt_tokens[index] = output.prompt_tokens
         self.completion_tokens[index] = output.completion_tokens
         self.cached_tokens[index] = output.cached_tokens
@@ -170,4 +192,5 @@ class Collector:
         firsts = range(0, len(self.texts), self.n)
         choices = [] if self.is_embedding else [("".join(t), r) for t, r in zip(self.texts, self.reasons, strict=True)]
         return Result(choices, self.vectors, sum(self.prompt_tokens[i] for i in firsts), sum(self.completion_tokens),
-                      sum(self.cached_tokens[i] for i in firsts), self.logprobs if self.wants_logprobs else None)
+                      sum(self.cached_tokens[i] for i in firsts), self.logprobs if self.wants_logprobs else None,
+                      None if self.is_embedding else self.pieces)

@@ -8,6 +8,7 @@ tasks run concurrently over Submit streams and their outputs are merged back int
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 
 from llmserve.admin.v1 import registry_pb2
@@ -18,13 +19,31 @@ from llmserve.gateway.edge import Edge
 from llmserve.gateway.pipeline import KIND_NAMES, Pipeline
 from llmserve.gateway.requests import chat_from_pb, completion_from_pb, embeddings_from_pb
 from llmserve.gateway.result import Delta, logprobs_pb
+from llmserve.gateway.tokenizing import Tokenizing
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.inference.v1 import inference_pb2_grpc
+
+
+def system_fingerprint(version: registry_pb2.ModelVersion) -> str:
+    """OpenAI's system_fingerprint: changes when what serves a model name changes (the concrete version, its weights,
+    quantization or engine, or a re-registration of the same name)."""
+    identity = "\0".join((version.version, version.weights_source, version.quantization, version.engine,
+                          str(version.created)))
+    return "fp_" + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, pipeline: Pipeline, view: RegistryView, edge: Edge):
         self.pipeline, self.view, self.edge = pipeline, view, edge
+        self.tokenizing = Tokenizing(pipeline.cfg, view, edge, pipeline.tokens)
+
+    async def Tokenize(self, request, context):
+        async with observe("Tokenize") as ctx:
+            return await self.tokenizing.tokenize(ctx, request, context)
+
+    async def Detokenize(self, request, context):
+        async with observe("Detokenize") as ctx:
+            return await self.tokenizing.detokenize(ctx, request, context)
 
     async def CreateCompletion(self, request, context):
         async with observe("CreateCompletion") as ctx:
@@ -32,7 +51,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             result = await self.pipeline.run(ctx, context)
             return pb.CreateCompletionResponse(
                 id=f"cmpl-{ctx.request_id}", object="text_completion", created=int(time.time()),
-                model=ctx.version.version, usage=result.usage(),
+                model=ctx.version.version, usage=result.usage(), system_fingerprint=system_fingerprint(ctx.version),
                 choices=[pb.CompletionChoice(index=i, text=t, finish_reason=r, logprobs=result.choice_logprobs(i))
                          for i, (t, r) in enumerate(result.choices)])
 
@@ -42,7 +61,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             result = await self.pipeline.run(ctx, context)
             return pb.CreateChatCompletionResponse(
                 id=f"chatcmpl-{ctx.request_id}", object="chat.completion", created=int(time.time()),
-                model=ctx.version.version, usage=result.usage(),
+                model=ctx.version.version, usage=result.usage(), system_fingerprint=system_fingerprint(ctx.version),
                 choices=[pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=t), finish_reason=r,
                                        logprobs=result.choice_logprobs(i))
                          for i, (t, r) in enumerate(result.choices)])
@@ -58,30 +77,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 data=[pb.Embedding(index=i, object="embedding", embedding=v) for i, v in enumerate(result.vectors)])
 
     async def _stream(self, method: str, parse, chunk_choice, response_cls, object_name: str, id_prefix: str,
-                      request, context):
+                      request, context, *, opens_with_role: bool):
+        """A stream shaped as OpenAI's: (chat) each choice opens with a chunk whose delta is only the role, then
+        text deltas, the choice's last chunk carrying its finish_reason; then the usage chunk (no choices) when
+        asked. A response-cache hit replays in the pieces the answer was generated in. Every chunk has the same
+        id, created and system_fingerprint. A failure after the first chunk ends the stream with its status."""
         async with observe(method) as ctx:
             self.pipeline.begin(ctx, context, parse, request)
             _, _, version = ctx.begun()
             header = dict(id=f"{id_prefix}-{ctx.request_id}", object=object_name, created=int(time.time()),
-                          model=version.version)
+                          model=version.version, system_fingerprint=system_fingerprint(version))
             chunks: asyncio.Queue = asyncio.Queue()
             started: set[int] = set()
             include_usage = not request.HasField("stream_options") or request.stream_options.include_usage
 
+            def put(index: int, text: str, reason: str, logprobs) -> None:
+                if index not in started:
+                    started.add(index)
+                    if opens_with_role:
+                        chunks.put_nowait(response_cls(**header, choices=[chunk_choice(index, "", "", True, None)]))
+                chunks.put_nowait(response_cls(**header, choices=[
+                    chunk_choice(index, text, reason, False, logprobs_pb(logprobs))]))
+
             async def on_output(index: int, output: task_pb2.TaskOutput, delta: Delta) -> None:
                 if delta.text or output.finish_reason or delta.logprobs:
-                    is_first = index not in started
-                    started.add(index)
-                    chunks.put_nowait(response_cls(**header, choices=[
-                        chunk_choice(index, delta.text, output.finish_reason, is_first, logprobs_pb(delta.logprobs))]))
+                    put(index, delta.text, output.finish_reason, delta.logprobs)
 
             async def produce():
                 try:
                     result = await self.pipeline.run(ctx, context, on_output)
-                    if ctx.cache == "hit":  # replay the cached answer as one chunk per choice
-                        for index, (text, reason) in enumerate(result.choices):
-                            chunks.put_nowait(response_cls(**header, choices=[
-                                chunk_choice(index, text, reason, True, result.choice_logprobs(index))]))
+                    if ctx.cache == "hit":  # replay the cached answer in the deltas it was generated in
+                        for index, (_, reason) in enumerate(result.choices):
+                            for text, logprobs, is_last in result.replay(index):
+                                put(index, text, reason if is_last else "", logprobs)
                     if include_usage:
                         chunks.put_nowait(response_cls(**header, usage=result.usage()))
                 finally:
@@ -99,14 +127,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         def choice(index, text, reason, _first, logprobs):
             return pb.CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=logprobs)
         return self._stream("StreamCompletion", completion_from_pb, choice, pb.StreamCompletionResponse,
-                            "text_completion", "cmpl", request, context)
+                            "text_completion", "cmpl", request, context, opens_with_role=False)
 
     def StreamChatCompletion(self, request, context):
         def choice(index, text, reason, first, logprobs):
             return pb.ChatChunkChoice(index=index, finish_reason=reason, logprobs=logprobs,
                                       delta=pb.ChatDelta(role="assistant" if first else "", content=text))
         return self._stream("StreamChatCompletion", chat_from_pb, choice, pb.StreamChatCompletionResponse,
-                            "chat.completion.chunk", "chatcmpl", request, context)
+                            "chat.completion.chunk", "chatcmpl", request, context, opens_with_role=True)
 
     async def ListModels(self, request, context):
         async with observe("ListModels"):

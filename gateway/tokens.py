@@ -13,7 +13,7 @@ import dataclasses
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.logs import get_logger
-from llmserve.common.tokenizers import chat_prompt_ids, load_version_tokenizer
+from llmserve.common.tokenizers import chat_message, chat_prompt_ids, load_version_tokenizer
 
 log = get_logger(__name__)
 
@@ -80,10 +80,11 @@ class TokenCounter:
         self._start_loading(version)
         return False
 
-    async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None, token_ids=(),
-                    wait: bool) -> TokenCount | None:
-        """Tokens per text, or of the templated conversation when messages are given, or of prompts given as token
-        ids (exact without a tokenizer). None when the tokenizer is still loading and `wait` is false."""
+    async def count(self, version: registry_pb2.ModelVersion, *, texts=(), messages=None, template=None,
+                    token_ids=(), wait: bool) -> TokenCount | None:
+        """Tokens per text, or of the templated conversation when messages are given (templated as `template`, a
+        requests.ChatTemplate, says), or of prompts given as token ids (exact without a tokenizer). None when the
+        tokenizer is still loading and `wait` is false."""
         if token_ids:
             return TokenCount(tuple(len(ids) for ids in token_ids), is_exact=True,
                               ids=tuple(list(ids) for ids in token_ids))
@@ -94,8 +95,10 @@ class TokenCounter:
             items = [" ".join(c for _, c in messages)] if messages is not None else list(texts)
             return TokenCount(tuple(len(t.encode()) + 8 for t in items), is_exact=False)  # a BPE token >= 1 byte
         if messages is not None:
-            conversation = [{"role": r, "content": c} for r, c in messages]
-            ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, conversation)
+            if template is not None:
+                ids = await asyncio.to_thread(template.ids, tokenizer, messages)
+            else:
+                ids = await asyncio.to_thread(chat_prompt_ids, tokenizer, [chat_message(r, c) for r, c in messages])
             return TokenCount((len(ids),), is_exact=True, ids=(ids,))
         # As the workers count: encoders add their special tokens ([CLS] ... [SEP]); a prompt is encoded raw.
         special = version.kind == registry_pb2.MODEL_KIND_EMBED

@@ -36,13 +36,15 @@ SCALARS = {
     F.TYPE_STRING: {"type": "string"}, F.TYPE_BOOL: {"type": "boolean"}, F.TYPE_FLOAT: {"type": "number"},
     F.TYPE_DOUBLE: {"type": "number"}, F.TYPE_INT32: INT32, F.TYPE_SINT32: INT32, F.TYPE_SFIXED32: INT32,
     F.TYPE_UINT32: UINT32, F.TYPE_FIXED32: UINT32, F.TYPE_INT64: INT64, F.TYPE_SINT64: INT64,
-    F.TYPE_SFIXED64: INT64,
+    F.TYPE_SFIXED64: INT64, F.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
 }
 # google.protobuf wrappers travel as their plain value (a request's null means "not given").
 WRAPPERS = {".google.protobuf.Int32Value": INT32, ".google.protobuf.UInt32Value": UINT32,
             ".google.protobuf.Int64Value": INT64, ".google.protobuf.FloatValue": {"type": "number"},
             ".google.protobuf.DoubleValue": {"type": "number"}, ".google.protobuf.BoolValue": {"type": "boolean"},
             ".google.protobuf.StringValue": {"type": "string"}}
+# google.protobuf.Struct travels as any JSON object (a tool's parameters: a JSON Schema).
+WRAPPERS[".google.protobuf.Struct"] = {"type": "object", "additionalProperties": True}
 
 # The body of each POST route, and which messages are answered (a stream answers with events of its chunk type).
 ROUTES = {
@@ -50,7 +52,13 @@ ROUTES = {
     "/v1/chat/completions": ("CreateChatCompletion", "StreamChatCompletion"),
     "/v1/chat": ("CreateChatCompletion", "StreamChatCompletion"),
     "/v1/embeddings": ("CreateEmbeddings", None),
+    "/tokenize": ("Tokenize", None),
+    "/v1/tokenize": ("Tokenize", None),
+    "/detokenize": ("Detokenize", None),
+    "/v1/detokenize": ("Detokenize", None),
 }
+# A route's operationId is its method's name; a second route of one method gets a suffix.
+OPERATION_SUFFIX = {"/v1/chat": "Alias", "/v1/tokenize": "V1", "/v1/detokenize": "V1"}
 ERROR_STATUSES = {
     "400": "The request is invalid: a field's type or value (the message names it and what to change).",
     "401": "No `Authorization: Bearer <key>` header, or the key is unknown, revoked or expired.",
@@ -191,14 +199,27 @@ def request_schema(schemas: Schemas, name: str, cfg) -> dict:
         p["top_logprobs"] = bounded(p["top_logprobs"], minimum=0, maximum=20)
         schema["required"] = ["model", "messages"]
     elif name == "CreateEmbeddingsRequest":
-        p["input"] = strings_or_one(cfg.max_embedding_inputs, "One text, or a list of texts. Exactly one of input "
-                                                              "and inputs is required.")
+        p["input"] = strings_or_one(cfg.max_embedding_inputs, "One text, or a list of texts, as text or token ids. "
+                                                              "Exactly one of input and inputs is required.")
+        ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}}
+        p["input"]["oneOf"] += [ids, {"type": "array", "minItems": 1, "maxItems": cfg.max_embedding_inputs,
+                                      "items": ids}]
         p["inputs"] = bounded(p["inputs"], minItems=1, maxItems=cfg.max_embedding_inputs, items=text)
+        p["input_token_ids"] = bounded(p["input_token_ids"], minItems=1, maxItems=cfg.max_embedding_inputs)
+        p["dimensions"] = bounded(p["dimensions"], minimum=1)
         p["encoding_format"] = {"type": "string", "enum": ["float", "base64"],
                                 "description": "Optional. \"float\" (default) or \"base64\" (little-endian float32s)."}
-        schema["oneOf"] = [{"required": ["model", "input"]}, {"required": ["model", "inputs"]}]  # not both
+        schema["oneOf"] = [{"required": ["model", "input"]}, {"required": ["model", "inputs"]},  # only one
+                           {"required": ["model", "input_token_ids"]}]
+    elif name == "TokenizeRequest":
+        p["messages"] = bounded(p["messages"], minItems=1, maxItems=cfg.max_messages)
+        schema["oneOf"] = [{"required": ["model", "prompt"]}, {"required": ["model", "messages"]}]
+    elif name == "DetokenizeRequest":
+        p["tokens"] = bounded(p["tokens"], items={"type": "integer", "minimum": 0, "maximum": 2**31 - 1})
+        schema["required"] = ["model", "tokens"]
     # Null means "not given" (the sidecar drops it), so the fields a request needs are never null.
-    needed = {"model", "messages", "prompt", "prompts", "prompt_token_ids", "input", "inputs"}
+    needed = {"model", "messages", "prompt", "prompts", "prompt_token_ids", "input", "inputs", "input_token_ids",
+              "tokens"}
     schema["properties"] = {k: (v if k in needed else nullable(v)) for k, v in p.items()}
     schema["additionalProperties"] = True  # unknown fields are ignored, as OpenAI's SDKs expect
     return schema
@@ -224,6 +245,8 @@ def response_fixups(schemas: dict) -> None:
                        "text_offset": {"type": "array", "items": {"type": "integer"}}}})
     for name in ("StreamCompletionResponse", "StreamChatCompletionResponse"):
         schemas[name]["required"] = [r for r in schemas[name]["required"] if r != "usage"]
+    del schemas["Embedding"]["properties"]["embedding_bytes"]  # REST: base64 goes in `embedding` (forward.go)
+    schemas["Embedding"]["required"].remove("embedding_bytes")
     vector = schemas["Embedding"]["properties"]["embedding"]
     schemas["Embedding"]["properties"]["embedding"] = {
         "description": vector.get("description", ""),
@@ -297,7 +320,8 @@ def build() -> dict:
     message_input.update(required=["role", "content"], additionalProperties=True)
     components["ChatMessageInput"] = message_input
     components["Error"] = error_schema()
-    for name in ("CreateCompletionRequest", "CreateChatCompletionRequest", "CreateEmbeddingsRequest"):
+    for name in ("CreateCompletionRequest", "CreateChatCompletionRequest", "CreateEmbeddingsRequest",
+                 "TokenizeRequest", "DetokenizeRequest"):
         components[name] = request_schema(schemas, name, cfg)
     components["Health"] = {"type": "object", "required": ["status", "gateway"], "properties": {
         "status": {"type": "string", "enum": ["ok", "unavailable"]}, "gateway": {"type": "string"},
@@ -311,7 +335,7 @@ def build() -> dict:
             chunk = methods[stream].output_type.split(".")[-1]
             ok["text/event-stream"] = {"schema": sse_event(chunk)}
         paths[path] = {"post": {
-            "operationId": unary + ("Alias" if path == "/v1/chat" else ""), "summary": method_docs[unary],
+            "operationId": unary + OPERATION_SUFFIX.get(path, ""), "summary": method_docs[unary],
             "tags": ["inference"],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
                 "$ref": f"#/components/schemas/{method.input_type.split('.')[-1]}"}}}},

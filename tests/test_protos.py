@@ -55,6 +55,7 @@ def test_every_rpc_of_the_public_api_has_an_http_rule():
         "CreateCompletion": "/v1/completions", "StreamCompletion": "/v1/completions:stream",
         "CreateChatCompletion": "/v1/chat/completions", "StreamChatCompletion": "/v1/chat/completions:stream",
         "CreateEmbeddings": "/v1/embeddings", "ListModels": "/v1/models",
+        "Tokenize": "/tokenize", "Detokenize": "/detokenize",  # vLLM's paths (and /v1/... as additional bindings)
     }
 
 

@@ -42,6 +42,10 @@ func init() {
 	forward_InferenceService_StreamCompletion_0 = s
 	forward_InferenceService_StreamChatCompletion_0 = s
 	forward_InferenceService_StreamChatCompletion_1 = s
+	forward_InferenceService_Tokenize_0 = u
+	forward_InferenceService_Tokenize_1 = u
+	forward_InferenceService_Detokenize_0 = u
+	forward_InferenceService_Detokenize_1 = u
 }
 
 // The gateway's response metadata that becomes HTTP headers (under the same names); all other metadata stays.
@@ -174,8 +178,16 @@ func marshalFixed(marshaler runtime.Marshaler, msg proto.Message, state *request
 		}
 	}
 	if chunk {
-		if usage, present := obj["usage"]; present && usage == nil {
+		// OpenAI: with include_usage every chunk has "usage", null but in the last one; without it, none has.
+		if usage, present := obj["usage"]; present && usage == nil && !state.usageChunk {
 			delete(obj, "usage")
+		}
+	}
+	if data, ok := obj["data"].([]interface{}); ok { // embeddings: REST returns base64 in `embedding` itself
+		for _, d := range data {
+			if item, ok := d.(map[string]interface{}); ok {
+				delete(item, "embedding_bytes")
+			}
 		}
 	}
 	if state.base64 {

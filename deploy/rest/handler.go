@@ -28,6 +28,7 @@ import (
 // requestState travels in the request's context from the front handler to the forwarders and error writers.
 type requestState struct {
 	stream      bool              // answered as server-sent events
+	usageChunk  bool              // a stream with stream_options.include_usage: chunks carry "usage" (null until the last)
 	base64      bool              // embeddings: the client asked for encoding_format "base64"
 	renames     map[string]string // proto field -> the JSON field the client used (prompts -> prompt)
 	trailer     metadata.MD       // trailing metadata of a failed gRPC stream (captureStreamTrailers)
@@ -86,7 +87,8 @@ func (h *frontHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// Cheap refusals first, before any body is read: no bearer token (the gateway still checks the key itself),
 	// then no free slot.
-	if (r.URL.Path == "/v1" || strings.HasPrefix(r.URL.Path, "/v1/")) && !hasBearerToken(r) {
+	if (r.URL.Path == "/v1" || strings.HasPrefix(r.URL.Path, "/v1/") || r.URL.Path == "/tokenize" ||
+		r.URL.Path == "/detokenize") && !hasBearerToken(r) {
 		rec.Header().Set("WWW-Authenticate", `Bearer realm="llmserve"`)
 		refuseUnread(rec, r, http.StatusUnauthorized, "You didn't provide an API key: send it in one "+
 			"`Authorization: Bearer <key>` header.", "missing_api_key")
@@ -241,6 +243,16 @@ func endpointKind(path string) string {
 			return ""
 		}
 		return "embeddings"
+	case "/tokenize", "/v1/tokenize":
+		if strings.HasSuffix(path, ":stream") {
+			return ""
+		}
+		return "tokenize"
+	case "/detokenize", "/v1/detokenize":
+		if strings.HasSuffix(path, ":stream") {
+			return ""
+		}
+		return "detokenize"
 	}
 	return ""
 }
@@ -259,6 +271,7 @@ const (
 	kindStop     // null, a string or a list of strings
 	kindPriority // enum: a name or a number
 	kindObject
+	kindInt32s // list of integers (token ids)
 )
 
 var generationFields = map[string]fieldKind{
@@ -271,9 +284,13 @@ var generationFields = map[string]fieldKind{
 var fieldsByKind = map[string]map[string]fieldKind{
 	"completions": merge(generationFields, map[string]fieldKind{"prompts": kindStrings, "logprobs": kindInt32,
 		"echo": kindBool}),
-	"chat": merge(generationFields, map[string]fieldKind{"logprobs": kindBool, "top_logprobs": kindInt32}),
+	"chat": merge(generationFields, map[string]fieldKind{"logprobs": kindBool, "top_logprobs": kindInt32,
+		"add_generation_prompt": kindBool, "continue_final_message": kindBool}),
 	"embeddings": {"model": kindString, "inputs": kindStrings, "encoding_format": kindString, "user": kindString,
-		"priority": kindPriority, "skip_cache": kindBool},
+		"priority": kindPriority, "skip_cache": kindBool, "dimensions": kindInt32},
+	"tokenize": {"model": kindString, "prompt": kindString, "add_generation_prompt": kindBool,
+		"continue_final_message": kindBool, "return_token_strs": kindBool},
+	"detokenize": {"model": kindString, "tokens": kindInt32s},
 }
 
 func merge(a, b map[string]fieldKind) map[string]fieldKind {
@@ -364,6 +381,9 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 			return nil, err
 		}
 	case "embeddings":
+		if err := moveTokenInputs(body, state); err != nil {
+			return nil, err
+		}
 		if err := moveList(body, "input", "inputs", state, "input"); err != nil {
 			return nil, err
 		}
@@ -378,7 +398,7 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 					fmt.Sprintf("encoding_format=%q is not supported; use \"float\" or \"base64\"", f))
 			}
 		}
-	case "chat":
+	case "chat", "tokenize":
 		if err := normalizeMessages(body); err != nil {
 			return nil, err
 		}
@@ -399,7 +419,7 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 		body[name] = fixed
 	}
 
-	if kind != "embeddings" {
+	if kind == "completions" || kind == "chat" {
 		stream, _ := body["stream"].(bool)
 		delete(body, "stream")
 		state.stream = stream || strings.HasSuffix(path, ":stream")
@@ -418,6 +438,7 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 			// Without stream_options the gateway would end with a usage chunk that has no choices; OpenAI (and
 			// so the SDK) sends one only when include_usage is true.
 			body["stream_options"] = map[string]interface{}{"include_usage": include}
+			state.usageChunk = include
 		} else {
 			delete(body, "stream_options") // only streams have it
 		}
@@ -546,6 +567,42 @@ func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyErr
 	return nil
 }
 
+// moveTokenInputs moves an embeddings `input` of token ids (a list of integers, or a list of such lists, as OpenAI
+// accepts) to the proto's input_token_ids; an input of text is left to moveList.
+func moveTokenInputs(body map[string]interface{}, state *requestState) *bodyError {
+	list, ok := body["input"].([]interface{})
+	if !ok || len(list) == 0 {
+		return nil
+	}
+	var inputs []interface{}
+	switch list[0].(type) {
+	case json.Number: // one input
+		ids, err := checkField("input", kindInt32s, list)
+		if err != nil {
+			return err
+		}
+		inputs = []interface{}{map[string]interface{}{"token_ids": ids}}
+		state.renames["input_token_ids[0]"] = "input"
+	case []interface{}: // a batch of inputs
+		for i, item := range list {
+			ids, err := checkField(fmt.Sprintf("input[%d]", i), kindInt32s, item)
+			if err != nil {
+				return err
+			}
+			inputs = append(inputs, map[string]interface{}{"token_ids": ids})
+		}
+		state.renames["input_token_ids"] = "input"
+	default:
+		return nil
+	}
+	if _, both := body["input_token_ids"]; both {
+		return invalidValue("input", "set either input or input_token_ids, not both")
+	}
+	delete(body, "input")
+	body["input_token_ids"] = inputs
+	return nil
+}
+
 // normalizeMessages checks chat messages and flattens OpenAI content parts into the proto's single string.
 func normalizeMessages(body map[string]interface{}) *bodyError {
 	v, ok := body["messages"]
@@ -570,6 +627,13 @@ func normalizeMessages(body map[string]interface{}) *bodyError {
 		case nil:
 		default:
 			return invalidType(field+".role", "a string", role)
+		}
+		switch name := m["name"].(type) {
+		case string:
+		case nil:
+			delete(m, "name")
+		default:
+			return invalidType(field+".name", "a string", name)
 		}
 		switch content := m["content"].(type) {
 		case string:
@@ -684,6 +748,20 @@ func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyE
 		if _, ok := v.(map[string]interface{}); !ok {
 			return nil, invalidType(name, "an object", v)
 		}
+	case kindInt32s:
+		list, ok := v.([]interface{})
+		if !ok {
+			return nil, invalidType(name, "an array of integers", v)
+		}
+		out := make([]interface{}, len(list))
+		for i, item := range list {
+			fixed, err := checkField(fmt.Sprintf("%s[%d]", name, i), kindInt32, item)
+			if err != nil {
+				return nil, err
+			}
+			out[i] = fixed
+		}
+		return out, nil
 	}
 	return v, nil
 }

@@ -350,6 +350,11 @@ func TestStreamIncludeUsage(t *testing.T) {
 		!strings.Contains(data[3], `"choices":[]`) {
 		t.Fatalf("frames: %q", data)
 	}
+	for _, d := range data[:3] { // as OpenAI: "usage": null in every chunk but the last
+		if !strings.Contains(d, `"usage":null`) {
+			t.Errorf("no null usage in a chunk of an include_usage stream: %s", d)
+		}
+	}
 }
 
 func TestErrorMapping(t *testing.T) {

@@ -133,8 +133,10 @@ class GenerationEngine(typing.Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt (no special tokens added)."""
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation in the model's chat template, ready for the assistant's turn."""
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> list[int]:
+        """Token ids of a conversation in the model's chat template, ready for the assistant's turn (or, with
+        continue_final_message, ending inside the last message, which the model continues)."""
 
     def generate(self, request: GenerationRequest) -> typing.AsyncIterator[GenerationOutput]:
         """Outputs as they come; the last has finished=True. Leaving the iterator early aborts the request."""

@@ -59,8 +59,10 @@ class TensorRTLLMEngine:
     def encode(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message)
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self._running), 0, self.max_num_seqs)

@@ -118,8 +118,10 @@ class PagedEngine:
     def encode(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message)
 
     supports_logprobs = True  # generated and prompt tokens' (SamplingParams.logprobs, prompt_logprobs)
     supports_penalties = True  # penalties, logit_bias, min_tokens, stop_token_ids (applied per row in the sampler)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import wrappers_pb2 as _wrappers_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -131,14 +132,140 @@ class PromptTokensDetails(_message.Message):
 Global___PromptTokensDetails: _TypeAlias = PromptTokensDetails  # noqa: Y015
 
 @_typing.final
-class CreateCompletionRequest(_message.Message):
+class ResponseFormat(_message.Message):
     """Sampling and stopping parameters shared by completions and chat.
     Field numbers 3-15 match across the four generation requests.
 
-    Request of CreateCompletion.
+    OpenAI's response_format: what the output must be.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Required. "text", "json_object" or "json_schema"."""
+    @_builtins.property
+    def json_schema(self) -> Global___JsonSchemaFormat:
+        """Required with type "json_schema"."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        json_schema: Global___JsonSchemaFormat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json_schema", b"json_schema", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResponseFormat: _TypeAlias = ResponseFormat  # noqa: Y015
+
+@_typing.final
+class JsonSchemaFormat(_message.Message):
+    """A named JSON Schema for response_format (OpenAI's json_schema object)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SCHEMA_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. 1-64 characters of a-z, A-Z, 0-9, "_" and "-"."""
+    description: _builtins.str
+    """Optional. What the format is for (not shown to the model)."""
+    strict: _builtins.bool
+    """Optional. OpenAI's strict mode; accepted: the output always follows the schema (decoding is constrained)."""
+    @_builtins.property
+    def schema(self) -> _struct_pb2.Struct:
+        """Required. The JSON Schema (an object, as in OpenAI's API) that the output validates against."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        schema: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schema", b"schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "schema", b"schema", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JsonSchemaFormat: _TypeAlias = JsonSchemaFormat  # noqa: Y015
+
+@_typing.final
+class StructuredOutputs(_message.Message):
+    """vLLM's structured_outputs: one constraint on the output; exactly one field is set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JSON_FIELD_NUMBER: _builtins.int
+    REGEX_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
+    JSON_OBJECT_FIELD_NUMBER: _builtins.int
+    regex: _builtins.str
+    """A regular expression (Rust regex syntax) the whole output matches."""
+    grammar: _builtins.str
+    """A context-free grammar in Lark syntax (llguidance's; a "start:" rule) or GBNF (llama.cpp's, "root ::= ...")."""
+    json_object: _builtins.bool
+    """Any JSON object."""
+    @_builtins.property
+    def json(self) -> _struct_pb2.Struct:
+        """A JSON Schema (an object) the output validates against."""
+
+    @_builtins.property
+    def choice(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The output is exactly one of these strings."""
+
+    def __init__(
+        self,
+        *,
+        json: _struct_pb2.Struct | None = ...,
+        regex: _builtins.str = ...,
+        choice: _abc.Iterable[_builtins.str] | None = ...,
+        grammar: _builtins.str = ...,
+        json_object: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["json", b"json"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json", b"json", "json_object", b"json_object", "regex", b"regex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StructuredOutputs: _TypeAlias = StructuredOutputs  # noqa: Y015
+
+@_typing.final
+class CreateCompletionRequest(_message.Message):
+    """Request of CreateCompletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LogitBiasEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
@@ -158,6 +285,14 @@ class CreateCompletionRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     ECHO_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUTS_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias (e.g. "smollm2") or concrete version (e.g. "smollm2-135m-instruct-v1")."""
     prompt: _builtins.str
@@ -175,6 +310,20 @@ class CreateCompletionRequest(_message.Message):
     echo: _builtins.bool
     """Optional. Return the prompt in front of the generated text; with logprobs, the prompt tokens' logprobs too (the
     first prompt token has none). With echo, max_tokens may be 0: the prompt is scored, nothing is generated.
+    """
+    presence_penalty: _builtins.float
+    """Optional. OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token already generated."""
+    frequency_penalty: _builtins.float
+    """Optional. OpenAI's frequency penalty in [-2, 2]: subtracted from each token's logit times its count among the
+    generated tokens.
+    """
+    repetition_penalty: _builtins.float
+    """Optional. vLLM's (Hugging Face's) repetition penalty in (0, 2]; 0 (unset) and 1 disable it. Logits of tokens in
+    the prompt or generated so far are divided by it when positive and multiplied by it when negative.
+    """
+    min_tokens: _builtins.int
+    """Optional. Generate at least this many tokens before end-of-sequence or a stop_token_ids token may end the
+    output (vLLM); at most max_tokens.
     """
     @_builtins.property
     def max_tokens(self) -> _wrappers_pb2.Int32Value:
@@ -225,6 +374,29 @@ class CreateCompletionRequest(_message.Message):
         one of prompt, prompts and prompt_token_ids is required.
         """
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """Optional. OpenAI's response_format: {"type": "text"} (default), {"type": "json_object"} (the output is one
+        JSON object) or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (the output validates
+        against the schema). Guaranteed by constrained decoding, not by retries; a length finish can still cut it.
+        """
+
+    @_builtins.property
+    def structured_outputs(self) -> Global___StructuredOutputs:
+        """Optional. vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object. Not with
+        response_format json_object/json_schema.
+        """
+
+    @_builtins.property
+    def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Optional. OpenAI's logit_bias: token id (of the model's vocabulary) -> bias in [-100, 100] added to that token's
+        logit before sampling; +100 practically forces the token, -100 bans it. At most 300 entries.
+        """
+
+    @_builtins.property
+    def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. Token ids that end the output when generated (vLLM); the token is not included in the text."""
+
     def __init__(
         self,
         *,
@@ -246,10 +418,18 @@ class CreateCompletionRequest(_message.Message):
         logprobs: _wrappers_pb2.Int32Value | None = ...,
         echo: _builtins.bool = ...,
         prompt_token_ids: _abc.Iterable[Global___PromptTokenIds] | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
+        structured_outputs: Global___StructuredOutputs | None = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
+        repetition_penalty: _builtins.float = ...,
+        logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        min_tokens: _builtins.int = ...,
+        stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "response_format", b"response_format", "seed", b"seed", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "model", b"model", "n", b"n", "presence_penalty", b"presence_penalty", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "prompts", b"prompts", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -439,6 +619,7 @@ class CreateCompletionResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Request id, "cmpl-..."."""
     object: _builtins.str
@@ -447,6 +628,10 @@ class CreateCompletionResponse(_message.Message):
     """Output only. Unix time in seconds."""
     model: _builtins.str
     """Output only. The concrete model version that served the request."""
+    system_fingerprint: _builtins.str
+    """Output only. Identifies the backend configuration that served the request ("fp_" and a hash of the
+    concrete model version and its weights); the same in every chunk of a stream.
+    """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletionChoice]:
         """Output only. One choice per prompt and n."""
@@ -464,10 +649,11 @@ class CreateCompletionResponse(_message.Message):
         model: _builtins.str = ...,
         choices: _abc.Iterable[Global___CompletionChoice] | None = ...,
         usage: Global___Usage | None = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -478,6 +664,26 @@ class StreamCompletionRequest(_message.Message):
     """Request of StreamCompletion; same fields as CreateCompletionRequest."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LogitBiasEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
@@ -498,6 +704,14 @@ class StreamCompletionRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     ECHO_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUTS_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     prompt: _builtins.str
@@ -515,6 +729,20 @@ class StreamCompletionRequest(_message.Message):
     echo: _builtins.bool
     """Optional. Return the prompt in front of the generated text; with logprobs, the prompt tokens' logprobs too (the
     first prompt token has none). With echo, max_tokens may be 0: the prompt is scored, nothing is generated.
+    """
+    presence_penalty: _builtins.float
+    """Optional. OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token already generated."""
+    frequency_penalty: _builtins.float
+    """Optional. OpenAI's frequency penalty in [-2, 2]: subtracted from each token's logit times its count among the
+    generated tokens.
+    """
+    repetition_penalty: _builtins.float
+    """Optional. vLLM's (Hugging Face's) repetition penalty in (0, 2]; 0 (unset) and 1 disable it. Logits of tokens in
+    the prompt or generated so far are divided by it when positive and multiplied by it when negative.
+    """
+    min_tokens: _builtins.int
+    """Optional. Generate at least this many tokens before end-of-sequence or a stop_token_ids token may end the
+    output (vLLM); at most max_tokens.
     """
     @_builtins.property
     def max_tokens(self) -> _wrappers_pb2.Int32Value:
@@ -565,6 +793,29 @@ class StreamCompletionRequest(_message.Message):
         one of prompt, prompts and prompt_token_ids is required.
         """
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """Optional. OpenAI's response_format: {"type": "text"} (default), {"type": "json_object"} (the output is one
+        JSON object) or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (the output validates
+        against the schema). Guaranteed by constrained decoding, not by retries; a length finish can still cut it.
+        """
+
+    @_builtins.property
+    def structured_outputs(self) -> Global___StructuredOutputs:
+        """Optional. vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object. Not with
+        response_format json_object/json_schema.
+        """
+
+    @_builtins.property
+    def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Optional. OpenAI's logit_bias: token id (of the model's vocabulary) -> bias in [-100, 100] added to that token's
+        logit before sampling; +100 practically forces the token, -100 bans it. At most 300 entries.
+        """
+
+    @_builtins.property
+    def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. Token ids that end the output when generated (vLLM); the token is not included in the text."""
+
     def __init__(
         self,
         *,
@@ -587,10 +838,18 @@ class StreamCompletionRequest(_message.Message):
         logprobs: _wrappers_pb2.Int32Value | None = ...,
         echo: _builtins.bool = ...,
         prompt_token_ids: _abc.Iterable[Global___PromptTokenIds] | None = ...,
+        response_format: Global___ResponseFormat | None = ...,
+        structured_outputs: Global___StructuredOutputs | None = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
+        repetition_penalty: _builtins.float = ...,
+        logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        min_tokens: _builtins.int = ...,
+        stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "response_format", b"response_format", "seed", b"seed", "stream_options", b"stream_options", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "model", b"model", "n", b"n", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "prompts", b"prompts", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["echo", b"echo", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "min_tokens", b"min_tokens", "model", b"model", "n", b"n", "presence_penalty", b"presence_penalty", "priority", b"priority", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "prompts", b"prompts", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "stream_options", b"stream_options", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,6 +867,7 @@ class StreamCompletionResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Request id, the same in every chunk."""
     object: _builtins.str
@@ -616,6 +876,10 @@ class StreamCompletionResponse(_message.Message):
     """Output only. Unix time in seconds."""
     model: _builtins.str
     """Output only. The concrete model version."""
+    system_fingerprint: _builtins.str
+    """Output only. Identifies the backend configuration that served the request ("fp_" and a hash of the
+    concrete model version and its weights); the same in every chunk of a stream.
+    """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletionChoice]:
         """Output only. New text per choice; finish_reason set on a choice's last chunk."""
@@ -633,10 +897,11 @@ class StreamCompletionResponse(_message.Message):
         model: _builtins.str = ...,
         choices: _abc.Iterable[Global___CompletionChoice] | None = ...,
         usage: Global___Usage | None = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -650,29 +915,287 @@ class ChatMessage(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """Required. "system", "user" or "assistant"."""
+    """Required. "system", "user", "assistant" or "tool" (a tool's result, with tool_call_id)."""
     content: _builtins.str
-    """Required. The text of the message."""
+    """Required. The text of the message (may be empty in an assistant message with tool_calls)."""
+    name: _builtins.str
+    """Optional. The author's name (OpenAI's `name`), handed to the chat template as the message's "name" (templates
+    that do not use it, like SmolLM2's, ignore it). At most 64 characters.
+    """
+    tool_call_id: _builtins.str
+    """Required for role "tool": the id of the assistant's tool call this message answers."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Assistant messages: the tools the assistant called (requests: earlier turns; responses: with finish_reason
+        "tool_calls"). content may then be empty.
+        """
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        name: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "role", b"role", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
+class Tool(_message.Message):
+    """A tool the model may call. Only functions exist (as in OpenAI's API)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """Required. "function"."""
+    @_builtins.property
+    def function(self) -> Global___FunctionDefinition:
+        """Required. The function's name, description and parameters."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        function: Global___FunctionDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class FunctionDefinition(_message.Message):
+    """A function the model may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. 1-64 characters of a-z, A-Z, 0-9, "_" and "-"; unique among the request's tools."""
+    description: _builtins.str
+    """Optional. What the function does, shown to the model."""
+    strict: _builtins.bool
+    """Optional. OpenAI's strict mode; accepted and ignored: calls forced by tool_choice "required" or a named
+    function always match the schema (decoding is constrained), "auto" calls are parsed, not constrained.
+    """
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """Optional. The arguments as a JSON Schema of an object (type "object"); absent: a function without arguments."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunctionDefinition: _TypeAlias = FunctionDefinition  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """Whether and which tool the model calls. Either mode, or type "function" with function.name (REST also takes
+    OpenAI's plain strings "none", "auto" and "required").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    mode: _builtins.str
+    """"none" (answer in text; the tools are not shown to the model), "auto" (the model decides; the default with
+    tools) or "required" (at least one call, guaranteed valid against the tools' schemas).
+    """
+    type: _builtins.str
+    """"function": call the function named in function.name (guaranteed valid against its schema)."""
+    @_builtins.property
+    def function(self) -> Global___ToolChoiceFunction:
+        """With type "function": the function to call."""
+
+    def __init__(
+        self,
+        *,
+        mode: _builtins.str = ...,
+        type: _builtins.str = ...,
+        function: Global___ToolChoiceFunction | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "mode", b"mode", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
+class ToolChoiceFunction(_message.Message):
+    """The function a named tool_choice calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. A name among the request's tools."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoiceFunction: _TypeAlias = ToolChoiceFunction  # noqa: Y015
+
+@_typing.final
+class ToolCall(_message.Message):
+    """One call of a tool by the assistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id ("call_" and 24 characters in responses); a tool message's tool_call_id names it."""
+    type: _builtins.str
+    """"function"."""
+    @_builtins.property
+    def function(self) -> Global___FunctionCall:
+        """The function called and its arguments."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        type: _builtins.str = ...,
+        function: Global___FunctionCall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "id", b"id", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
+class FunctionCall(_message.Message):
+    """A function called, with its arguments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The function's name."""
+    arguments: _builtins.str
+    """The arguments as JSON text (an object), as OpenAI writes them."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        arguments: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunctionCall: _TypeAlias = FunctionCall  # noqa: Y015
+
+@_typing.final
+class ToolCallDelta(_message.Message):
+    """A piece of a tool call in a stream chunk (OpenAI's shape): the call's first delta has index, id, type and
+    function.name; later ones of the same index carry more of function.arguments.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    FUNCTION_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Output only. Which call of the choice (0 for the first)."""
+    id: _builtins.str
+    """Output only. On the call's first delta only."""
+    type: _builtins.str
+    """Output only. "function", on the call's first delta only."""
+    @_builtins.property
+    def function(self) -> Global___FunctionCall:
+        """Output only. name on the first delta; arguments in pieces (concatenated, they are the JSON text)."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        type: _builtins.str = ...,
+        function: Global___FunctionCall | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["function", b"function"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function", b"function", "id", b"id", "index", b"index", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
+
+@_typing.final
 class CreateChatCompletionRequest(_message.Message):
     """Request of CreateChatCompletion."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LogitBiasEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
@@ -690,6 +1213,19 @@ class CreateChatCompletionRequest(_message.Message):
     MAX_COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUTS_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     top_k: _builtins.int
@@ -708,6 +1244,24 @@ class CreateChatCompletionRequest(_message.Message):
     """
     top_logprobs: _builtins.int
     """Optional. With logprobs: the most likely alternatives returned per token, 0-20."""
+    presence_penalty: _builtins.float
+    """Optional. OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token already generated."""
+    frequency_penalty: _builtins.float
+    """Optional. OpenAI's frequency penalty in [-2, 2]: subtracted from each token's logit times its count among the
+    generated tokens.
+    """
+    repetition_penalty: _builtins.float
+    """Optional. vLLM's (Hugging Face's) repetition penalty in (0, 2]; 0 (unset) and 1 disable it. Logits of tokens in
+    the prompt or generated so far are divided by it when positive and multiplied by it when negative.
+    """
+    min_tokens: _builtins.int
+    """Optional. Generate at least this many tokens before end-of-sequence or a stop_token_ids token may end the
+    output (vLLM); at most max_tokens.
+    """
+    continue_final_message: _builtins.bool
+    """Optional. The last message must be the assistant's: the model continues it (assistant prefill) instead of
+    starting a new turn; its end-of-turn token is left out. Needs add_generation_prompt false (or unset).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Required. The conversation, oldest first; at least one message."""
@@ -740,6 +1294,47 @@ class CreateChatCompletionRequest(_message.Message):
     def max_completion_tokens(self) -> _wrappers_pb2.Int32Value:
         """Optional. OpenAI's newer name for max_tokens; when both are set, they must be equal."""
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """Optional. OpenAI's response_format: {"type": "text"} (default), {"type": "json_object"} (the output is one
+        JSON object) or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (the output validates
+        against the schema). Guaranteed by constrained decoding, not by retries; a length finish can still cut it.
+        """
+
+    @_builtins.property
+    def structured_outputs(self) -> Global___StructuredOutputs:
+        """Optional. vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object. Not with
+        response_format json_object/json_schema.
+        """
+
+    @_builtins.property
+    def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Optional. OpenAI's logit_bias: token id (of the model's vocabulary) -> bias in [-100, 100] added to that token's
+        logit before sampling; +100 practically forces the token, -100 bans it. At most 300 entries.
+        """
+
+    @_builtins.property
+    def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. Token ids that end the output when generated (vLLM); the token is not included in the text."""
+
+    @_builtins.property
+    def add_generation_prompt(self) -> _wrappers_pb2.BoolValue:
+        """Optional. Append the template's opening of the assistant's turn after the messages; default true. Set it false
+        (with continue_final_message) to let the model continue a final assistant message (vLLM's semantics).
+        """
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Optional. Tools the model may call (at most 128, names unique); the chat template receives them."""
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Optional. Whether and which tool to call; default "auto" with tools, "none" without."""
+
+    @_builtins.property
+    def parallel_tool_calls(self) -> _wrappers_pb2.BoolValue:
+        """Optional. Whether the model may call several tools in one answer; default true."""
+
     def __init__(
         self,
         *,
@@ -759,10 +1354,23 @@ class CreateChatCompletionRequest(_message.Message):
         max_completion_tokens: _wrappers_pb2.Int32Value | None = ...,
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int = ...,
+        response_format: Global___ResponseFormat | None = ...,
+        structured_outputs: Global___StructuredOutputs | None = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
+        repetition_penalty: _builtins.float = ...,
+        logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        min_tokens: _builtins.int = ...,
+        stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        add_generation_prompt: _wrappers_pb2.BoolValue | None = ...,
+        continue_final_message: _builtins.bool = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _wrappers_pb2.BoolValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "seed", b"seed", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "continue_final_message", b"continue_final_message", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "min_tokens", b"min_tokens", "model", b"model", "n", b"n", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "priority", b"priority", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,7 +1389,7 @@ class ChatChoice(_message.Message):
     index: _builtins.int
     """Output only. Choice number."""
     finish_reason: _builtins.str
-    """Output only. "stop" or "length"."""
+    """Output only. "stop", "length", or "tool_calls" when the message calls tools."""
     @_builtins.property
     def message(self) -> Global___ChatMessage:
         """Output only. The assistant's message."""
@@ -818,6 +1426,7 @@ class CreateChatCompletionResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Request id, "chatcmpl-..."."""
     object: _builtins.str
@@ -826,6 +1435,10 @@ class CreateChatCompletionResponse(_message.Message):
     """Output only. Unix time in seconds."""
     model: _builtins.str
     """Output only. The concrete model version that served the request."""
+    system_fingerprint: _builtins.str
+    """Output only. Identifies the backend configuration that served the request ("fp_" and a hash of the
+    concrete model version and its weights); the same in every chunk of a stream.
+    """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatChoice]:
         """Output only. One choice per n."""
@@ -843,10 +1456,11 @@ class CreateChatCompletionResponse(_message.Message):
         model: _builtins.str = ...,
         choices: _abc.Iterable[Global___ChatChoice] | None = ...,
         usage: Global___Usage | None = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -857,6 +1471,26 @@ class StreamChatCompletionRequest(_message.Message):
     """Request of StreamChatCompletion; same fields as CreateChatCompletionRequest."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LogitBiasEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     MODEL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
@@ -875,6 +1509,19 @@ class StreamChatCompletionRequest(_message.Message):
     STREAM_OPTIONS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUTS_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version."""
     top_k: _builtins.int
@@ -893,6 +1540,24 @@ class StreamChatCompletionRequest(_message.Message):
     """
     top_logprobs: _builtins.int
     """Optional. With logprobs: the most likely alternatives returned per token, 0-20."""
+    presence_penalty: _builtins.float
+    """Optional. OpenAI's presence penalty in [-2, 2]: subtracted once from the logit of every token already generated."""
+    frequency_penalty: _builtins.float
+    """Optional. OpenAI's frequency penalty in [-2, 2]: subtracted from each token's logit times its count among the
+    generated tokens.
+    """
+    repetition_penalty: _builtins.float
+    """Optional. vLLM's (Hugging Face's) repetition penalty in (0, 2]; 0 (unset) and 1 disable it. Logits of tokens in
+    the prompt or generated so far are divided by it when positive and multiplied by it when negative.
+    """
+    min_tokens: _builtins.int
+    """Optional. Generate at least this many tokens before end-of-sequence or a stop_token_ids token may end the
+    output (vLLM); at most max_tokens.
+    """
+    continue_final_message: _builtins.bool
+    """Optional. The last message must be the assistant's: the model continues it (assistant prefill) instead of
+    starting a new turn; its end-of-turn token is left out. Needs add_generation_prompt false (or unset).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Required. The conversation, oldest first."""
@@ -929,6 +1594,47 @@ class StreamChatCompletionRequest(_message.Message):
     def stream_options(self) -> Global___StreamOptions:
         """Optional. Absent: the last chunk carries usage. Present: usage only when include_usage is true."""
 
+    @_builtins.property
+    def response_format(self) -> Global___ResponseFormat:
+        """Optional. OpenAI's response_format: {"type": "text"} (default), {"type": "json_object"} (the output is one
+        JSON object) or {"type": "json_schema", "json_schema": {"name", "schema", "strict"}} (the output validates
+        against the schema). Guaranteed by constrained decoding, not by retries; a length finish can still cut it.
+        """
+
+    @_builtins.property
+    def structured_outputs(self) -> Global___StructuredOutputs:
+        """Optional. vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object. Not with
+        response_format json_object/json_schema.
+        """
+
+    @_builtins.property
+    def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
+        """Optional. OpenAI's logit_bias: token id (of the model's vocabulary) -> bias in [-100, 100] added to that token's
+        logit before sampling; +100 practically forces the token, -100 bans it. At most 300 entries.
+        """
+
+    @_builtins.property
+    def stop_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. Token ids that end the output when generated (vLLM); the token is not included in the text."""
+
+    @_builtins.property
+    def add_generation_prompt(self) -> _wrappers_pb2.BoolValue:
+        """Optional. Append the template's opening of the assistant's turn after the messages; default true. Set it false
+        (with continue_final_message) to let the model continue a final assistant message (vLLM's semantics).
+        """
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Optional. Tools the model may call (at most 128, names unique); the chat template receives them."""
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Optional. Whether and which tool to call; default "auto" with tools, "none" without."""
+
+    @_builtins.property
+    def parallel_tool_calls(self) -> _wrappers_pb2.BoolValue:
+        """Optional. Whether the model may call several tools in one answer; default true."""
+
     def __init__(
         self,
         *,
@@ -949,10 +1655,23 @@ class StreamChatCompletionRequest(_message.Message):
         stream_options: Global___StreamOptions | None = ...,
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int = ...,
+        response_format: Global___ResponseFormat | None = ...,
+        structured_outputs: Global___StructuredOutputs | None = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
+        repetition_penalty: _builtins.float = ...,
+        logit_bias: _abc.Mapping[_builtins.int, _builtins.float] | None = ...,
+        min_tokens: _builtins.int = ...,
+        stop_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        add_generation_prompt: _wrappers_pb2.BoolValue | None = ...,
+        continue_final_message: _builtins.bool = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        parallel_tool_calls: _wrappers_pb2.BoolValue | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stream_options", b"stream_options", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "n", b"n", "parallel_tool_calls", b"parallel_tool_calls", "response_format", b"response_format", "seed", b"seed", "stream_options", b"stream_options", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "tool_choice", b"tool_choice", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "n", b"n", "priority", b"priority", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stream_options", b"stream_options", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "continue_final_message", b"continue_final_message", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "logprobs", b"logprobs", "max_completion_tokens", b"max_completion_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "min_tokens", b"min_tokens", "model", b"model", "n", b"n", "parallel_tool_calls", b"parallel_tool_calls", "presence_penalty", b"presence_penalty", "priority", b"priority", "repetition_penalty", b"repetition_penalty", "response_format", b"response_format", "seed", b"seed", "skip_cache", b"skip_cache", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "stream_options", b"stream_options", "structured_outputs", b"structured_outputs", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -966,19 +1685,25 @@ class ChatDelta(_message.Message):
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     role: _builtins.str
     """Output only. "assistant" in a choice's first chunk, empty afterwards."""
     content: _builtins.str
     """Output only. New text."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
+        """Output only. Pieces of the tool calls (with tools and tool_choice other than "none")."""
+
     def __init__(
         self,
         *,
         role: _builtins.str = ...,
         content: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -997,7 +1722,7 @@ class ChatChunkChoice(_message.Message):
     index: _builtins.int
     """Output only. Choice number."""
     finish_reason: _builtins.str
-    """Output only. "stop" or "length" on the choice's last chunk, else empty."""
+    """Output only. "stop", "length" or "tool_calls" on the choice's last chunk, else empty."""
     @_builtins.property
     def delta(self) -> Global___ChatDelta:
         """Output only. New role and text."""
@@ -1034,6 +1759,7 @@ class StreamChatCompletionResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     CHOICES_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SYSTEM_FINGERPRINT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Output only. Request id, the same in every chunk."""
     object: _builtins.str
@@ -1042,6 +1768,10 @@ class StreamChatCompletionResponse(_message.Message):
     """Output only. Unix time in seconds."""
     model: _builtins.str
     """Output only. The concrete model version."""
+    system_fingerprint: _builtins.str
+    """Output only. Identifies the backend configuration that served the request ("fp_" and a hash of the
+    concrete model version and its weights); the same in every chunk of a stream.
+    """
     @_builtins.property
     def choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatChunkChoice]:
         """Output only. Deltas per choice."""
@@ -1059,10 +1789,11 @@ class StreamChatCompletionResponse(_message.Message):
         model: _builtins.str = ...,
         choices: _abc.Iterable[Global___ChatChunkChoice] | None = ...,
         usage: Global___Usage | None = ...,
+        system_fingerprint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices", "created", b"created", "id", b"id", "model", b"model", "object", b"object", "system_fingerprint", b"system_fingerprint", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1081,12 +1812,16 @@ class CreateEmbeddingsRequest(_message.Message):
     USER_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Embedding model alias or version (e.g. "all-minilm-l6-v2")."""
     input: _builtins.str
-    """One text. Exactly one of input and inputs is required."""
+    """One text. Exactly one of input, inputs and input_token_ids is required."""
     encoding_format: _builtins.str
-    """Optional. "float" (default); other encodings are rejected."""
+    """Optional. "float" (default): vectors in Embedding.embedding; "base64": in Embedding.embedding_bytes, as
+    little-endian float32 (OpenAI's base64 encoding, which REST returns as a base64 string in `embedding`).
+    """
     user: _builtins.str
     """Optional. End-user id for sticky traffic splits. Never logged."""
     priority: Global___Priority.ValueType
@@ -1095,7 +1830,20 @@ class CreateEmbeddingsRequest(_message.Message):
     """Optional. Bypass the response cache."""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """A batch of texts (at most 2048). Exactly one of input and inputs is required."""
+        """A batch of texts (at most 2048). Exactly one of input, inputs and input_token_ids is required."""
+
+    @_builtins.property
+    def dimensions(self) -> _wrappers_pb2.Int32Value:
+        """Optional. Length of the returned vectors. Only a model trained for truncation (Matryoshka; its registry label
+        `matryoshka_dimensions` lists the lengths it supports) can honour it: the vectors are cut to this length and
+        normalised again. Other models (all-MiniLM-L6-v2 among them) refuse it with INVALID_ARGUMENT.
+        """
+
+    @_builtins.property
+    def input_token_ids(self) -> _containers.RepeatedCompositeFieldContainer[Global___PromptTokenIds]:
+        """Inputs as token ids of the model's vocabulary (one entry per input, at most 2048), embedded as given (no
+        special tokens added). Exactly one of input, inputs and input_token_ids is required.
+        """
 
     def __init__(
         self,
@@ -1107,10 +1855,12 @@ class CreateEmbeddingsRequest(_message.Message):
         user: _builtins.str = ...,
         priority: Global___Priority.ValueType = ...,
         skip_cache: _builtins.bool = ...,
+        dimensions: _wrappers_pb2.Int32Value | None = ...,
+        input_token_ids: _abc.Iterable[Global___PromptTokenIds] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding_format", b"encoding_format", "input", b"input", "inputs", b"inputs", "model", b"model", "priority", b"priority", "skip_cache", b"skip_cache", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "encoding_format", b"encoding_format", "input", b"input", "input_token_ids", b"input_token_ids", "inputs", b"inputs", "model", b"model", "priority", b"priority", "skip_cache", b"skip_cache", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1125,13 +1875,16 @@ class Embedding(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     OBJECT_FIELD_NUMBER: _builtins.int
     EMBEDDING_FIELD_NUMBER: _builtins.int
+    EMBEDDING_BYTES_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Output only. Position of the input it embeds."""
     object: _builtins.str
     """Output only. Always "embedding"."""
+    embedding_bytes: _builtins.bytes
+    """Output only. With encoding_format "base64": the vector as little-endian float32 values; embedding is then empty."""
     @_builtins.property
     def embedding(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """Output only. The L2-normalised vector."""
+        """Output only. The L2-normalised vector (encoding_format "float")."""
 
     def __init__(
         self,
@@ -1139,10 +1892,11 @@ class Embedding(_message.Message):
         index: _builtins.int = ...,
         object: _builtins.str = ...,
         embedding: _abc.Iterable[_builtins.float] | None = ...,
+        embedding_bytes: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "index", b"index", "object", b"object"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "embedding_bytes", b"embedding_bytes", "index", b"index", "object", b"object"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1330,3 +2084,141 @@ class ListModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
+class TokenizeRequest(_message.Message):
+    """Request of Tokenize: exactly one of prompt and messages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
+    CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
+    RETURN_TOKEN_STRS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Required. Model alias or concrete version (a generation or an embedding model)."""
+    prompt: _builtins.str
+    """A prompt, tokenized as a completion prompt of a generation model (no special tokens added) or as an
+    embeddings input ([CLS] ... [SEP] for an encoder).
+    """
+    continue_final_message: _builtins.bool
+    """Optional. With messages: continue the final (assistant) message, as chat requests do."""
+    return_token_strs: _builtins.bool
+    """Optional. Also return each token's text in token_strs."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A conversation, in the model's chat template, as a chat request would send it."""
+
+    @_builtins.property
+    def add_generation_prompt(self) -> _wrappers_pb2.BoolValue:
+        """Optional. With messages: append the opening of the assistant's turn; default true (as chat requests)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        add_generation_prompt: _wrappers_pb2.BoolValue | None = ...,
+        continue_final_message: _builtins.bool = ...,
+        return_token_strs: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "continue_final_message", b"continue_final_message", "messages", b"messages", "model", b"model", "prompt", b"prompt", "return_token_strs", b"return_token_strs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeRequest: _TypeAlias = TokenizeRequest  # noqa: Y015
+
+@_typing.final
+class TokenizeResponse(_message.Message):
+    """Response of Tokenize."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TOKEN_STRS_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Output only. Number of tokens: the prompt tokens a request with this prompt or conversation is charged."""
+    max_model_len: _builtins.int
+    """Output only. The model's context length (prompt + completion tokens)."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Output only. The token ids."""
+
+    @_builtins.property
+    def token_strs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. With return_token_strs: each token as the tokenizer's vocabulary spells it (as vLLM returns them;
+        byte-level BPE writes a leading space as "Ġ").
+        """
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        max_model_len: _builtins.int = ...,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+        token_strs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max_model_len", b"max_model_len", "token_strs", b"token_strs", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
+
+@_typing.final
+class DetokenizeRequest(_message.Message):
+    """Request of Detokenize."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Required. Model alias or concrete version."""
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Required. Token ids of the model's vocabulary (at most the model's context length of them)."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetokenizeRequest: _TypeAlias = DetokenizeRequest  # noqa: Y015
+
+@_typing.final
+class DetokenizeResponse(_message.Message):
+    """Response of Detokenize."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """Output only. The text of the tokens (special tokens included)."""
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015

@@ -47,6 +47,12 @@ class InferenceServiceStub:
     """Creates embedding vectors for one input or a batch of inputs."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     """Lists the models the caller may use: aliases (with their traffic split) and concrete versions."""
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]
+    """Tokenizes a prompt, or a conversation in the model's chat template, as a request to the model would be: the
+    count is the prompt tokens that request would be charged. Shaped like vLLM's POST /tokenize.
+    """
+    Detokenize: _grpc.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]
+    """Turns token ids of a model's vocabulary back into text. Shaped like vLLM's POST /detokenize."""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
@@ -67,6 +73,12 @@ class InferenceServiceAsyncStub(InferenceServiceStub):
     """Creates embedding vectors for one input or a batch of inputs."""
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists the models the caller may use: aliases (with their traffic split) and concrete versions."""
+    Tokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.TokenizeRequest, _inference_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """Tokenizes a prompt, or a conversation in the model's chat template, as a request to the model would be: the
+    count is the prompt tokens that request would be charged. Shaped like vLLM's POST /tokenize.
+    """
+    Detokenize: _aio.UnaryUnaryMultiCallable[_inference_pb2.DetokenizeRequest, _inference_pb2.DetokenizeResponse]  # type: ignore[assignment]
+    """Turns token ids of a model's vocabulary back into text. Shaped like vLLM's POST /detokenize."""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public API of llmserve: OpenAI-shaped completions, chat and embeddings.
@@ -120,5 +132,23 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ListModelsResponse, _abc.Awaitable[_inference_pb2.ListModelsResponse]]:
         """Lists the models the caller may use: aliases (with their traffic split) and concrete versions."""
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _inference_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.TokenizeResponse, _abc.Awaitable[_inference_pb2.TokenizeResponse]]:
+        """Tokenizes a prompt, or a conversation in the model's chat template, as a request to the model would be: the
+        count is the prompt tokens that request would be charged. Shaped like vLLM's POST /tokenize.
+        """
+
+    @_abc_1.abstractmethod
+    def Detokenize(
+        self,
+        request: _inference_pb2.DetokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.DetokenizeResponse, _abc.Awaitable[_inference_pb2.DetokenizeResponse]]:
+        """Turns token ids of a model's vocabulary back into text. Shaped like vLLM's POST /detokenize."""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
