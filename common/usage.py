@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import math
 import typing
+import weakref
 
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_hits", "cost_micro_usd")
 MICRO = 1_000_000
@@ -79,12 +80,27 @@ async def record(client, rows: typing.Mapping[tuple[str, str, str, str], typing.
         for name, value in counts.items():
             if value:
                 fields += [f"{key_id}|{version}|{name}", int(value)]
-    script = client.register_script(RECORD)
+    script = _record_script(client)
+    calls = [([key, f"{{{key}}}:flush:{flush_id}"], [FLUSH_MARKER_TTL_S, USAGE_TTL_S, *fields])
+             for key, fields in per_hash.items()]
+    if len(calls) == 1:  # the usual flush (one tenant, one day): one EVALSHA, without a pipeline's overhead
+        await script(keys=calls[0][0], args=calls[0][1])
+        return
     async with client.pipeline(transaction=False) as pipe:
-        for key, fields in per_hash.items():
-            await script(keys=[key, f"{{{key}}}:flush:{flush_id}"],
-                         args=[FLUSH_MARKER_TTL_S, USAGE_TTL_S, *fields], client=pipe)
+        for keys, args in calls:
+            await script(keys=keys, args=args, client=pipe)
         await pipe.execute()
+
+
+_RECORD_SCRIPTS: weakref.WeakKeyDictionary[typing.Any, typing.Any] = weakref.WeakKeyDictionary()
+
+
+def _record_script(client):
+    """RECORD registered once per client (registering hashes the script every time)."""
+    script = _RECORD_SCRIPTS.get(client)
+    if script is None:
+        script = _RECORD_SCRIPTS[client] = client.register_script(RECORD)
+    return script
 
 
 async def read(client, tenant: str, days: list[datetime.date]) -> list[tuple[str, str, str, dict[str, int]]]:

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from llmserve.common.logs import get_logger
 from llmserve.gateway import metrics
+from llmserve.gateway.batching import RedisBatcher
 
 log = get_logger(__name__)
 
@@ -35,6 +36,7 @@ class ResponseCache:
         self.ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes  # larger values are not written (nor serialized, when clearly so)
         self._last_warning = 0.0
+        self.batch = RedisBatcher(client)  # the lookups of concurrent requests share a pipeline
 
     def _warn(self, op: str, exc: Exception) -> None:
         metrics.REDIS_ERRORS.labels(op).inc()
@@ -46,7 +48,7 @@ class ResponseCache:
         if self.ttl_s <= 0:
             return None
         try:
-            raw = await self.client.get(key)
+            raw = await self.batch.call(lambda c: c.get(key))
         except Exception as exc:
             self._warn("cache_get", exc)
             return None

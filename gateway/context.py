@@ -121,6 +121,6 @@ async def observe(method: str) -> typing.AsyncIterator[RequestContext]:
             span.set_status(trace.Status(trace.StatusCode.ERROR, code))
         span.end()
         otel_context.detach(token)
-        metrics.REQUESTS.labels(method, code).inc()
-        metrics.LATENCY.labels(method).observe(elapsed)
+        metrics.child(metrics.REQUESTS, method, code).inc()
+        metrics.child(metrics.LATENCY, method).observe(elapsed)
         log.info("request", code=code, ms=round(elapsed * 1000, 1), **summary)

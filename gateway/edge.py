@@ -314,9 +314,14 @@ class Edge:
         cost = usage.cost_micro_usd(prompt_tokens, max_completion_tokens, version.price_per_1k_prompt_tokens,
                                     version.price_per_1k_completion_tokens)
         limits = self._limits(caller, tokens, cost, sequences)
+        scope = f"llmserve:rl:{{{caller.tenant.name}}}"
+        if not any(lim.limit > 0 for lim in limits):  # nothing to check or reserve: no task, no Redis
+            unlimited = Reservation(request_id, [], scope)
+            unlimited.settled = True
+            return unlimited
         # Shielded: a cancellation while the script runs lets it finish, then gives back what it reserved.
         admission = asyncio.ensure_future(
-            self.limiter.admit(request_id, limits, f"llmserve:rl:{{{caller.tenant.name}}}"))
+            self.limiter.admit(request_id, limits, scope))
         try:
             reservation = await asyncio.shield(admission)
         except asyncio.CancelledError:
@@ -389,9 +394,12 @@ class Edge:
     def record(self, caller: Caller, version: str, *, prompt_tokens: int, completion_tokens: int,
                cached_tokens: int, cache_hit: bool, cost_micro: int) -> asyncio.Future:
         """Counts the request's usage; the future resolves once it is durable (see UsageBuffer)."""
-        metrics.TOKENS.labels(version, "prompt").inc(prompt_tokens)
-        metrics.TOKENS.labels(version, "completion").inc(completion_tokens)
-        metrics.COST.labels(version).inc(cost_micro / usage.MICRO)
+        if prompt_tokens:
+            metrics.child(metrics.TOKENS, version, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            metrics.child(metrics.TOKENS, version, "completion").inc(completion_tokens)
+        if cost_micro:
+            metrics.child(metrics.COST, version).inc(cost_micro / usage.MICRO)
         return self.usage.add(caller.tenant.name, caller.key.key_id, version, {
             "requests": 1, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "cached_tokens": cached_tokens, "cache_hits": int(cache_hit), "cost_micro_usd": cost_micro})

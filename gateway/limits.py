@@ -37,6 +37,7 @@ import time
 
 from llmserve.common.logs import get_logger
 from llmserve.gateway import metrics
+from llmserve.gateway.batching import RedisBatcher
 from llmserve.gateway.journal import Journal
 
 log = get_logger(__name__)
@@ -265,6 +266,7 @@ class Limiter:
         self._reconcile = client.register_script(RECONCILE)
         self._renew = client.register_script(RENEW)
         self._reap = client.register_script(REAP)
+        self.batch = RedisBatcher(client)  # admissions of concurrent requests share a pipeline
         self._last_warning = 0.0
         if journal is not None:
             journal.on("settle", self._replay_settle)
@@ -287,7 +289,9 @@ class Limiter:
         for lim in limits:
             args += [lim.kind, lim.limit, lim.amount, lim.ttl_s]
         try:
-            result = await self._admit(keys=keys, args=args)
+            # EVALSHA in a shared pipeline; a Redis that lost the script gets it loaded (Script does) and sent alone.
+            result = await self.batch.call(lambda c: c.evalsha(self._admit.sha, len(keys), *keys, *args),
+                                           lambda c: self._admit(keys=keys, args=args, client=c))
         except Exception as exc:
             budget = any(lim.kind == "c" for lim in limits)
             self._warn(exc, "fail closed (budget)" if budget else None)

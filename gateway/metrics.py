@@ -1,6 +1,15 @@
 """Prometheus metrics of the gateway."""
 
+import functools
+
 from prometheus_client import Counter, Histogram
+
+
+@functools.lru_cache(maxsize=4096)
+def child(metric, *labels: str):
+    """metric.labels(*labels), looked up once: labels() costs microseconds, several times per request."""
+    return metric.labels(*labels)
+
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 

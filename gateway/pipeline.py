@@ -96,7 +96,7 @@ class Pipeline:
         key = cache_key(caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
         cached = await self.cache.get(key) if key is not None else None
         ctx.cache = "bypass" if key is None else "hit" if cached else "miss"
-        metrics.CACHE.labels(ctx.cache).inc()
+        metrics.child(metrics.CACHE, ctx.cache).inc()
         if cached:
             hit = Result.from_json(cached)
             # Counts as a request; holds no concurrency slot (nothing queues or runs for it).
