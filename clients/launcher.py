@@ -13,6 +13,7 @@ import ctypes
 import dataclasses
 import os
 import pathlib
+import resource
 import secrets
 import shutil
 import signal
@@ -103,6 +104,7 @@ class Launcher:
         self.stopping = False
         self.rest_url = ""
         self.replica_metrics: list[int] = []  # metrics ports of the gateway replicas
+        self.balanced: list[tuple[int, int]] = []  # (port, metrics port) of the gateways behind HAProxy
         self.worker_lines: list[str] = []  # the banner's line per worker
         self.backoff_reset_s = BACKOFF_RESET_S
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
@@ -224,6 +226,44 @@ class Launcher:
                                                 wait=False), port))
         return started
 
+    def _start_gateways(self) -> list[tuple[Child, int]]:
+        """The gateway on gateway.port, or with launch.gateways > 1 that many on loopback ports
+        (launch.gateway_ports, else free ones) behind HAProxy on gateway.port (see _start_balancer). Gateway 1
+        keeps gateway.metrics_port, the others get free ones. Returns (child, port) of each, not waited for."""
+        cfg, launch = self.config.gateway, self.config.launch
+        if launch.gateways == 1:
+            return [(self._start_service("gateway", cfg.port, 0, wait=False), cfg.port)]
+        ports = [launch.gateway_ports[i] if i < len(launch.gateway_ports) else free_port()
+                 for i in range(launch.gateways)]
+        started = []
+        for number, port in enumerate(ports, start=1):
+            metrics = cfg.metrics_port if number == 1 else free_port() if cfg.metrics_port else 0
+            child = self._service("gateway", port)
+            child.name, child.log_path = f"gateway{number}", self.state / "logs" / f"gateway{number}.log"
+            child.env = {"LLMSERVE_GATEWAY__HOST": "127.0.0.1", "LLMSERVE_GATEWAY__PORT": str(port),
+                         "LLMSERVE_GATEWAY__METRICS_PORT": str(metrics), "LLMSERVE_GATEWAY__REPLICA_PORTS": ""}
+            self.balanced.append((port, metrics))
+            started.append((self._start_service("gateway", port, 0, child, setting="launch.gateway_ports",
+                                                wait=False), port))
+        self._start_balancer(ports)
+        return started
+
+    def _start_balancer(self, ports: list[int]) -> None:
+        """HAProxy on gateway.host:gateway.port over the gateways on `ports`."""
+        cfg = self.config.gateway
+        binary = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+        if binary is None:
+            raise SystemExit(f"launch.gateways={len(ports)} puts the gateways behind HAProxy, which is not installed: "
+                             "apt-get install haproxy (deploy/local/install-system-deps.sh), or set launch.gateways: 1")
+        if is_listening("127.0.0.1", cfg.port):
+            raise SystemExit(f"gateway: port {cfg.port} is already taken; stop what runs there or change "
+                             f"gateway.port in {self.config_path}")
+        path = self.state / "haproxy.cfg"
+        path.write_text(haproxy_config(cfg.host, cfg.port, ports, tls.is_enabled(self.config.security)))
+        child = Child("haproxy", [binary, "-db", "-f", str(path)], self.state / "logs" / "haproxy.log")
+        self._spawn(child)
+        _wait_port("127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host, cfg.port, 20, child.proc)
+
     def _start_gateway_replicas(self) -> list[tuple[Child, int]]:
         """One more gateway per gateway.replica_ports: the same config but its own port and metrics port.
         Returns (child, port) of each, not waited for."""
@@ -311,12 +351,12 @@ class Launcher:
         # (a mesh with two gateways came up in about half the time on 2 cores), and are waited for in turn.
         workers = self._start_workers()
         scheduler = self._start_service("scheduler", cfg.scheduler.port, 0, wait=False)
-        gateway = self._start_service("gateway", cfg.gateway.port, 0, wait=False)
+        gateways = self._start_gateways()
         replicas = self._start_gateway_replicas()
         for child, port in workers:
             self._await_service(child, port, 600)
         self._await_service(scheduler, cfg.scheduler.port, 60)
-        for child, port in [(gateway, cfg.gateway.port), *replicas]:
+        for child, port in [*gateways, *replicas]:
             self._await_service(child, port, 120)  # it listens once its tokenizers are loaded
         self._start_rest()
         self._banner()
@@ -350,7 +390,9 @@ Try it:
 
     def _replica_lines(self) -> str:
         cfg = self.config.gateway
-        return "".join(f"\n  gateway replica  {cfg.host}:{port}" + (f"   metrics :{metrics}" if metrics else "")
+        balanced = "".join(f"\n  gateway {n:<8} 127.0.0.1:{port} behind HAProxy" + (f"   metrics :{m}" if m else "")
+                           for n, (port, m) in enumerate(self.balanced, start=1))
+        return balanced + "".join(f"\n  gateway replica  {cfg.host}:{port}" + (f"   metrics :{metrics}" if metrics else "")
                        for port, metrics in zip(cfg.replica_ports, self.replica_metrics, strict=True))
 
     def _scheme(self) -> str:
@@ -409,6 +451,42 @@ Try it:
                 child.proc.kill()
                 child.proc.wait()
         self.say("stopped")
+
+
+def haproxy_config(host: str, port: int, backends: list[int], tls_enabled: bool) -> str:
+    """HAProxy in front of local gateways. Plaintext: HTTP/2 on both sides, balanced per request (a gRPC client
+    multiplexes its calls on one connection, which per-connection balancing would pin to one gateway); trailers
+    and streams pass through. With mesh TLS: TCP passthrough, balanced per connection (least connections), so the
+    gateways keep terminating TLS with their own certificate. A gateway is taken out within a second of not
+    accepting connections (restarting), and a connection refused is sent to another one."""
+    mode = "tcp" if tls_enabled else "http"
+    proto = "" if tls_enabled else " proto h2"
+    servers = "\n".join(f"    server gateway{i} 127.0.0.1:{p}{proto} check inter 500ms fall 2 rise 1"
+                         for i, p in enumerate(backends, start=1))
+    # Each connection takes two descriptors (client and gateway side): stay within what the process may open.
+    maxconn = max(256, min(20000, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // 2))
+    return f"""# written by `llmserve run` (launch.gateways={len(backends)}); rewritten at every start
+global
+    nbthread 1
+    maxconn {maxconn}
+
+defaults
+    mode {mode}
+    timeout connect 2s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+    retries 2
+    option redispatch
+
+frontend gateway
+    bind {host}:{port}{proto}
+    default_backend gateways
+
+backend gateways
+    balance {"leastconn" if tls_enabled else "roundrobin"}
+{servers}
+"""
 
 
 def _wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None) -> None:

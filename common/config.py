@@ -205,10 +205,20 @@ class LaunchConfig:
     # Per-worker model sets, one entry per worker, versions separated by spaces ("a b,c": worker 0 serves a and b,
     # worker 1 serves c); a missing or empty entry means worker.models.
     worker_models: list[str] = field(default_factory=list)
+    # Gateway processes behind one listening address, gateway.host:gateway.port: with more than 1, HAProxy listens
+    # there and balances over the gateways, each on launch.gateway_ports[i] (else a free port) on loopback.
+    gateways: int = 1
+    gateway_ports: list[int] = field(default_factory=list)
 
     def validate(self, worker_port: int) -> None:
         if self.workers < 1:
             raise ValueError(f"launch.workers={self.workers} must be >= 1")
+        if self.gateways < 1 or len(self.gateway_ports) > self.gateways:
+            raise ValueError(f"launch.gateways={self.gateways} must be >= 1, with at most that many "
+                             f"launch.gateway_ports ({len(self.gateway_ports)})")
+        if any(not 0 < p <= 65535 for p in self.gateway_ports) or len(set(self.gateway_ports)) < len(
+                self.gateway_ports):
+            raise ValueError(f"launch.gateway_ports={self.gateway_ports} must be distinct ports in [1, 65535]")
         if len(self.worker_ports) > self.workers or len(self.worker_models) > self.workers:
             raise ValueError(f"launch.worker_ports ({len(self.worker_ports)}) and launch.worker_models "
                              f"({len(self.worker_models)}) have at most launch.workers={self.workers} entries")

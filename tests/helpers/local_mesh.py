@@ -54,14 +54,17 @@ class LocalMesh:
     def __init__(self, directory: str | pathlib.Path, *, models_file: str | pathlib.Path | None = None,
                  worker: dict | None = None, gateway: dict | None = None, gateways: int = 1,
                  cache_redis: bool = False, start_timeout_s: float = 600, workers: int = 1,
-                 worker_models: list[list[str]] | None = None):
+                 worker_models: list[list[str]] | None = None, launch_gateways: bool = False):
         """gateways: gateway processes (the first on ports["gateway"], replicas on ports["gateway-2"], ...);
         cache_redis: a response-cache Redis of its own (ports["redis-cache"]), as `make run` has;
         workers: worker processes (launch.workers: ports["worker"], ports["worker-2"], ...), worker i serving
-        worker_models[i] when given (launch.worker_models)."""
+        worker_models[i] when given (launch.worker_models);
+        launch_gateways: the gateways are launch.gateways behind HAProxy on ports["gateway"] (`front`), each on
+        ports["gateway-1"], ports["gateway-2"], ... (`gateways`)."""
+        self.launch_gateways = launch_gateways
         self.dir = pathlib.Path(directory)
         self.state = self.dir / "state"
-        replicas = [f"gateway-{i}" for i in range(2, gateways + 1)]
+        replicas = [f"gateway-{i}" for i in range(1 if launch_gateways else 2, gateways + 1)]
         extra_workers = [f"worker-{i}" for i in range(2, workers + 1)]
         extra = [*replicas, *extra_workers, *(["redis-cache"] if cache_redis else [])]
         self.ports = {name: free_port() for name in ("etcd", "redis", "rest", *SERVICES, *extra)}
@@ -76,16 +79,19 @@ class LocalMesh:
             "redis": redis,
             "gateway": {"port": p["gateway"], "metrics_port": m["gateway"], "journal_dir": str(self.state / "journal"),
                         "scheduler_address": f"127.0.0.1:{p['scheduler']}",
-                        "replica_ports": [p[name] for name in replicas], **(gateway or {})},
+                        "replica_ports": [] if launch_gateways else [p[name] for name in replicas],
+                        **(gateway or {})},
             "scheduler": {"port": p["scheduler"], "metrics_port": m["scheduler"]},
             "worker": {"port": p["worker"], "metrics_port": m["worker"],
                        "model_cache_dir": str(REPO / ".llmserve" / "models"),
                        "models": ["smollm2-135m-instruct-v1", "all-minilm-l6-v2-v1"], **(worker or {})},
             "registry": {"port": p["registry"], "metrics_port": m["registry"]},
             "rest": {"port": p["rest"], "gateway_address": f"127.0.0.1:{p['gateway']}"},
-            **({"launch": {"workers": workers, "worker_ports": [p["worker"], *(p[w] for w in extra_workers)],
-                           "worker_models": [" ".join(models) for models in worker_models or []]}}
-               if workers > 1 else {}),
+            "launch": {
+                **({"workers": workers, "worker_ports": [p["worker"], *(p[w] for w in extra_workers)],
+                    "worker_models": [" ".join(models) for models in worker_models or []]} if workers > 1 else {}),
+                **({"gateways": gateways, "gateway_ports": [p[name] for name in replicas]}
+                   if launch_gateways else {})},
         }))
         self.models_file = pathlib.Path(models_file or REPO / "deploy" / "local" / "models.yaml")
         self.start_timeout_s = start_timeout_s
@@ -124,10 +130,15 @@ class LocalMesh:
         return self.address("gateway")
 
     @property
+    def front(self) -> str:
+        """The address clients use: HAProxy with launch_gateways, else the first gateway."""
+        return self.address("gateway")
+
+    @property
     def gateways(self) -> list[str]:
         """Every gateway process's address, the first one first."""
         return [self.address(name) for name in sorted(self.ports, key=_replica_order)
-                if name == "gateway" or name.startswith("gateway-")]
+                if (name == "gateway" and not self.launch_gateways) or name.startswith("gateway-")]
 
     def pid(self, name: str) -> int | None:
         """The process listening on the port of `name` ("worker", "gateway-2", "etcd", "redis", ...), or None."""
