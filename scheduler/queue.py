@@ -1,8 +1,9 @@
-"""Per-model priority queues with aging.
+"""Per-model priority queues with aging, and fair turns between tenants inside each class.
 
-Each model has one FIFO per priority class. The next task is the head whose effective class is best, where a
-task climbs one class for every `aging_s` seconds it has waited (ties go to the higher class, then the older task):
-interactive traffic goes first, yet a batch task can never wait forever behind a stream of interactive ones.
+Each model has one queue per priority class, and inside it one FIFO per tenant served in turns (TenantTurns). The
+next task is the class head whose effective class is best, where a task climbs one class for every `aging_s` seconds
+it has waited (ties go to the higher class, then the older task): interactive traffic goes first, yet a batch task
+can never wait forever behind a stream of interactive ones.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class Entry:
         return self.task.request_id
 
     @property
+    def fairness_id(self) -> str:
+        """Who the task is shared fairly with inside its class: its tenant (the cache salt the gateway sets)."""
+        return self.task.cache_salt
+
+    @property
     def weight(self) -> int:
         """Engine sequences the task occupies on its worker: its n choices (an embeddings call is one)."""
         return max(1, self.task.generate.n) if self.task.WhichOneof("input") == "generate" else 1
@@ -79,10 +85,77 @@ class Entry:
         return item
 
 
+class TenantTurns:
+    """One priority class's waiting tasks, one FIFO per tenant (its fairness id: the task's cache_salt, which the
+    gateway sets to the tenant's name), served in turns: the head is the oldest task of the tenant whose turn it
+    is, and a tenant that was served goes to the back. One tenant's 100 queued requests delay another tenant's
+    single request by at most one of them per tenant ahead of it, not by all 100."""
+
+    def __init__(self) -> None:
+        self.by_tenant: dict[str, collections.deque[Entry]] = {}
+        self.turns: collections.deque[str] = collections.deque()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.by_tenant.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.turns)
+
+    def __getitem__(self, i: int) -> Entry:
+        if i != 0 or not self.turns:
+            raise IndexError(i)
+        return self.by_tenant[self.turns[0]][0]
+
+    def __iter__(self) -> typing.Iterator[Entry]:
+        for tenant in self.turns:
+            yield from self.by_tenant[tenant]
+
+    def append(self, entry: Entry) -> None:
+        tenant = entry.fairness_id
+        fifo = self.by_tenant.get(tenant)
+        if fifo is None:
+            fifo = self.by_tenant[tenant] = collections.deque()
+            self.turns.append(tenant)
+        fifo.append(entry)
+
+    def appendleft(self, entry: Entry) -> None:
+        """At the very front: the tenant's next task and the class's next turn (a migrated stream)."""
+        tenant = entry.fairness_id
+        fifo = self.by_tenant.setdefault(tenant, collections.deque())
+        fifo.appendleft(entry)
+        if tenant in self.turns:
+            self.turns.remove(tenant)
+        self.turns.appendleft(tenant)
+
+    def popleft(self) -> Entry:
+        tenant = self.turns.popleft()
+        fifo = self.by_tenant[tenant]
+        entry = fifo.popleft()
+        if fifo:
+            self.turns.append(tenant)  # served: its next task waits for the other tenants' turns
+        else:
+            del self.by_tenant[tenant]
+        return entry
+
+    def remove(self, entry: Entry) -> None:
+        tenant = entry.fairness_id
+        fifo = self.by_tenant.get(tenant)
+        if fifo is None:
+            raise ValueError("not queued")
+        fifo.remove(entry)
+        if not fifo:
+            del self.by_tenant[tenant]
+            self.turns.remove(tenant)
+
+    def clear(self) -> None:
+        self.by_tenant.clear()
+        self.turns.clear()
+
+
 class ModelQueue:
     def __init__(self, aging_s: float):
         self.aging_s = aging_s
-        self.fifos: list[collections.deque[Entry]] = [collections.deque() for _ in range(NUM_CLASSES)]
+        self.fifos: list[TenantTurns] = [TenantTurns() for _ in range(NUM_CLASSES)]
 
     def __len__(self) -> int:
         return sum(len(f) for f in self.fifos)
