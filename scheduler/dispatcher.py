@@ -242,8 +242,12 @@ class Dispatcher:
         if self.routing == "least_loaded":
             return min(candidates, key=lambda w: w.utilization(version))
         hits = self.cached_prompt_share(entry, candidates)
-        return max(candidates, key=lambda w: (self.score(w, version, hits.get(w.worker_id, 0.0)),
+        best = max(candidates, key=lambda w: (self.score(w, version, hits.get(w.worker_id, 0.0)),
                                               -w.utilization(version)))
+        size = self.index.block_size(best.worker_id, self.engine_of(version)[0])
+        if entry.kv_keys.get(size):  # it will hold them: followers of this prefix find it before its events do
+            self.index.predict(best.worker_id, self.engine_of(version)[0], entry.kv_keys[size])
+        return best
 
     def score(self, worker: WorkerConnection, version: str, hit: float) -> float:
         """KV-aware routing's score: kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure."""

@@ -214,3 +214,20 @@ async def test_a_silent_worker_leaves_routing_and_rejoins_when_it_speaks(make):
     submit(h, "t3")
     await settle()
     assert w["a"].task_ids == ["t3"]
+
+
+async def test_requests_sharing_a_new_prefix_follow_the_first_before_its_blocks_are_reported(make):
+    h = make(routing="kv")
+    w = h.workers(a=4, b=4)
+    for conn in w.values():  # the workers' engines: 16-token blocks, nothing cached yet
+        conn.responses.put_nowait(worker_pb2.ServeResponse(kv_events=worker_pb2.KvEvents(
+            model_version=MODEL, reset=True, block_size=16)))
+    await settle()
+    submit(h, "first")
+    await settle()
+    holder = "a" if w["a"].task_ids else "b"
+    submit(h, "second")  # no KV event yet: the dispatch of "first" predicts its blocks
+    submit(h, "other", tokens=list(range(500, 564)))
+    await settle()
+    assert w[holder].task_ids == ["first", "second"]
+    assert w["b" if holder == "a" else "a"].task_ids == ["other"]
