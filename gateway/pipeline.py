@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 import typing
 
 from llmserve.admin.v1 import registry_pb2
@@ -26,7 +25,6 @@ from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.context import RequestContext
 from llmserve.gateway.edge import Edge
-from llmserve.gateway.experiments import ExperimentStats
 from llmserve.gateway.requests import Call, GenerationCall
 from llmserve.gateway.result import Collector, Delta, Result
 from llmserve.gateway.scheduler_client import SchedulerClient
@@ -39,10 +37,9 @@ OnOutput = typing.Callable[[int, task_pb2.TaskOutput, Delta], typing.Awaitable[N
 
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, view: RegistryView, scheduler: SchedulerClient, cache: ResponseCache,
-                 edge: Edge, tokens: TokenCounter, stats: ExperimentStats | None = None):
+                 edge: Edge, tokens: TokenCounter):
         self.cfg, self.view, self.scheduler, self.cache, self.edge, self.tokens = (
             cfg, view, scheduler, cache, edge, tokens)
-        self.stats = stats
 
     def begin(self, ctx: RequestContext, context, parse: typing.Callable[..., Call], request) -> None:
         """Auth, validation, model resolution, the cheap size rules and the priority cap, in that order; fills ctx."""
@@ -54,15 +51,12 @@ class Pipeline:
         ctx.call = dataclasses.replace(call, priority=priority) if ctx.priority_note else call
 
     def _resolve(self, call: Call, ctx: RequestContext) -> registry_pb2.ModelVersion:
-        caller = ctx.caller
-        assert caller is not None, "authenticated first"
-        # Sticky arms: a user (the tenant, when the request names none) stays on its side of a split.
-        found = self.view.resolve(call.model, call.user or caller.tenant.name)
+        found = self.view.resolve(call.model, call.user)
         if found is None:
             raise not_found(f"model {call.model!r} not found; ListModels (GET /v1/models) lists the available models")
         version = found.version
-        ctx.alias = found.alias
-        ctx.on_done = self.stats.record if self.stats is not None else None
+        caller = ctx.caller
+        assert caller is not None, "authenticated first"
         self.edge.authorize_model(caller, call.model, version)
         if version.kind != call.model_kind:
             use = "CreateEmbeddings" if version.kind == registry_pb2.MODEL_KIND_EMBED else "completions or chat"
@@ -72,10 +66,10 @@ class Pipeline:
             raise failed_precondition(f"model version {version.version!r} is disabled in the registry")
         return version
 
-    async def _check_prompt_ids(self, call: GenerationCall, version: registry_pb2.ModelVersion) -> GenerationCall:
-        """Token-id prompts against the version's vocabulary (INVALID_ARGUMENT naming the first id out of range),
-        and their text, which echo returns. Without the version's tokenizer the worker still refuses ids outside
-        the model's vocabulary, but echo cannot be served."""
+    async def _check_prompt_ids(self, call: Call, version: registry_pb2.ModelVersion) -> Call:
+        """Token-id prompts (or embedding inputs) against the version's vocabulary (INVALID_ARGUMENT naming the first
+        id out of range), and their text, which echo returns. Without the version's tokenizer the worker still
+        refuses ids outside the model's vocabulary, but echo cannot be served."""
         tokenizer = await self.tokens.tokenizer(version)
         if tokenizer is None:
             if call.echo:
@@ -86,9 +80,9 @@ class Pipeline:
         for i, ids in enumerate(call.prompt_ids):
             for j, token in enumerate(ids):
                 if token >= vocab:
-                    raise invalid_argument(f"prompt_token_ids[{i}][{j}]={token} is outside the vocabulary of model "
+                    raise invalid_argument(f"{call.ids_field}[{i}][{j}]={token} is outside the vocabulary of model "
                                            f"{version.version!r}: token ids are below {vocab}")
-        if not call.echo:
+        if not isinstance(call, GenerationCall) or not call.echo:
             return call
         texts = await asyncio.to_thread(lambda: tokenizer.batch_decode(
             [list(ids) for ids in call.prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False))
@@ -97,7 +91,7 @@ class Pipeline:
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
         """The request's Result; on_output(choice index, output, delta) sees live outputs (not on a cache hit)."""
         caller, call, version = ctx.begun()
-        if isinstance(call, GenerationCall) and call.prompt_ids:
+        if call.prompt_ids:
             ctx.call = call = await self._check_prompt_ids(call, version)
         key = cache_key(caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
         cached = await self.cache.get(key) if key is not None else None
@@ -128,8 +122,6 @@ class Pipeline:
                     tasks, context, lambda d: ctx.note_dispatched(d.worker_id, d.queue_time_ms)):
                 index = task_index * call.n + output.index  # the choice: input * n + choice
                 delta = collector.add(index, output)
-                if ctx.first_token_s is None and delta.text:
-                    ctx.first_token_s = time.perf_counter() - ctx.started
                 if on_output is not None:
                     await on_output(index, output, delta)
             result = collector.result()

@@ -25,6 +25,8 @@ if typing.TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant")
 MAX_NAME_LENGTH = 64  # a message's `name`, as OpenAI allows
+# Registry label of an embedding model trained for truncated vectors (Matryoshka): the lengths it supports, "64,128".
+MATRYOSHKA_LABEL = "matryoshka_dimensions"
 INT64_MASK = (1 << 63) - 1
 SHOWN_CHARS = 40  # a caller's value quoted in an error message is cut to this many characters
 
@@ -93,6 +95,7 @@ class ChatTemplate:
 @dataclasses.dataclass(frozen=True)
 class GenerationCall:
     model_kind: typing.ClassVar[int] = registry_pb2.MODEL_KIND_GENERATE
+    ids_field: typing.ClassVar[str] = "prompt_token_ids"  # how the caller names token-id prompts
     kind: str  # "completion" or "chat"
     model: str
     prompts: tuple[str, ...]  # completion: one or more prompts
@@ -215,29 +218,50 @@ class EmbeddingCall:
     n: typing.ClassVar[int] = 1
     num_sequences: typing.ClassVar[int] = 1  # the worker batches the texts of one call
     max_completion_tokens: typing.ClassVar[int] = 0
+    echo: typing.ClassVar[bool] = False
+    ids_field: typing.ClassVar[str] = "input_token_ids"
     model: str
     inputs: tuple[str, ...]
     user: str
     priority: int  # 1..3
     skip_cache: bool
+    prompt_ids: tuple[tuple[int, ...], ...] = ()  # inputs given as token ids (then inputs is empty)
+    encoding_format: str = "float"  # or "base64": how the response carries the vectors (not what is computed)
+    dimensions: int | None = None  # cut the vectors to this length (models trained for it only)
 
     @property
     def num_inputs(self) -> int:
-        return len(self.inputs)
+        return len(self.prompt_ids) or len(self.inputs)
 
     @property
     def is_cacheable(self) -> bool:
         return not self.skip_cache  # embeddings are deterministic
 
     def cache_fields(self) -> dict:
-        return {"kind": "embedding", "inputs": self.inputs}
+        """The whole vectors are cached; encoding and dimensions only shape the response."""
+        return {"kind": "embedding", "inputs": self.inputs, **({"prompt_ids": self.prompt_ids} if self.prompt_ids
+                                                              else {})}
 
     def count_inputs(self) -> dict:
-        return {"texts": self.inputs}
+        return {"token_ids": self.prompt_ids} if self.prompt_ids else {"texts": self.inputs}
 
     def check_prompt_bytes(self, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
         for i, text in enumerate(self.inputs):
             _check_prompt_bytes(f"input[{i}]", len(text.encode()), version, cfg)
+        self.check_dimensions(version)
+
+    def check_dimensions(self, version: registry_pb2.ModelVersion) -> None:
+        """dimensions only for a model trained for truncated vectors (Matryoshka), at a length it lists."""
+        if self.dimensions is None:
+            return
+        supported = [d.strip() for d in version.labels.get(MATRYOSHKA_LABEL, "").split(",") if d.strip()]
+        if not supported:
+            raise invalid_argument(f"model {version.version!r} cannot shorten its vectors (dimensions="
+                                   f"{self.dimensions}): it was not trained for truncated (Matryoshka) embeddings, "
+                                   "so a cut vector would lose its meaning; leave dimensions out")
+        if str(self.dimensions) not in supported:
+            raise invalid_argument(f"dimensions={self.dimensions} is not supported by model {version.version!r}: "
+                                   f"use one of {', '.join(supported)}")
 
     def check_context_length(self, version: registry_pb2.ModelVersion, counted: TokenCount | None) -> None:
         if not version.context_length or counted is None or not counted.is_exact:
@@ -249,8 +273,10 @@ class EmbeddingCall:
 
     def to_tasks(self, request_id: str, version: str, cache_salt: str = "", counted: TokenCount | None = None
                  ) -> list[task_pb2.Task]:
+        embed = task_pb2.EmbedInput(texts=self.inputs,
+                                    token_ids=[pb.PromptTokenIds(token_ids=ids) for ids in self.prompt_ids])
         return [task_pb2.Task(request_id=f"{request_id}-0", model_version=version, cache_salt=cache_salt,
-                              priority=priority.to_pb(self.priority), embed=task_pb2.EmbedInput(texts=self.inputs))]
+                              priority=priority.to_pb(self.priority), embed=embed)]
 
 
 Call = GenerationCall | EmbeddingCall
@@ -430,9 +456,37 @@ def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
                           template=template if template.is_set else None)
 
 
+def _input_ids(request, cfg: GatewayConfig) -> tuple[tuple[int, ...], ...]:
+    """Embedding inputs as token ids (checked against the vocabulary by the pipeline, which knows the version)."""
+    if request.input or request.inputs:
+        raise invalid_argument("set one of input, inputs and input_token_ids, not several")
+    if len(request.input_token_ids) > cfg.max_embedding_inputs:  # counted before anything iterates them
+        raise invalid_argument(f"input_token_ids has {len(request.input_token_ids)} inputs; at most "
+                               f"{cfg.max_embedding_inputs} are allowed: split the request")
+    inputs = []
+    for i, entry in enumerate(request.input_token_ids):
+        if not entry.token_ids:
+            raise invalid_argument(f"input_token_ids[{i}] has no token ids: give each input at least one")
+        for j, token in enumerate(entry.token_ids):
+            if token < 0:
+                raise invalid_argument(f"input_token_ids[{i}][{j}]={token} is not a token id: ids are >= 0")
+        inputs.append(tuple(entry.token_ids))
+    return tuple(inputs)
+
+
 def embeddings_from_pb(request: pb.CreateEmbeddingsRequest, cfg: GatewayConfig) -> EmbeddingCall:
     model = _model(request.model, cfg)
-    inputs = _one_or_many(request, "input", "inputs", cfg.max_embedding_inputs)
-    if request.encoding_format not in ("", "float"):
-        raise invalid_argument(f"encoding_format={_shown(request.encoding_format)} is not supported; use \"float\"")
-    return EmbeddingCall(model, inputs, _user(request.user, cfg), _priority(request.priority), request.skip_cache)
+    inputs: tuple[str, ...] = ()
+    if request.input_token_ids:
+        prompt_ids = _input_ids(request, cfg)
+    else:
+        prompt_ids, inputs = (), _one_or_many(request, "input", "inputs", cfg.max_embedding_inputs)
+    if request.encoding_format not in ("", "float", "base64"):
+        raise invalid_argument(f"encoding_format={_shown(request.encoding_format)} is not supported; use \"float\" "
+                               "or \"base64\"")
+    dimensions = request.dimensions.value if request.HasField("dimensions") else None
+    if dimensions is not None and dimensions < 1:
+        raise invalid_argument(f"dimensions={dimensions} is out of range: it must be >= 1")
+    return EmbeddingCall(model, inputs, _user(request.user, cfg), _priority(request.priority), request.skip_cache,
+                         prompt_ids=prompt_ids, encoding_format=request.encoding_format or "float",
+                         dimensions=dimensions)

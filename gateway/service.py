@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
+import struct
 import time
+import typing
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.state.views import RegistryView
@@ -17,7 +20,7 @@ from llmserve.dispatch.v1 import task_pb2
 from llmserve.gateway.context import observe
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.pipeline import KIND_NAMES, Pipeline
-from llmserve.gateway.requests import chat_from_pb, completion_from_pb, embeddings_from_pb
+from llmserve.gateway.requests import EmbeddingCall, chat_from_pb, completion_from_pb, embeddings_from_pb
 from llmserve.gateway.result import Delta, logprobs_pb
 from llmserve.gateway.tokenizing import Tokenizing
 from llmserve.inference.v1 import inference_pb2 as pb
@@ -71,10 +74,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self.pipeline.begin(ctx, context, embeddings_from_pb, request)
             result = await self.pipeline.run(ctx, context)
             tokens = result.prompt_tokens
+            call = typing.cast(EmbeddingCall, ctx.call)
+            data = []
+            for i, vector in enumerate(result.vectors):
+                if call.dimensions is not None:  # a Matryoshka model: the leading values, normalised again
+                    vector = vector[:call.dimensions]
+                    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                    vector = [x / norm for x in vector]
+                if call.encoding_format == "base64":  # OpenAI's base64: little-endian float32 values
+                    data.append(pb.Embedding(index=i, object="embedding",
+                                             embedding_bytes=struct.pack(f"<{len(vector)}f", *vector)))
+                else:
+                    data.append(pb.Embedding(index=i, object="embedding", embedding=vector))
             return pb.CreateEmbeddingsResponse(
                 object="list", model=ctx.version.version,
-                usage=pb.EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens),
-                data=[pb.Embedding(index=i, object="embedding", embedding=v) for i, v in enumerate(result.vectors)])
+                usage=pb.EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens), data=data)
 
     async def _stream(self, method: str, parse, chunk_choice, response_cls, object_name: str, id_prefix: str,
                       request, context, *, opens_with_role: bool):

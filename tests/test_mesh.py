@@ -217,7 +217,7 @@ async def test_bad_chat_and_embeddings(mesh):
             model="tiny", messages=[pb.ChatMessage(role="robot", content="x")]), "role"),
         (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed"), "input"),
         (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="tiny", input="x"), "generate model"),
-        (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed", input="x", encoding_format="base64"),
+        (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed", input="x", encoding_format="int8"),
          "encoding_format"),
         (mesh.stub.CreateEmbeddings, pb.CreateEmbeddingsRequest(model="embed", input="long " * 400), "input[0]"),
     ]

@@ -11,8 +11,11 @@ max_completion_tokens; embeddings as base64, from token ids, and dimensions.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
 import socket
+import struct
 import subprocess
 
 import grpc
@@ -29,6 +32,7 @@ openai = pytest.importorskip("openai", reason="the openai SDK is part of the dev
 TINY = "tiny-llama-v1"
 EMBED = "minilm-v1"
 WORKER_TEMPLATED = "tiny-worker-templated-v1"
+MATRYOSHKA = "minilm-matryoshka-v1"
 SIDECAR = REPO / "deploy" / "rest" / "bin" / "llmserve-rest"
 
 
@@ -48,10 +52,13 @@ async def mesh(make_config, tiny_llama_dir):
     # applies the chat template itself (the path whose count must agree with the gateway's).
     worker_templated = generate_version(WORKER_TEMPLATED, f"file:{tiny_llama_dir}", context_length=512)
     worker_templated.labels["tokenizer_source"] = "file:/nonexistent/tokenizer"
+    # MiniLM registered as if trained for truncated vectors: the path of `dimensions` (the real MiniLM refuses it).
+    matryoshka = embed_version(MATRYOSHKA, MINILM_SOURCE)
+    matryoshka.labels["matryoshka_dimensions"] = "128,384"
     mesh = await start_mesh(make_config(), versions=[
         generate_version(TINY, f"file:{tiny_llama_dir}", context_length=512), embed_version(EMBED, MINILM_SOURCE),
-        worker_templated], aliases={"tiny": [(TINY, 1)], "embed": [(EMBED, 1)]},
-        worker_models=[[TINY, EMBED, WORKER_TEMPLATED]])
+        worker_templated, matryoshka], aliases={"tiny": [(TINY, 1)], "embed": [(EMBED, 1)]},
+        worker_models=[[TINY, EMBED, WORKER_TEMPLATED, MATRYOSHKA]])
     yield mesh
     await mesh.stop()
 
@@ -407,6 +414,76 @@ async def test_openai_sdk_chat_details_over_rest(client, capfd):
         await client.chat.completions.create(**{**kwargs, "max_tokens": 5})
     assert "max_completion_tokens" in err.value.message
     assert "user-7f3a-secret" not in "".join(capfd.readouterr()), "the user id was logged"
+
+
+# ---- embeddings ----
+
+def embeddings(**kw) -> pb.CreateEmbeddingsRequest:
+    return pb.CreateEmbeddingsRequest(**{"model": "embed", **kw})
+
+
+def floats(data: bytes) -> list[float]:
+    return list(struct.unpack(f"<{len(data) // 4}f", data))
+
+
+async def test_embeddings_base64_token_ids_and_dimensions_over_grpc(mesh):
+    texts = ["a cat sat on the mat", "stock markets fell"]
+    plain = await mesh.stub.CreateEmbeddings(embeddings(inputs=texts), metadata=mesh.auth)
+    packed = await mesh.stub.CreateEmbeddings(embeddings(inputs=texts, encoding_format="base64"), metadata=mesh.auth)
+    for p, b in zip(plain.data, packed.data):
+        assert not b.embedding and len(b.embedding_bytes) == 4 * 384 and floats(b.embedding_bytes) == list(p.embedding)
+    ids = [list((await mesh.stub.Tokenize(tokenize(model="embed", prompt=t), metadata=mesh.auth)).tokens)
+           for t in texts]
+    by_ids = await mesh.stub.CreateEmbeddings(embeddings(input_token_ids=[pb.PromptTokenIds(token_ids=i) for i in ids]),
+                                              metadata=mesh.auth)
+    assert by_ids.usage.prompt_tokens == plain.usage.prompt_tokens == sum(map(len, ids))
+    for p, q in zip(plain.data, by_ids.data):
+        assert max(abs(x - y) for x, y in zip(p.embedding, q.embedding)) < 1e-5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateEmbeddings(embeddings(input_token_ids=[pb.PromptTokenIds(token_ids=[101, 30522])]),
+                                         metadata=mesh.auth)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("input_token_ids[0][1]=30522 is outside the vocabulary")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateEmbeddings(embeddings(input="a", dimensions=w.Int32Value(value=128)), metadata=mesh.auth)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot shorten its vectors" in err.value.details()
+    cut = await mesh.stub.CreateEmbeddings(embeddings(model=MATRYOSHKA, input=texts[0],
+                                                      dimensions=w.Int32Value(value=128)), metadata=mesh.auth)
+    (vector,) = [list(d.embedding) for d in cut.data]
+    prefix = list(plain.data[0].embedding)[:128]
+    norm = math.sqrt(sum(x * x for x in prefix))
+    assert len(vector) == 128 and max(abs(x - y / norm) for x, y in zip(vector, prefix)) < 1e-5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await mesh.stub.CreateEmbeddings(embeddings(model=MATRYOSHKA, input="a", dimensions=w.Int32Value(value=100)),
+                                         metadata=mesh.auth)
+    assert "use one of 128, 384" in err.value.details()
+
+
+async def test_embeddings_over_rest_with_the_sdk(mesh, rest, client):
+    texts = ["a cat sat on the mat", "stock markets fell"]
+    as_text = await client.embeddings.create(model="embed", input=texts)  # the SDK asks for base64 and decodes
+    ids = [json.loads((await raw_http(rest, "POST", "/tokenize", {"model": "embed", "prompt": t}, mesh.api_key))[1]
+                      )["tokens"] for t in texts]
+    as_ids = await client.embeddings.create(model="embed", input=ids)
+    assert as_ids.usage.prompt_tokens == as_text.usage.prompt_tokens
+    for a, b in zip(as_text.data, as_ids.data):
+        assert len(a.embedding) == 384 and max(abs(x - y) for x, y in zip(a.embedding, b.embedding)) < 1e-5
+    one = await client.embeddings.create(model="embed", input=ids[0], encoding_format="float")
+    assert max(abs(x - y) for x, y in zip(one.data[0].embedding, as_text.data[0].embedding)) < 1e-5
+    status, raw = await raw_http(rest, "POST", "/v1/embeddings", {"model": "embed", "input": texts[0],
+                                                                  "encoding_format": "base64"}, mesh.api_key)
+    packed = json.loads(raw)["data"][0]
+    assert status == 200 and set(packed) == {"index", "object", "embedding"}
+    assert floats(base64.b64decode(packed["embedding"])) == pytest.approx(as_text.data[0].embedding, abs=1e-6)
+    status, raw = await raw_http(rest, "POST", "/v1/embeddings", {"model": "embed", "input": [101, 10 ** 6]},
+                                 mesh.api_key)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["message"].startswith("input[1]=1000000 is outside") and error["param"] == "input[1]"
+    with pytest.raises(openai.BadRequestError) as err:
+        await client.embeddings.create(model="embed", input="a", dimensions=64)
+    assert "cannot shorten its vectors" in err.value.message
+    cut = await client.embeddings.create(model=MATRYOSHKA, input="a", dimensions=128)
+    assert len(cut.data[0].embedding) == 128
 
 
 # ---- last: this test stops the module's worker ----

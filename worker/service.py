@@ -385,8 +385,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
 
     async def _embed(self, model: ServedModel, task: task_pb2.Task) -> task_pb2.TaskOutput:
         engine = typing.cast(EmbeddingEngine, model.engine)
-        texts = list(task.embed.texts)
-        lengths = await asyncio.to_thread(engine.count_tokens, texts)
+        texts: list[str | list[int]]
+        if task.embed.token_ids:
+            texts = [list(entry.token_ids) for entry in task.embed.token_ids]
+            lengths = [len(ids) for ids in texts]
+            vocab = getattr(engine, "vocab_size", None)
+            for i, ids in enumerate(texts):
+                bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+                if bad is not None:
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"input[{i}] has the token id {bad}, outside the vocabulary of model "
+                                       f"{model.version.version!r}")
+        else:
+            texts = list(task.embed.texts)
+            lengths = await asyncio.to_thread(engine.count_tokens, texts)
         for i, n in enumerate(lengths):
             if n > model.context_length:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,

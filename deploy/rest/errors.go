@@ -148,7 +148,7 @@ func grpcMessage(s *status.Status, state *requestState) string {
 
 // The gateway's validation messages start with the field they are about: "temperature=5 is out of range ...",
 // "messages[0].role='x' is invalid ...", "prompts has 40 entries ...", "model 'x' not found ...".
-var leadingField = regexp.MustCompile(`^([a-z_]+)((?:\[\d+\])?(?:\.[a-z_]+)?)(?:=| is | has | must | and | '[^']*' )`)
+var leadingField = regexp.MustCompile(`^([a-z_]+)((?:\[\d+\]){0,2}(?:\.[a-z_]+)?)(?:=| is | has | must | and | '[^']*' )`)
 
 var requestFields = func() map[string]bool {
 	known := map[string]bool{"messages": true, "prompt": true, "input": true}
@@ -161,6 +161,11 @@ var requestFields = func() map[string]bool {
 }()
 
 func paramFromMessage(msg string, state *requestState) string {
+	for proto, shown := range state.renames { // prompt_token_ids[0][3] of a one-prompt request is prompt[3]
+		if strings.Contains(proto, "[") && strings.HasPrefix(msg, proto) {
+			msg = shown + msg[len(proto):]
+		}
+	}
 	m := leadingField.FindStringSubmatch(msg)
 	if m == nil || !requestFields[m[1]] {
 		return ""

@@ -90,7 +90,11 @@ def test_chat_rules_name_the_field(messages, needle):
     (dict(input=""), "input is required"),
     (dict(inputs=["x"]), "set either input or inputs"),
     (dict(input="", inputs=["x", ""]), "inputs[1] must not be empty"),
-    (dict(encoding_format="base64"), "encoding_format='base64'"),
+    (dict(encoding_format="int8"), "encoding_format='int8'"),  # float and base64 only
+    (dict(input_token_ids=[pb.PromptTokenIds(token_ids=[1])]), "set one of input, inputs and input_token_ids"),
+    (dict(input="", input_token_ids=[pb.PromptTokenIds(token_ids=[1, -2])]),
+     "input_token_ids[0][1]=-2 is not a token id"),
+    (dict(input="x", dimensions=w.Int32Value(value=0)), "dimensions=0 is out of range"),
     (dict(priority=7), "priority=7"),
 ])
 def test_embeddings_rules_name_the_field(fields, needle):

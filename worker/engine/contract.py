@@ -166,8 +166,8 @@ class EmbeddingEngine(typing.Protocol):
 
     def count_tokens(self, texts: list[str]) -> list[int]: ...
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """(one unit vector per text, input tokens in all)."""
+    async def embed(self, texts: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """(one unit vector per input, input tokens in all); an input is a text or token ids (embedded as given)."""
 
     def load(self) -> EngineLoad: ...
 

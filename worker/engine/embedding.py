@@ -48,6 +48,10 @@ class TorchEmbeddingEngine:
     def dimensions(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text, untruncated (so that callers can refuse texts longer than context_length)."""
         return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
@@ -69,8 +73,9 @@ class TorchEmbeddingEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Return (one unit vector per text, number of input tokens)."""
+    async def embed(self, texts: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """Return (one unit vector per input, number of input tokens). An input is a text, or token ids embedded as
+        given (no special tokens added; the caller has checked them against the vocabulary and the context)."""
         if not texts:
             return [], 0
         loop = asyncio.get_running_loop()
@@ -126,9 +131,14 @@ class TorchEmbeddingEngine:
             _resolve(call, result=(vectors[offset : offset + num], sum(token_counts[offset : offset + num])))
             offset += num
 
-    def _embed_batch(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length,
-                                 return_tensors="pt").to(self.device)
+    def _embed_batch(self, texts: list[str | list[int]]) -> tuple[list[list[float]], list[int]]:
+        if all(isinstance(t, str) for t in texts):
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length,
+                                     return_tensors="pt").to(self.device)
+        else:  # token ids among the inputs: texts are encoded alone, then all are padded as one batch
+            ids = [self.tokenizer(t, truncation=True, max_length=self.context_length)["input_ids"]
+                   if isinstance(t, str) else list(t) for t in texts]
+            encoded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(self.device)
         with torch.inference_mode():
             hidden = self.model(**encoded).last_hidden_state  # [B, T, hidden]
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
