@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     _admin_flags(apply)
     _admin_flags(models_sub.add_parser("list", help="print versions and aliases as JSON"))
     models.set_defaults(fn=cmd_models)
+    from llmserve.clients import lifecycle_cli
+    lifecycle_cli.register(models_sub, _admin_flags, _admin)
+    lifecycle_cli.register_top(sub, _admin_flags, _admin)
 
     chat = sub.add_parser("chat", help="stream one chat answer from the gateway")
     chat.add_argument("prompt")

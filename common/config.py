@@ -193,6 +193,13 @@ class WorkerConfig:
     # cancelled, freeing its engine slots, instead of generating for nobody.
     max_outbox_messages: int = 4096
     stalled_stream_timeout_s: float = 30.0
+    # Model lifecycle (worker/lifecycle.py): the registry's assignment of this pool (and of this worker's id) adds
+    # versions to worker.models at run time and drains them. A version is loaded only if its estimated memory
+    # (weights + KV cache) fits in free memory and in memory_budget_bytes (0: no budget) beside what is loaded.
+    pool: str = "default"
+    memory_budget_bytes: int = 0
+    drain_settle_s: float = 1.0  # a draining version's engine must stay idle this long before each drain step
+    drain_timeout_s: float = 120.0  # longest wait for a draining version's requests before it is unloaded anyway
 
 
 @dataclass
@@ -240,6 +247,13 @@ class RegistryConfig:
     host: str = "127.0.0.1"  # listen address of the admin service
     port: int = 50053  # gRPC port
     metrics_port: int = 9403  # Prometheus /metrics (0 disables it)
+    # "production" refuses fault injection (SetFaultInjection) unless allow_fault_injection; other profiles allow it.
+    profile: str = "development"
+    allow_fault_injection: bool = False
+    # The rollout controller (registry/rollout.py): one replica at a time holds its etcd lease and acts.
+    controller: bool = True  # run the controller in this registry process
+    controller_tick_s: float = 1.0  # how often the leader evaluates rollouts
+    controller_lease_ttl_s: int = 5  # leadership lease; a stopped leader is replaced within it
 
 
 @dataclass

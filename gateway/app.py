@@ -10,6 +10,7 @@ from llmserve.common.state.views import RegistryView
 from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
 from llmserve.gateway.edge import ConcurrencyDefaults, Edge
+from llmserve.gateway.experiments import ExperimentStats
 from llmserve.gateway.journal import Journal
 from llmserve.gateway.limits import Limiter
 from llmserve.gateway.pipeline import Pipeline
@@ -43,7 +44,9 @@ class GatewayApp:
         cache = ResponseCache(self.cache_redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes)
         scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token,
                                     channel=self.channel, wait_s=cfg.scheduler_wait_s)
-        self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens)
+        # A/B statistics per version and alias arm, summed over replicas in Redis (common/experiments.py).
+        self.stats = ExperimentStats(self.redis, config.etcd.prefix)
+        self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens, self.stats)
         # A request the REST sidecar would refuse as too large is refused over gRPC too, before it is parsed.
         # Public: TLS when the mesh has it, client certificates only if asked for (clients bring API keys).
         self.service = Service("gateway", cfg.host, cfg.port, [inference_service_name()],
@@ -62,11 +65,13 @@ class GatewayApp:
         if not await self.tokens.wait_warm(TOKENIZER_WARM_TIMEOUT_S):
             log.warning("serving before every tokenizer is loaded", timeout_s=TOKENIZER_WARM_TIMEOUT_S)
         self.edge.start()
+        self.stats.start()
         return await self.service.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.service.stop(grace_s)
         await self.edge.stop()  # settles what the stopped streams left, flushes usage, closes the journal
+        await self.stats.stop()
         await self.view.stop()
         await self.channel.close()
         await self.redis.aclose()

@@ -41,6 +41,11 @@ class RequestContext:
     prompt_tokens: int | None = None  # usage, once known
     completion_tokens: int | None = None
     workers: list[str] = dataclasses.field(default_factory=list)  # ids of the workers its tasks ran on
+    alias: str = ""  # the alias the caller named, when it named one (the A/B arm is (alias, version))
+    started: float = 0.0  # time.perf_counter() when the request arrived
+    first_token_s: float | None = None  # time to the first generated text
+    # Called once the request ended, with (ctx, status code name, seconds): the A/B statistics (set on resolve).
+    on_done: typing.Callable[[RequestContext, str, float], None] | None = None
 
     def begun(self) -> tuple[Caller, Call, registry_pb2.ModelVersion]:
         """(caller, call, version), which Pipeline.begin sets before anything else reads them."""
@@ -97,7 +102,7 @@ async def observe(method: str) -> typing.AsyncIterator[RequestContext]:
     request_id = uuid.uuid4().hex[:24]
     structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
     ctx = RequestContext(request_id)
-    started = time.perf_counter()
+    started = ctx.started = time.perf_counter()
     code = "OK"
     span = tracer.start_span(f"InferenceService/{method}", kind=trace.SpanKind.SERVER)
     token = otel_context.attach(trace.set_span_in_context(span))
@@ -124,3 +129,5 @@ async def observe(method: str) -> typing.AsyncIterator[RequestContext]:
         metrics.child(metrics.REQUESTS, method, code).inc()
         metrics.child(metrics.LATENCY, method).observe(elapsed)
         log.info("request", code=code, ms=round(elapsed * 1000, 1), **summary)
+        if ctx.on_done is not None:
+            ctx.on_done(ctx, code, elapsed)

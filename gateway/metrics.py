@@ -28,3 +28,12 @@ REDIS_ERRORS = Counter("llmserve_gateway_redis_errors", "Redis operations that f
 LIMITED = Counter("llmserve_gateway_limited_requests", "Requests refused by a limit, by what was exceeded",
                   ["measure"])
 COST = Counter("llmserve_gateway_cost_usd", "Cost of served requests from the registry's prices", ["model_version"])
+# A/B arms: what each alias sent to each version (gateway/experiments.py; Redis holds the sums over replicas).
+ARM_REQUESTS = Counter("llmserve_gateway_arm_requests", "Requests an alias sent to a version, by status code",
+                       ["alias", "model_version", "code"])
+ARM_LATENCY = Histogram("llmserve_gateway_arm_request_seconds", "End-to-end latency per alias arm",
+                        ["alias", "model_version"], buckets=LATENCY_BUCKETS)
+ARM_TTFT = Histogram("llmserve_gateway_arm_time_to_first_token_seconds", "Time to first token per alias arm",
+                     ["alias", "model_version"], buckets=LATENCY_BUCKETS)
+ARM_CACHE_HITS = Counter("llmserve_gateway_arm_cache_hits", "Response-cache hits per alias arm",
+                         ["alias", "model_version"])

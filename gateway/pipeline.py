@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import typing
 
 from llmserve.admin.v1 import registry_pb2
@@ -25,6 +26,7 @@ from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.context import RequestContext
 from llmserve.gateway.edge import Edge
+from llmserve.gateway.experiments import ExperimentStats
 from llmserve.gateway.requests import Call, GenerationCall
 from llmserve.gateway.result import Collector, Delta, Result
 from llmserve.gateway.scheduler_client import SchedulerClient
@@ -37,9 +39,10 @@ OnOutput = typing.Callable[[int, task_pb2.TaskOutput, Delta], typing.Awaitable[N
 
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, view: RegistryView, scheduler: SchedulerClient, cache: ResponseCache,
-                 edge: Edge, tokens: TokenCounter):
+                 edge: Edge, tokens: TokenCounter, stats: ExperimentStats | None = None):
         self.cfg, self.view, self.scheduler, self.cache, self.edge, self.tokens = (
             cfg, view, scheduler, cache, edge, tokens)
+        self.stats = stats
 
     def begin(self, ctx: RequestContext, context, parse: typing.Callable[..., Call], request) -> None:
         """Auth, validation, model resolution, the cheap size rules and the priority cap, in that order; fills ctx."""
@@ -51,12 +54,15 @@ class Pipeline:
         ctx.call = dataclasses.replace(call, priority=priority) if ctx.priority_note else call
 
     def _resolve(self, call: Call, ctx: RequestContext) -> registry_pb2.ModelVersion:
-        found = self.view.resolve(call.model, call.user)
+        caller = ctx.caller
+        assert caller is not None, "authenticated first"
+        # Sticky arms: a user (the tenant, when the request names none) stays on its side of a split.
+        found = self.view.resolve(call.model, call.user or caller.tenant.name)
         if found is None:
             raise not_found(f"model {call.model!r} not found; ListModels (GET /v1/models) lists the available models")
         version = found.version
-        caller = ctx.caller
-        assert caller is not None, "authenticated first"
+        ctx.alias = found.alias
+        ctx.on_done = self.stats.record if self.stats is not None else None
         self.edge.authorize_model(caller, call.model, version)
         if version.kind != call.model_kind:
             use = "CreateEmbeddings" if version.kind == registry_pb2.MODEL_KIND_EMBED else "completions or chat"
@@ -122,6 +128,8 @@ class Pipeline:
                     tasks, context, lambda d: ctx.note_dispatched(d.worker_id, d.queue_time_ms)):
                 index = task_index * call.n + output.index  # the choice: input * n + choice
                 delta = collector.add(index, output)
+                if ctx.first_token_s is None and delta.text:
+                    ctx.first_token_s = time.perf_counter() - ctx.started
                 if on_output is not None:
                     await on_output(index, output, delta)
             result = collector.result()

@@ -14,6 +14,7 @@ from llmserve.common.state.collection import Collection
 from llmserve.common.state.store import Store
 from llmserve.common.state.watcher import PrefixWatcher
 from llmserve.registry.admin_keys import AdminKeyServicer, admin_key_service_name
+from llmserve.registry.rollout import Controller
 from llmserve.registry.service import RegistryServicer, registry_service_name
 from llmserve.registry.tenants import TenantServicer, tenant_service_name
 
@@ -76,17 +77,25 @@ class RegistryApp:
                                interceptors=[AdminAuthInterceptor(self.admin_keys, store.admin_keys)],
                                credentials=tls.server_credentials(config.security, "registry"),
                                max_request_bytes=MAX_ADMIN_REQUEST_BYTES)
-        registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(store), self.service.server)
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryServicer(store, self.redis, config.etcd.prefix, config.registry), self.service.server)
         tenants_pb2_grpc.add_TenantServiceServicer_to_server(TenantServicer(store, self.redis), self.service.server)
         admin_keys_pb2_grpc.add_AdminKeyServiceServicer_to_server(AdminKeyServicer(store), self.service.server)
+        cfg = config.registry
+        self.controller = Controller(store, self.redis, config.etcd.prefix, cfg.controller_tick_s,
+                                     cfg.controller_lease_ttl_s) if cfg.controller else None
 
     async def start(self) -> int:
         self.admin_keys.start()
         await self.admin_keys.wait_ready(5.0)
+        if self.controller is not None:
+            self.controller.start()
         return await self.service.start()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.service.stop(grace_s)
+        if self.controller is not None:
+            await self.controller.stop()
         await self.admin_keys.stop()
         await self.redis.aclose()
         await self.client.close()

@@ -6,10 +6,15 @@ import re
 import time
 
 from llmserve.admin.v1 import registry_pb2, registry_pb2_grpc
+from llmserve.common.config import RegistryConfig
 from llmserve.common.errors import ServiceError, already_exists, failed_precondition, invalid_argument, not_found
 from llmserve.common.logs import get_logger
 from llmserve.common.state.store import Store
 from llmserve.common.tokenizers import TOKENIZER_SOURCE_LABEL, tokenizer_source
+from llmserve.registry.experiments import ExperimentRpcs
+from llmserve.registry.faults import FaultRpcs
+from llmserve.registry.lifecycle import LifecycleRpcs
+from llmserve.registry.rollout import RolloutRpcs
 
 log = get_logger(__name__)
 
@@ -63,9 +68,14 @@ def validate_version(v: registry_pb2.ModelVersion) -> registry_pb2.ModelVersion:
     return v
 
 
-class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
-    def __init__(self, store: Store):
+class RegistryServicer(LifecycleRpcs, ExperimentRpcs, RolloutRpcs, FaultRpcs,
+                       registry_pb2_grpc.RegistryServiceServicer):
+    """Versions and aliases here; lifecycle, experiments, rollouts and faults in their modules (mixins)."""
+
+    def __init__(self, store: Store, redis=None, prefix: str = "", config: RegistryConfig | None = None):
         self.store = store
+        self.redis, self.prefix = redis, prefix  # A/B statistics (Redis) of this mesh (its etcd prefix)
+        self.config = config or RegistryConfig()
 
     async def _version(self, version: str) -> registry_pb2.ModelVersion:
         found = await self.store.versions.get(version)
@@ -143,6 +153,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 kinds.add((await self._version(target.version)).kind)
             except ServiceError as exc:
                 raise invalid_argument(f"alias.targets[{i}]: {exc.message}") from None
+            await self.check_routable(target.version, f"alias.targets[{i}]")
         if len(kinds) > 1:
             raise invalid_argument("alias.targets mix generation and embedding versions; an alias routes one kind")
         alias.updated = int(time.time())

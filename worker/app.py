@@ -21,7 +21,10 @@ from llmserve.dispatch.v1 import worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
 from llmserve.worker.engine.compute import compute_thread
 from llmserve.worker.engine.factory import make_engine
+from llmserve.worker.engine.paged.block_manager import free_memory_bytes
 from llmserve.worker.engine.paged.lora import AdapterError
+from llmserve.worker.faults import FaultyEngine
+from llmserve.worker.lifecycle import Lifecycle
 from llmserve.worker.registration import Registration
 from llmserve.worker.service import ServedModel, WorkerServicer, worker_service_name
 
@@ -64,6 +67,19 @@ class WorkerApp:
         self._sync_again = False
         self._refused: set[str] = set()
         self._address, self._started = "", 0
+        # Fault injection for drills (worker/faults.py) and the lifecycle that follows the registry's assignment.
+        self._faults = self.store.faults.watcher()
+        self.lifecycle: Lifecycle | None = None
+
+    def _fault(self, version: str) -> registry_pb2.FaultInjection | None:
+        return self._faults.snapshot.get(version)
+
+    async def _load(self, version: registry_pb2.ModelVersion) -> ServedModel:
+        """Loads a base version into a started engine (on the compute thread), faults applied per version."""
+        served = await self.compute.call(load_model, version, self.config)
+        served.engine = FaultyEngine(served.engine, version.version, self._fault)
+        served.engine.start()
+        return served
 
     async def _registry_version(self, name: str, timeout_s: float = 60.0) -> registry_pb2.ModelVersion:
         deadline = time.monotonic() + timeout_s
@@ -87,11 +103,11 @@ class WorkerApp:
         # An adapter listed without its base brings the base along (it runs on the base's engine).
         bases = [v.base_version for v in versions if v.base_version and v.base_version not in cfg.models]
         versions += [await self._registry_version(name) for name in dict.fromkeys(bases)]
+        self._faults.start()
+        await self._faults.wait_ready(5.0)
         for version in versions:
             if not version.base_version:
-                served = await self.compute.call(load_model, version, self.config)
-                served.engine.start()
-                self.models[version.version] = served
+                self.models[version.version] = await self._load(version)
         for version in versions:
             if version.base_version and not await self._add_adapter(version):
                 raise RuntimeError(f"adapter {version.version!r} cannot be served (the log says why)")
@@ -102,16 +118,30 @@ class WorkerApp:
         self._started = int(time.time())
         self.registration = Registration(self.store, cfg.lease_ttl_s, self._info(), on_tick=self._export_metrics)
         await self.registration.start()
+        self.lifecycle = Lifecycle(self.store, cfg, self.worker_id, self.models, self._load, self._publish,
+                                   self.registration.put_placement,
+                                   lambda: free_memory_bytes(torch.device(cfg.device)))
+        await self.lifecycle.start()
         if cfg.serve_adapters:
             self._versions = self.store.versions.watcher(on_change=self._versions_changed)
             self._versions.start()
         return port
 
     def _info(self) -> worker_pb2.WorkerInfo:
+        """What the scheduler routes by: the loaded versions, less those draining out (lifecycle.hidden)."""
+        hidden = self.lifecycle.hidden if self.lifecycle is not None else set()
         return worker_pb2.WorkerInfo(
             worker_id=self.worker_id, address=self._address, started=self._started,
             models=[worker_pb2.WorkerModel(model_version=m.version.version, max_num_seqs=m.max_num_seqs,
-                                           context_length=m.context_length) for m in self.models.values()])
+                                           context_length=m.context_length)
+                    for m in self.models.values() if m.version.version not in hidden])
+
+    async def _publish(self) -> None:
+        if self.registration is not None:
+            try:
+                await self.registration.update(self._info())
+            except Exception as exc:  # etcd away: the next change or re-registration publishes it
+                log.warning("registration update failed", error=str(exc))
 
     # ---- LoRA adapters, following the registry ----
 
@@ -147,9 +177,11 @@ class WorkerApp:
         while True:
             self._sync_again = False
             snapshot = self._versions.snapshot if self._versions is not None else {}
+            draining = self.lifecycle.hidden if self.lifecycle is not None else set()
             wanted = {name: v for name, v in snapshot.items()
                       if v.base_version and v.state != registry_pb2.MODEL_STATE_DISABLED
-                      and v.base_version in self.models and not self.models[v.base_version].adapter}
+                      and v.base_version in self.models and not self.models[v.base_version].adapter
+                      and v.base_version not in draining}
             changed = False
             for name in [n for n, m in self.models.items() if m.adapter and n not in wanted]:
                 served = self.models.pop(name)
@@ -162,11 +194,8 @@ class WorkerApp:
                         changed = True
                     else:
                         self._refused.add(name)  # until the registry changes it (a new version id)
-            if changed and self.registration is not None:
-                try:
-                    await self.registration.update(self._info())
-                except Exception as exc:  # etcd away: the next change or re-registration publishes it
-                    log.warning("registration update failed", error=str(exc))
+            if changed:
+                await self._publish()
             if not self._sync_again:
                 return
 
@@ -185,6 +214,9 @@ class WorkerApp:
                 metrics.PREEMPTIONS.labels(name).set(s.num_preemptions)
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
+        await self._faults.stop()
         if self._versions is not None:
             await self._versions.stop()
         if self._sync_task is not None:

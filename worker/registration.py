@@ -11,6 +11,7 @@ import typing
 
 import aetcd
 
+from llmserve.admin.v1 import registry_pb2
 from llmserve.common.logs import get_logger
 from llmserve.common.state.store import Store
 from llmserve.dispatch.v1 import worker_pb2
@@ -25,6 +26,9 @@ class Registration:
         self._on_tick = on_tick  # runs on every refresh (the worker exports its gauges there)
         self._lease: aetcd.Lease | None = None
         self._task: asyncio.Task | None = None
+        # The worker's placements (its state of each version it was assigned), under the same lease: they go
+        # with the worker, and are written again when it registers again.
+        self.placements: dict[str, registry_pb2.Placement] = {}
 
     async def start(self) -> None:
         await self._register()
@@ -33,6 +37,8 @@ class Registration:
     async def _register(self) -> None:
         self._lease = await self.store.client.lease(self.ttl_s)
         await self.store.workers.put(self.info, lease=self._lease)
+        for placement in self.placements.values():
+            await self.store.placements.put(placement, lease=self._lease)
         log.info("registered", worker_id=self.info.worker_id, models=[m.model_version for m in self.info.models])
 
     async def update(self, info: worker_pb2.WorkerInfo) -> None:
@@ -41,6 +47,11 @@ class Registration:
         if self._lease is not None:
             await self.store.workers.put(info, lease=self._lease)
             log.info("registration updated", worker_id=info.worker_id, models=[m.model_version for m in info.models])
+
+    async def put_placement(self, placement: registry_pb2.Placement) -> None:
+        self.placements[placement.version] = placement
+        if self._lease is not None:
+            await self.store.placements.put(placement, lease=self._lease)
 
     async def _keep_registered(self) -> None:
         """Refreshes the lease every third of its TTL; registers again if it expired (e.g. etcd was down)."""

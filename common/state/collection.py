@@ -37,6 +37,15 @@ class Collection(typing.Generic[M]):
         kv = await self.client.get(self._key(name))
         return self.decode(kv.value) if kv else None
 
+    async def get_with_revision(self, name: str) -> tuple[M | None, int]:
+        """(record or None, its etcd mod revision; 0 when absent): what put_if_unchanged compares against."""
+        kv = await self.client.get(self._key(name))
+        return (self.decode(kv.value), kv.mod_revision) if kv else (None, 0)
+
+    def under(self, sub: str) -> Collection[M]:
+        """The records under `<prefix><sub>/` as a collection of their own (e.g. one alias's events)."""
+        return Collection(self.client, self.prefix + sub, self.message, self.name, self.order)
+
     async def list(self) -> list[M]:
         return sorted((self.decode(kv.value) for kv in await self.client.get_prefix(self.prefix.encode())),
                       key=self.order)

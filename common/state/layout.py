@@ -2,6 +2,12 @@
 
   registry/versions/<version>  ModelVersion
   registry/aliases/<name>      Alias
+  registry/assignments/<pool>  Assignment (what a worker pool, or one worker by id, loads and drains)
+  registry/faults/<version>    FaultInjection (drills; absent: none)
+  registry/rollouts/<alias>    Rollout (policy and the controller's progress)
+  registry/rollout_events/<alias>/<time ns>  RolloutEvent
+  registry/controller          the rollout controller's leader key (attached to its lease)
+  placements/<worker>/<version>  Placement (a worker's state of a version, attached to the worker's lease)
   tenants/<name>               Tenant
   keys/<sha256 of key>         ApiKey
   admin_keys/<sha256 of key>   AdminKey
@@ -25,3 +31,9 @@ class Paths:
         self.admin_keys = f"{root}/admin_keys/"
         self.tenants = f"{root}/tenants/"
         self.workers = f"{root}/workers/"
+        self.assignments = f"{root}/registry/assignments/"
+        self.faults = f"{root}/registry/faults/"
+        self.rollouts = f"{root}/registry/rollouts/"
+        self.rollout_events = f"{root}/registry/rollout_events/"
+        self.controller = f"{root}/registry/controller"
+        self.placements = f"{root}/placements/"

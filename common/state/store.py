@@ -24,3 +24,10 @@ class Store:
         self.admin_keys = Collection(client, self.paths.admin_keys, keys_pb2.AdminKey, lambda k: k.key_hash,
                                      order=lambda k: (k.created, k.key_id))
         self.workers = Collection(client, self.paths.workers, worker_pb2.WorkerInfo, lambda w: w.worker_id)
+        self.assignments = Collection(client, self.paths.assignments, registry_pb2.Assignment, lambda a: a.name)
+        self.placements = Collection(client, self.paths.placements, registry_pb2.Placement,
+                                     lambda p: f"{p.worker_id}/{p.version}")
+        self.faults = Collection(client, self.paths.faults, registry_pb2.FaultInjection, lambda f: f.version)
+        self.rollouts = Collection(client, self.paths.rollouts, registry_pb2.Rollout, lambda r: r.policy.alias)
+        self.rollout_events = Collection(client, self.paths.rollout_events, registry_pb2.RolloutEvent,
+                                         lambda e: f"{e.alias}/{int(e.time * 1e9):020d}")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 import typing
-import zlib
 
 import aetcd
 
@@ -68,8 +69,10 @@ class RegistryView:
     def resolve(self, name: str, user: str = "") -> Resolution | None:
         """Model name -> concrete version: a version id as is; an alias by its traffic split.
 
-        With a `user`, the pick is a stable hash of (alias, user), so a user stays on one side of an A/B split
-        for as long as the weights do not change; without one it is random by weight.
+        With a `user` (the gateway passes the tenant when a request names none), the pick is sticky: weighted
+        rendezvous hashing over (alias, version, user), so each arm gets its weight's share of users, and when
+        weights change only users that must move do (a canary going 5% -> 25% keeps its 5% and takes a fifth of
+        the rest; no user moves between the arms whose weights did not change). Without one it is random by weight.
         """
         version = self.versions.snapshot.get(name)
         if version is not None:
@@ -80,10 +83,21 @@ class RegistryView:
         total = sum(t.weight for t in alias.targets)
         if total <= 0:
             return None
-        point = (zlib.crc32(f"{name}\0{user}".encode()) % total) if user else random.randrange(total)
-        for target in alias.targets:
-            point -= target.weight
-            if point < 0:
-                found = self.versions.snapshot.get(target.version)
-                return Resolution(found, name) if found is not None else None
-        return None
+        if user:
+            target = max(alias.targets, key=lambda t: rendezvous_score(name, t.version, user, t.weight))
+        else:
+            point = random.randrange(total)
+            for target in alias.targets:
+                point -= target.weight
+                if point < 0:
+                    break
+        found = self.versions.snapshot.get(target.version)
+        return Resolution(found, name) if found is not None else None
+
+
+def rendezvous_score(alias: str, version: str, user: str, weight: int) -> float:
+    """Weighted rendezvous (highest random weight) score: -w / ln(h) with h uniform in (0, 1) from a hash of
+    (alias, version, user); the highest score wins, each arm with probability w / sum(w)."""
+    digest = hashlib.blake2b(f"{alias}\0{version}\0{user}".encode(), digest_size=8).digest()
+    h = (int.from_bytes(digest, "big") + 0.5) / 2**64
+    return -weight / math.log(h) if weight > 0 else -math.inf

@@ -67,6 +67,102 @@ MODEL_STATE_DISABLED: ModelState.ValueType  # 2
 """Registered but refuses requests (FAILED_PRECONDITION)."""
 Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
 
+class _LifecycleState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LifecycleStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LifecycleState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIFECYCLE_STATE_UNSPECIFIED: _LifecycleState.ValueType  # 0
+    """Not assigned anywhere (served only where worker.models names it, if at all)."""
+    LIFECYCLE_STATE_LOADING: _LifecycleState.ValueType  # 1
+    """Assigned; some worker is still loading it (or has not picked the assignment up yet)."""
+    LIFECYCLE_STATE_READY: _LifecycleState.ValueType  # 2
+    """Loaded and listed by every worker it is assigned to: the scheduler routes to it."""
+    LIFECYCLE_STATE_REFUSED: _LifecycleState.ValueType  # 3
+    """A worker refused it (it does not fit in memory, or failed to load); the placement says why."""
+    LIFECYCLE_STATE_DRAINING: _LifecycleState.ValueType  # 4
+    """Drain requested: running and queued requests finish, then it is unloaded."""
+    LIFECYCLE_STATE_RETIRED: _LifecycleState.ValueType  # 5
+    """Drained and unloaded everywhere: its memory is free."""
+
+class LifecycleState(_LifecycleState, metaclass=_LifecycleStateEnumTypeWrapper):
+    """Where a version is in its life on the workers that are assigned it."""
+
+LIFECYCLE_STATE_UNSPECIFIED: LifecycleState.ValueType  # 0
+"""Not assigned anywhere (served only where worker.models names it, if at all)."""
+LIFECYCLE_STATE_LOADING: LifecycleState.ValueType  # 1
+"""Assigned; some worker is still loading it (or has not picked the assignment up yet)."""
+LIFECYCLE_STATE_READY: LifecycleState.ValueType  # 2
+"""Loaded and listed by every worker it is assigned to: the scheduler routes to it."""
+LIFECYCLE_STATE_REFUSED: LifecycleState.ValueType  # 3
+"""A worker refused it (it does not fit in memory, or failed to load); the placement says why."""
+LIFECYCLE_STATE_DRAINING: LifecycleState.ValueType  # 4
+"""Drain requested: running and queued requests finish, then it is unloaded."""
+LIFECYCLE_STATE_RETIRED: LifecycleState.ValueType  # 5
+"""Drained and unloaded everywhere: its memory is free."""
+Global___LifecycleState: _TypeAlias = LifecycleState  # noqa: Y015
+
+class _RolloutState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_STATE_UNSPECIFIED: _RolloutState.ValueType  # 0
+    """Not set."""
+    ROLLOUT_STATE_PROGRESSING: _RolloutState.ValueType  # 1
+    """Moving through its steps."""
+    ROLLOUT_STATE_PAUSED: _RolloutState.ValueType  # 2
+    """Held at its current step by an operator."""
+    ROLLOUT_STATE_PROMOTED: _RolloutState.ValueType  # 3
+    """Reached 100%: the alias routes only to the target."""
+    ROLLOUT_STATE_ROLLED_BACK: _RolloutState.ValueType  # 4
+    """An SLO was breached (or an operator aborted): the alias routes only to the stable version again."""
+
+class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
+    """Where a rollout is."""
+
+ROLLOUT_STATE_UNSPECIFIED: RolloutState.ValueType  # 0
+"""Not set."""
+ROLLOUT_STATE_PROGRESSING: RolloutState.ValueType  # 1
+"""Moving through its steps."""
+ROLLOUT_STATE_PAUSED: RolloutState.ValueType  # 2
+"""Held at its current step by an operator."""
+ROLLOUT_STATE_PROMOTED: RolloutState.ValueType  # 3
+"""Reached 100%: the alias routes only to the target."""
+ROLLOUT_STATE_ROLLED_BACK: RolloutState.ValueType  # 4
+"""An SLO was breached (or an operator aborted): the alias routes only to the stable version again."""
+Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
+class _RolloutAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_ACTION_UNSPECIFIED: _RolloutAction.ValueType  # 0
+    """Not set; rejected."""
+    ROLLOUT_ACTION_PAUSE: _RolloutAction.ValueType  # 1
+    """Hold at the current step."""
+    ROLLOUT_ACTION_RESUME: _RolloutAction.ValueType  # 2
+    """Go on from the current step (its interval starts again)."""
+    ROLLOUT_ACTION_ABORT: _RolloutAction.ValueType  # 3
+    """Roll back to 100% stable now."""
+
+class RolloutAction(_RolloutAction, metaclass=_RolloutActionEnumTypeWrapper):
+    """What an operator does to a rollout."""
+
+ROLLOUT_ACTION_UNSPECIFIED: RolloutAction.ValueType  # 0
+"""Not set; rejected."""
+ROLLOUT_ACTION_PAUSE: RolloutAction.ValueType  # 1
+"""Hold at the current step."""
+ROLLOUT_ACTION_RESUME: RolloutAction.ValueType  # 2
+"""Go on from the current step (its interval starts again)."""
+ROLLOUT_ACTION_ABORT: RolloutAction.ValueType  # 3
+"""Roll back to 100% stable now."""
+Global___RolloutAction: _TypeAlias = RolloutAction  # noqa: Y015
+
 @_typing.final
 class ModelVersion(_message.Message):
     """One concrete, immutable model version."""
@@ -637,3 +733,970 @@ class DeleteAliasResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteAliasResponse: _TypeAlias = DeleteAliasResponse  # noqa: Y015
+
+@_typing.final
+class Assignment(_message.Message):
+    """What a worker pool (or one worker, by its id) serves, beside what its config lists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. Pool name (worker.pool) or a worker id."""
+    updated: _builtins.int
+    """Output only. Unix time in seconds of the last change."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions its workers load and serve."""
+
+    @_builtins.property
+    def draining(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Versions its workers drain and unload (a version is in one list at most)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        versions: _abc.Iterable[_builtins.str] | None = ...,
+        draining: _abc.Iterable[_builtins.str] | None = ...,
+        updated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["draining", b"draining", "name", b"name", "updated", b"updated", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """One worker's state of one version, written by the worker under its lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
+    AVAILABLE_BYTES_FIELD_NUMBER: _builtins.int
+    UPDATED_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker."""
+    version: _builtins.str
+    """The version."""
+    state: Global___LifecycleState.ValueType
+    """Its state on this worker."""
+    reason: _builtins.str
+    """Why it was refused or failed; empty otherwise."""
+    pool: _builtins.str
+    """The worker's pool."""
+    estimated_bytes: _builtins.int
+    """Estimated memory of the version on this worker (weights + KV cache), bytes."""
+    available_bytes: _builtins.int
+    """Memory the worker could give it when it decided (free memory, or what is left of worker.memory_budget_bytes)."""
+    updated: _builtins.int
+    """Unix time in seconds of the last change."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        version: _builtins.str = ...,
+        state: Global___LifecycleState.ValueType = ...,
+        reason: _builtins.str = ...,
+        pool: _builtins.str = ...,
+        estimated_bytes: _builtins.int = ...,
+        available_bytes: _builtins.int = ...,
+        updated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_bytes", b"available_bytes", "estimated_bytes", b"estimated_bytes", "pool", b"pool", "reason", b"reason", "state", b"state", "updated", b"updated", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
+
+@_typing.final
+class LoadModelVersionRequest(_message.Message):
+    """Request of LoadModelVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Required. A registered base version (adapters follow their base by themselves)."""
+    pool: _builtins.str
+    """Optional. Pool name or worker id; default "default"."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        pool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelVersionRequest: _TypeAlias = LoadModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelVersionResponse(_message.Message):
+    """Response of LoadModelVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignment(self) -> Global___Assignment:
+        """The pool's assignment now."""
+
+    def __init__(
+        self,
+        *,
+        assignment: Global___Assignment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelVersionResponse: _TypeAlias = LoadModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class DrainModelVersionRequest(_message.Message):
+    """Request of DrainModelVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    POOL_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Required. Version id."""
+    pool: _builtins.str
+    """Optional. Pool name or worker id; default "default"."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        pool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pool", b"pool", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainModelVersionRequest: _TypeAlias = DrainModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class DrainModelVersionResponse(_message.Message):
+    """Response of DrainModelVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignment(self) -> Global___Assignment:
+        """The pool's assignment now."""
+
+    def __init__(
+        self,
+        *,
+        assignment: Global___Assignment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignment", b"assignment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainModelVersionResponse: _TypeAlias = DrainModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetModelVersionStatusRequest(_message.Message):
+    """Request of GetModelVersionStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Required. Version id."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelVersionStatusRequest: _TypeAlias = GetModelVersionStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetModelVersionStatusResponse(_message.Message):
+    """Response of GetModelVersionStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PLACEMENTS_FIELD_NUMBER: _builtins.int
+    POOLS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Required. Version id."""
+    state: Global___LifecycleState.ValueType
+    """The version's state over all its placements (refused if any worker refused it)."""
+    @_builtins.property
+    def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]:
+        """One per worker that reports it."""
+
+    @_builtins.property
+    def pools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Pools (assignment names) that list it to serve."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        state: Global___LifecycleState.ValueType = ...,
+        placements: _abc.Iterable[Global___Placement] | None = ...,
+        pools: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["placements", b"placements", "pools", b"pools", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelVersionStatusResponse: _TypeAlias = GetModelVersionStatusResponse  # noqa: Y015
+
+@_typing.final
+class ListAssignmentsRequest(_message.Message):
+    """Request of ListAssignments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssignmentsRequest: _TypeAlias = ListAssignmentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAssignmentsResponse(_message.Message):
+    """Response of ListAssignments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
+        """Assignments, sorted by name."""
+
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___Assignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssignmentsResponse: _TypeAlias = ListAssignmentsResponse  # noqa: Y015
+
+@_typing.final
+class LatencyStats(_message.Message):
+    """A latency distribution: fixed buckets summed over gateway replicas, and quantiles read from them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    SUM_S_FIELD_NUMBER: _builtins.int
+    P50_S_FIELD_NUMBER: _builtins.int
+    P95_S_FIELD_NUMBER: _builtins.int
+    P99_S_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Observations."""
+    sum_s: _builtins.float
+    """Sum of observations, seconds."""
+    p50_s: _builtins.float
+    """Median, seconds (linear interpolation inside the bucket, as Prometheus' histogram_quantile)."""
+    p95_s: _builtins.float
+    """95th percentile, seconds."""
+    p99_s: _builtins.float
+    """99th percentile, seconds."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        sum_s: _builtins.float = ...,
+        p50_s: _builtins.float = ...,
+        p95_s: _builtins.float = ...,
+        p99_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "p50_s", b"p50_s", "p95_s", b"p95_s", "p99_s", b"p99_s", "sum_s", b"sum_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyStats: _TypeAlias = LatencyStats  # noqa: Y015
+
+@_typing.final
+class ArmStats(_message.Message):
+    """Statistics of one version, or of one arm of an alias (requests that alias sent to that version)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ErrorsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class CountersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SERVER_ERRORS_FIELD_NUMBER: _builtins.int
+    TTFT_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_USD_FIELD_NUMBER: _builtins.int
+    CACHE_HITS_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The version."""
+    alias: _builtins.str
+    """The alias; empty for the version's own figures (through any alias or by its id)."""
+    weight: _builtins.int
+    """The arm's weight in the alias now (0 when not an alias arm or no longer in the split)."""
+    requests: _builtins.int
+    """Requests that finished (any status)."""
+    server_errors: _builtins.int
+    """Failed requests whose code is the server's fault (INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED, UNKNOWN, ...)."""
+    prompt_tokens: _builtins.int
+    """Prompt tokens."""
+    completion_tokens: _builtins.int
+    """Completion tokens."""
+    cost_usd: _builtins.float
+    """Cost in USD."""
+    cache_hits: _builtins.int
+    """Response-cache hits."""
+    @_builtins.property
+    def errors(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Failed requests by gRPC status code name (e.g. "UNAVAILABLE": 3)."""
+
+    @_builtins.property
+    def ttft(self) -> Global___LatencyStats:
+        """Time to the first generated text (streams and unary alike)."""
+
+    @_builtins.property
+    def latency(self) -> Global___LatencyStats:
+        """End-to-end latency."""
+
+    @_builtins.property
+    def counters(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Output only. The summed counters the figures come from (histogram buckets "ttft_b<i>", "latency_b<i>" of
+        common/experiments.py's bounds included): a later reading minus an earlier one gives a window's figures.
+        """
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        weight: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        errors: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        server_errors: _builtins.int = ...,
+        ttft: Global___LatencyStats | None = ...,
+        latency: Global___LatencyStats | None = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        cost_usd: _builtins.float = ...,
+        cache_hits: _builtins.int = ...,
+        counters: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "ttft", b"ttft"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cache_hits", b"cache_hits", "completion_tokens", b"completion_tokens", "cost_usd", b"cost_usd", "counters", b"counters", "errors", b"errors", "latency", b"latency", "prompt_tokens", b"prompt_tokens", "requests", b"requests", "server_errors", b"server_errors", "ttft", b"ttft", "version", b"version", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArmStats: _TypeAlias = ArmStats  # noqa: Y015
+
+@_typing.final
+class GetExperimentStatsRequest(_message.Message):
+    """Request of GetExperimentStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Optional. An alias: one ArmStats per arm of its split (and per version it sent traffic to before)."""
+    version: _builtins.str
+    """Optional. A version: its own figures. One of alias and version is required."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentStatsRequest: _TypeAlias = GetExperimentStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetExperimentStatsResponse(_message.Message):
+    """Response of GetExperimentStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARMS_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """How quantiles are computed."""
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmStats]:
+        """One per arm (alias) or one (version)."""
+
+    def __init__(
+        self,
+        *,
+        arms: _abc.Iterable[Global___ArmStats] | None = ...,
+        method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "method", b"method"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetExperimentStatsResponse: _TypeAlias = GetExperimentStatsResponse  # noqa: Y015
+
+@_typing.final
+class RolloutSlo(_message.Message):
+    """Service levels a canary's own traffic must keep during each step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_P95_TTFT_S_FIELD_NUMBER: _builtins.int
+    MAX_P95_LATENCY_S_FIELD_NUMBER: _builtins.int
+    MAX_P95_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_P95_TTFT_RATIO_FIELD_NUMBER: _builtins.int
+    max_error_rate: _builtins.float
+    """Optional. Highest share of server errors (0..1); 0: 0.05."""
+    max_p95_ttft_s: _builtins.float
+    """Optional. Highest p95 time to first token, seconds (absolute); 0: not checked."""
+    max_p95_latency_s: _builtins.float
+    """Optional. Highest p95 end-to-end latency, seconds (absolute); 0: not checked."""
+    max_p95_latency_ratio: _builtins.float
+    """Optional. Highest ratio of the canary's p95 latency to the stable arm's over the same step; 0: not checked."""
+    max_p95_ttft_ratio: _builtins.float
+    """Optional. Highest ratio of the canary's p95 TTFT to the stable arm's; 0: not checked."""
+    def __init__(
+        self,
+        *,
+        max_error_rate: _builtins.float = ...,
+        max_p95_ttft_s: _builtins.float = ...,
+        max_p95_latency_s: _builtins.float = ...,
+        max_p95_latency_ratio: _builtins.float = ...,
+        max_p95_ttft_ratio: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_error_rate", b"max_error_rate", "max_p95_latency_ratio", b"max_p95_latency_ratio", "max_p95_latency_s", b"max_p95_latency_s", "max_p95_ttft_ratio", b"max_p95_ttft_ratio", "max_p95_ttft_s", b"max_p95_ttft_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutSlo: _TypeAlias = RolloutSlo  # noqa: Y015
+
+@_typing.final
+class RolloutPolicy(_message.Message):
+    """How a rollout moves an alias to a target version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    TARGET_VERSION_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    INTERVAL_S_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    SLO_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Required. The alias."""
+    target_version: _builtins.str
+    """Required. The version rolled out (registered; ready where it is assigned)."""
+    interval_s: _builtins.float
+    """Optional. Shortest time per step, seconds; default 60."""
+    min_requests: _builtins.int
+    """Optional. Requests the canary must have served in a step before it is judged; default 20."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Optional. Canary weights in percent, increasing, the last 100; default 5, 25, 50, 100."""
+
+    @_builtins.property
+    def slo(self) -> Global___RolloutSlo:
+        """Optional. SLOs over the canary's own traffic."""
+
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        target_version: _builtins.str = ...,
+        steps: _abc.Iterable[_builtins.int] | None = ...,
+        interval_s: _builtins.float = ...,
+        min_requests: _builtins.int = ...,
+        slo: Global___RolloutSlo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["slo", b"slo"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "interval_s", b"interval_s", "min_requests", b"min_requests", "slo", b"slo", "steps", b"steps", "target_version", b"target_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutPolicy: _TypeAlias = RolloutPolicy  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """A rollout: its policy and the controller's progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    STABLE_VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEP_STARTED_FIELD_NUMBER: _builtins.int
+    CANARY_BASELINE_FIELD_NUMBER: _builtins.int
+    STABLE_BASELINE_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    stable_version: _builtins.str
+    """The version the alias routed to when it started (the arm with the largest weight)."""
+    state: Global___RolloutState.ValueType
+    """Output only. State."""
+    step: _builtins.int
+    """Output only. Index into policy.steps of the current step."""
+    step_started: _builtins.float
+    """Output only. Unix time in seconds when the current step started."""
+    started: _builtins.float
+    """Output only. Unix time in seconds of the start of the rollout."""
+    reason: _builtins.str
+    """Output only. Why it ended or is paused."""
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy:
+        """The policy."""
+
+    @_builtins.property
+    def canary_baseline(self) -> Global___ArmStats:
+        """Output only. The arms' cumulative figures when the step started (the step is judged on the difference)."""
+
+    @_builtins.property
+    def stable_baseline(self) -> Global___ArmStats:
+        """Output only. Same, stable arm."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RolloutPolicy | None = ...,
+        stable_version: _builtins.str = ...,
+        state: Global___RolloutState.ValueType = ...,
+        step: _builtins.int = ...,
+        step_started: _builtins.float = ...,
+        canary_baseline: Global___ArmStats | None = ...,
+        stable_baseline: Global___ArmStats | None = ...,
+        started: _builtins.float = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary_baseline", b"canary_baseline", "policy", b"policy", "stable_baseline", b"stable_baseline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary_baseline", b"canary_baseline", "policy", b"policy", "reason", b"reason", "stable_baseline", b"stable_baseline", "stable_version", b"stable_version", "started", b"started", "state", b"state", "step", b"step", "step_started", b"step_started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class RolloutEvent(_message.Message):
+    """One decision of the rollout controller, with the figures it took it on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    CANARY_PERCENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    STABLE_FIELD_NUMBER: _builtins.int
+    CONTROLLER_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """The alias."""
+    time: _builtins.float
+    """Unix time in seconds."""
+    decision: _builtins.str
+    """"start", "advance", "wait", "promote", "rollback", "pause", "resume", "abort"."""
+    canary_percent: _builtins.int
+    """Canary weight in percent after the decision."""
+    reason: _builtins.str
+    """Why, in words with the figures."""
+    controller: _builtins.str
+    """The controller replica that decided."""
+    @_builtins.property
+    def canary(self) -> Global___ArmStats:
+        """The canary's figures over the step."""
+
+    @_builtins.property
+    def stable(self) -> Global___ArmStats:
+        """The stable arm's figures over the step."""
+
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        time: _builtins.float = ...,
+        decision: _builtins.str = ...,
+        canary_percent: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        canary: Global___ArmStats | None = ...,
+        stable: Global___ArmStats | None = ...,
+        controller: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "stable", b"stable"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "canary", b"canary", "canary_percent", b"canary_percent", "controller", b"controller", "decision", b"decision", "reason", b"reason", "stable", b"stable", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutEvent: _TypeAlias = RolloutEvent  # noqa: Y015
+
+@_typing.final
+class StartRolloutRequest(_message.Message):
+    """Request of StartRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___RolloutPolicy:
+        """Required. The policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___RolloutPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutRequest: _TypeAlias = StartRolloutRequest  # noqa: Y015
+
+@_typing.final
+class StartRolloutResponse(_message.Message):
+    """Response of StartRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout as stored."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartRolloutResponse: _TypeAlias = StartRolloutResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    """Request of GetRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Required. Alias."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    """Response of GetRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ControlRolloutRequest(_message.Message):
+    """Request of ControlRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Required. Alias."""
+    action: Global___RolloutAction.ValueType
+    """Required. What to do."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        action: Global___RolloutAction.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "alias", b"alias"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlRolloutRequest: _TypeAlias = ControlRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ControlRolloutResponse(_message.Message):
+    """Response of ControlRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """The rollout now."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlRolloutResponse: _TypeAlias = ControlRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutEventsRequest(_message.Message):
+    """Request of ListRolloutEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    """Required. Alias."""
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutEventsRequest: _TypeAlias = ListRolloutEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutEventsResponse(_message.Message):
+    """Response of ListRolloutEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutEvent]:
+        """Events, oldest first (the last 500 are kept)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RolloutEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutEventsResponse: _TypeAlias = ListRolloutEventsResponse  # noqa: Y015
+
+@_typing.final
+class FaultInjection(_message.Message):
+    """Faults a version's workers inject, for drills: off (all zero) by default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    ADDED_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Required. Version id."""
+    error_rate: _builtins.float
+    """Share of its requests that fail with INTERNAL (0..1)."""
+    added_latency_ms: _builtins.int
+    """Latency added before a request's first output, milliseconds."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        error_rate: _builtins.float = ...,
+        added_latency_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_latency_ms", b"added_latency_ms", "error_rate", b"error_rate", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FaultInjection: _TypeAlias = FaultInjection  # noqa: Y015
+
+@_typing.final
+class SetFaultInjectionRequest(_message.Message):
+    """Request of SetFaultInjection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fault(self) -> Global___FaultInjection:
+        """Required. The faults (all zero clears them)."""
+
+    def __init__(
+        self,
+        *,
+        fault: Global___FaultInjection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFaultInjectionRequest: _TypeAlias = SetFaultInjectionRequest  # noqa: Y015
+
+@_typing.final
+class SetFaultInjectionResponse(_message.Message):
+    """Response of SetFaultInjection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FAULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fault(self) -> Global___FaultInjection:
+        """The faults now."""
+
+    def __init__(
+        self,
+        *,
+        fault: Global___FaultInjection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fault", b"fault"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetFaultInjectionResponse: _TypeAlias = SetFaultInjectionResponse  # noqa: Y015

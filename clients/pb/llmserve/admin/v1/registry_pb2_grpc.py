@@ -80,6 +80,56 @@ class RegistryServiceStub:
                 request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
                 response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
                 _registered_method=True)
+        self.LoadModelVersion = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/LoadModelVersion',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.LoadModelVersionRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.LoadModelVersionResponse.FromString,
+                _registered_method=True)
+        self.DrainModelVersion = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/DrainModelVersion',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DrainModelVersionRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DrainModelVersionResponse.FromString,
+                _registered_method=True)
+        self.GetModelVersionStatus = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/GetModelVersionStatus',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetModelVersionStatusRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetModelVersionStatusResponse.FromString,
+                _registered_method=True)
+        self.ListAssignments = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/ListAssignments',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListAssignmentsRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListAssignmentsResponse.FromString,
+                _registered_method=True)
+        self.GetExperimentStats = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/GetExperimentStats',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetExperimentStatsRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetExperimentStatsResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/StartRollout',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.StartRolloutRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.StartRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/GetRollout',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ControlRollout = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/ControlRollout',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ControlRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRolloutEvents = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/ListRolloutEvents',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListRolloutEventsRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListRolloutEventsResponse.FromString,
+                _registered_method=True)
+        self.SetFaultInjection = channel.unary_unary(
+                '/llmserve.admin.v1.RegistryService/SetFaultInjection',
+                request_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.SetFaultInjectionRequest.SerializeToString,
+                response_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.SetFaultInjectionResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -149,6 +199,79 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModelVersion(self, request, context):
+        """Assigns a version to a worker pool (or one worker): its workers load it beside what they serve, check memory
+        first, and report it ready; the scheduler routes to a worker once it lists the version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainModelVersion(self, request, context):
+        """Drains a version on a pool: its workers let running and queued requests finish, stop listing it, then unload
+        it (retired: memory freed). Refused while an alias routes to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModelVersionStatus(self, request, context):
+        """A version's lifecycle state (loading, ready, refused, draining, retired) and its placement on each worker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAssignments(self, request, context):
+        """Lists pool assignments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperimentStats(self, request, context):
+        """A/B statistics of a version, or of every arm of an alias, summed over every gateway replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Starts a canary rollout of an alias to a target version under a policy (steps, interval, SLOs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Returns an alias's rollout and its state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlRollout(self, request, context):
+        """Pauses, resumes or aborts (rolls back) a rollout by hand.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRolloutEvents(self, request, context):
+        """The controller's decisions on an alias's rollouts, oldest first, each with the figures it decided on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetFaultInjection(self, request, context):
+        """Sets (or clears, all zero) fault injection on a version: for drills and tests; refused in a production
+        profile unless registry.allow_fault_injection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -196,6 +319,56 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.DeleteAlias,
                     request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DeleteAliasRequest.FromString,
                     response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DeleteAliasResponse.SerializeToString,
+            ),
+            'LoadModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModelVersion,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.LoadModelVersionRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.LoadModelVersionResponse.SerializeToString,
+            ),
+            'DrainModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainModelVersion,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DrainModelVersionRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.DrainModelVersionResponse.SerializeToString,
+            ),
+            'GetModelVersionStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelVersionStatus,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetModelVersionStatusRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetModelVersionStatusResponse.SerializeToString,
+            ),
+            'ListAssignments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAssignments,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListAssignmentsRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListAssignmentsResponse.SerializeToString,
+            ),
+            'GetExperimentStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperimentStats,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetExperimentStatsRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetExperimentStatsResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.StartRolloutRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.StartRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetRolloutRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ControlRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlRollout,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ControlRolloutResponse.SerializeToString,
+            ),
+            'ListRolloutEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRolloutEvents,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListRolloutEventsRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.ListRolloutEventsResponse.SerializeToString,
+            ),
+            'SetFaultInjection': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFaultInjection,
+                    request_deserializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.SetFaultInjectionRequest.FromString,
+                    response_serializer=llmserve_dot_admin_dot_v1_dot_registry__pb2.SetFaultInjectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +615,276 @@ class RegistryService:
             '/llmserve.admin.v1.RegistryService/DeleteAlias',
             llmserve_dot_admin_dot_v1_dot_registry__pb2.DeleteAliasRequest.SerializeToString,
             llmserve_dot_admin_dot_v1_dot_registry__pb2.DeleteAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/LoadModelVersion',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.LoadModelVersionRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.LoadModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/DrainModelVersion',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.DrainModelVersionRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.DrainModelVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelVersionStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/GetModelVersionStatus',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.GetModelVersionStatusRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.GetModelVersionStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAssignments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/ListAssignments',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.ListAssignmentsRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.ListAssignmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperimentStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/GetExperimentStats',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.GetExperimentStatsRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.GetExperimentStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/StartRollout',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.StartRolloutRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.StartRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/GetRollout',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.GetRolloutRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/ControlRollout',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.ControlRolloutRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.ControlRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRolloutEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/ListRolloutEvents',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.ListRolloutEventsRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.ListRolloutEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFaultInjection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmserve.admin.v1.RegistryService/SetFaultInjection',
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.SetFaultInjectionRequest.SerializeToString,
+            llmserve_dot_admin_dot_v1_dot_registry__pb2.SetFaultInjectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,32 @@ class RegistryServiceStub:
     """Lists aliases."""
     DeleteAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteAliasRequest, _registry_pb2.DeleteAliasResponse]
     """Deletes an alias."""
+    LoadModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.LoadModelVersionRequest, _registry_pb2.LoadModelVersionResponse]
+    """Assigns a version to a worker pool (or one worker): its workers load it beside what they serve, check memory
+    first, and report it ready; the scheduler routes to a worker once it lists the version.
+    """
+    DrainModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DrainModelVersionRequest, _registry_pb2.DrainModelVersionResponse]
+    """Drains a version on a pool: its workers let running and queued requests finish, stop listing it, then unload
+    it (retired: memory freed). Refused while an alias routes to it.
+    """
+    GetModelVersionStatus: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionStatusRequest, _registry_pb2.GetModelVersionStatusResponse]
+    """A version's lifecycle state (loading, ready, refused, draining, retired) and its placement on each worker."""
+    ListAssignments: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAssignmentsRequest, _registry_pb2.ListAssignmentsResponse]
+    """Lists pool assignments."""
+    GetExperimentStats: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetExperimentStatsRequest, _registry_pb2.GetExperimentStatsResponse]
+    """A/B statistics of a version, or of every arm of an alias, summed over every gateway replica."""
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.StartRolloutRequest, _registry_pb2.StartRolloutResponse]
+    """Starts a canary rollout of an alias to a target version under a policy (steps, interval, SLOs)."""
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetRolloutRequest, _registry_pb2.GetRolloutResponse]
+    """Returns an alias's rollout and its state."""
+    ControlRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ControlRolloutRequest, _registry_pb2.ControlRolloutResponse]
+    """Pauses, resumes or aborts (rolls back) a rollout by hand."""
+    ListRolloutEvents: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListRolloutEventsRequest, _registry_pb2.ListRolloutEventsResponse]
+    """The controller's decisions on an alias's rollouts, oldest first, each with the figures it decided on."""
+    SetFaultInjection: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetFaultInjectionRequest, _registry_pb2.SetFaultInjectionResponse]
+    """Sets (or clears, all zero) fault injection on a version: for drills and tests; refused in a production
+    profile unless registry.allow_fault_injection.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -75,6 +101,32 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Lists aliases."""
     DeleteAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteAliasRequest, _registry_pb2.DeleteAliasResponse]  # type: ignore[assignment]
     """Deletes an alias."""
+    LoadModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.LoadModelVersionRequest, _registry_pb2.LoadModelVersionResponse]  # type: ignore[assignment]
+    """Assigns a version to a worker pool (or one worker): its workers load it beside what they serve, check memory
+    first, and report it ready; the scheduler routes to a worker once it lists the version.
+    """
+    DrainModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.DrainModelVersionRequest, _registry_pb2.DrainModelVersionResponse]  # type: ignore[assignment]
+    """Drains a version on a pool: its workers let running and queued requests finish, stop listing it, then unload
+    it (retired: memory freed). Refused while an alias routes to it.
+    """
+    GetModelVersionStatus: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionStatusRequest, _registry_pb2.GetModelVersionStatusResponse]  # type: ignore[assignment]
+    """A version's lifecycle state (loading, ready, refused, draining, retired) and its placement on each worker."""
+    ListAssignments: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAssignmentsRequest, _registry_pb2.ListAssignmentsResponse]  # type: ignore[assignment]
+    """Lists pool assignments."""
+    GetExperimentStats: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetExperimentStatsRequest, _registry_pb2.GetExperimentStatsResponse]  # type: ignore[assignment]
+    """A/B statistics of a version, or of every arm of an alias, summed over every gateway replica."""
+    StartRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.StartRolloutRequest, _registry_pb2.StartRolloutResponse]  # type: ignore[assignment]
+    """Starts a canary rollout of an alias to a target version under a policy (steps, interval, SLOs)."""
+    GetRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetRolloutRequest, _registry_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """Returns an alias's rollout and its state."""
+    ControlRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.ControlRolloutRequest, _registry_pb2.ControlRolloutResponse]  # type: ignore[assignment]
+    """Pauses, resumes or aborts (rolls back) a rollout by hand."""
+    ListRolloutEvents: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListRolloutEventsRequest, _registry_pb2.ListRolloutEventsResponse]  # type: ignore[assignment]
+    """The controller's decisions on an alias's rollouts, oldest first, each with the figures it decided on."""
+    SetFaultInjection: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetFaultInjectionRequest, _registry_pb2.SetFaultInjectionResponse]  # type: ignore[assignment]
+    """Sets (or clears, all zero) fault injection on a version: for drills and tests; refused in a production
+    profile unless registry.allow_fault_injection.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The model registry: versions, metadata and aliases with live traffic splits, stored in etcd."""
@@ -150,5 +202,91 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.DeleteAliasResponse, _abc.Awaitable[_registry_pb2.DeleteAliasResponse]]:
         """Deletes an alias."""
+
+    @_abc_1.abstractmethod
+    def LoadModelVersion(
+        self,
+        request: _registry_pb2.LoadModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.LoadModelVersionResponse, _abc.Awaitable[_registry_pb2.LoadModelVersionResponse]]:
+        """Assigns a version to a worker pool (or one worker): its workers load it beside what they serve, check memory
+        first, and report it ready; the scheduler routes to a worker once it lists the version.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainModelVersion(
+        self,
+        request: _registry_pb2.DrainModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.DrainModelVersionResponse, _abc.Awaitable[_registry_pb2.DrainModelVersionResponse]]:
+        """Drains a version on a pool: its workers let running and queued requests finish, stop listing it, then unload
+        it (retired: memory freed). Refused while an alias routes to it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModelVersionStatus(
+        self,
+        request: _registry_pb2.GetModelVersionStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetModelVersionStatusResponse, _abc.Awaitable[_registry_pb2.GetModelVersionStatusResponse]]:
+        """A version's lifecycle state (loading, ready, refused, draining, retired) and its placement on each worker."""
+
+    @_abc_1.abstractmethod
+    def ListAssignments(
+        self,
+        request: _registry_pb2.ListAssignmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListAssignmentsResponse, _abc.Awaitable[_registry_pb2.ListAssignmentsResponse]]:
+        """Lists pool assignments."""
+
+    @_abc_1.abstractmethod
+    def GetExperimentStats(
+        self,
+        request: _registry_pb2.GetExperimentStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetExperimentStatsResponse, _abc.Awaitable[_registry_pb2.GetExperimentStatsResponse]]:
+        """A/B statistics of a version, or of every arm of an alias, summed over every gateway replica."""
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _registry_pb2.StartRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.StartRolloutResponse, _abc.Awaitable[_registry_pb2.StartRolloutResponse]]:
+        """Starts a canary rollout of an alias to a target version under a policy (steps, interval, SLOs)."""
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _registry_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetRolloutResponse, _abc.Awaitable[_registry_pb2.GetRolloutResponse]]:
+        """Returns an alias's rollout and its state."""
+
+    @_abc_1.abstractmethod
+    def ControlRollout(
+        self,
+        request: _registry_pb2.ControlRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ControlRolloutResponse, _abc.Awaitable[_registry_pb2.ControlRolloutResponse]]:
+        """Pauses, resumes or aborts (rolls back) a rollout by hand."""
+
+    @_abc_1.abstractmethod
+    def ListRolloutEvents(
+        self,
+        request: _registry_pb2.ListRolloutEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListRolloutEventsResponse, _abc.Awaitable[_registry_pb2.ListRolloutEventsResponse]]:
+        """The controller's decisions on an alias's rollouts, oldest first, each with the figures it decided on."""
+
+    @_abc_1.abstractmethod
+    def SetFaultInjection(
+        self,
+        request: _registry_pb2.SetFaultInjectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.SetFaultInjectionResponse, _abc.Awaitable[_registry_pb2.SetFaultInjectionResponse]]:
+        """Sets (or clears, all zero) fault injection on a version: for drills and tests; refused in a production
+        profile unless registry.allow_fault_injection.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
