@@ -12,6 +12,7 @@ from llmserve.common.config import load_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s" / "base"  # the overlays (tests/test_k8s_overlays.py) build on it
 
 
 def defined_metrics() -> set[str]:
@@ -25,7 +26,7 @@ def defined_metrics() -> set[str]:
 
 def test_configs_load(tmp_path):
     load_config(DEPLOY / "local" / "llmserve.yaml", env={})
-    configmap = yaml.safe_load((DEPLOY / "k8s" / "config.yaml").read_text())
+    configmap = yaml.safe_load((K8S / "config.yaml").read_text())
     path = tmp_path / "llmserve.yaml"
     path.write_text(configmap["data"]["llmserve.yaml"])
     config = load_config(path, env={})
@@ -33,10 +34,10 @@ def test_configs_load(tmp_path):
 
 
 def test_manifests_parse_and_run_real_services():
-    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     services = set()
     for name in kustomization["resources"]:
-        for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
+        for doc in yaml.safe_load_all((K8S / name).read_text()):
             assert doc["apiVersion"] and doc["kind"]
             if doc["kind"] == "Deployment":
                 for container in doc["spec"]["template"]["spec"]["containers"]:
@@ -56,7 +57,7 @@ def test_alerts_and_dashboard_use_existing_metrics():
 
 
 def _k8s_config(tmp_path):
-    configmap = yaml.safe_load((DEPLOY / "k8s" / "config.yaml").read_text())
+    configmap = yaml.safe_load((K8S / "config.yaml").read_text())
     path = tmp_path / "llmserve.yaml"
     path.write_text(configmap["data"]["llmserve.yaml"])
     return load_config(path, env={})
@@ -64,7 +65,7 @@ def _k8s_config(tmp_path):
 
 def _redis_args(service: str) -> tuple[list[str], dict]:
     """(args of the Redis container behind a Service of redis.yaml, its workload)."""
-    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "redis.yaml").read_text()))
+    docs = list(yaml.safe_load_all((K8S / "redis.yaml").read_text()))
     (svc,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == service]
     (workload,) = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
                    and d["spec"]["template"]["metadata"]["labels"] == svc["spec"]["selector"]]
@@ -93,7 +94,7 @@ def test_accounting_redis_never_evicts_and_persists_and_the_cache_is_another(tmp
 
 def test_gateway_journal_is_on_a_volume(tmp_path):
     config = _k8s_config(tmp_path)
-    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "gateway.yaml").read_text()))
+    docs = list(yaml.safe_load_all((K8S / "gateway.yaml").read_text()))
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     (gateway,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway"]
     assert config.gateway.journal_dir in {m["mountPath"] for m in gateway["volumeMounts"]}
@@ -109,7 +110,7 @@ def test_mesh_members_share_the_mesh_token_from_one_secret():
     from the same Secret (never a literal in the manifests)."""
     refs = {}
     for name in ("gateway", "scheduler", "worker"):
-        for doc in yaml.safe_load_all((DEPLOY / "k8s" / f"{name}.yaml").read_text()):
+        for doc in yaml.safe_load_all((K8S / f"{name}.yaml").read_text()):
             if not doc or doc.get("kind") not in ("Deployment", "StatefulSet"):
                 continue
             for container in doc["spec"]["template"]["spec"]["containers"]:
@@ -124,9 +125,9 @@ def test_mesh_members_share_the_mesh_token_from_one_secret():
 # ---- an authenticated, encrypted mesh (issue 9): NetworkPolicies, mTLS, etcd authentication ----
 
 def _k8s_docs() -> list[dict]:
-    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     return [doc for name in kustomization["resources"]
-            for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()) if doc]
+            for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
 
 
 def _workloads() -> dict[str, dict]:
