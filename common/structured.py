@@ -76,26 +76,60 @@ class Constraint:
         return task_pb2.StructuredConstraint(**{self.kind: typing.cast(typing.Any, self.value)})
 
 
+def struct_to_json(struct) -> str:
+    """A google.protobuf.Struct (a JSON Schema from a request) as JSON text. Struct holds every number as a double:
+    integral ones are written back as integers ({"maxLength": 5}, not 5.0), as the caller wrote them."""
+    from google.protobuf import json_format
+
+    def fix(value):
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    return json.dumps(fix(json_format.MessageToDict(struct)), separators=(",", ":"), sort_keys=True)
+
+
+MAX_CHOICES = 1024
+
+
+def bounds_error(constraint: Constraint) -> str | None:
+    """What is wrong with a constraint's size or shape, cheaply, before anything compiles it (None: nothing)."""
+    if constraint.kind == "choice":
+        choices = typing.cast(tuple, constraint.value)
+        if not choices:
+            return "is empty: give at least one choice"
+        if len(choices) > MAX_CHOICES:
+            return f"has {len(choices)} choices; at most {MAX_CHOICES} are allowed"
+        if any(not c for c in choices):
+            return "has an empty string: every choice must have at least one character"
+        if sum(len(c) for c in choices) > MAX_CONSTRAINT_CHARS:
+            return f"has more than {MAX_CONSTRAINT_CHARS} characters in all"
+        return None
+    text = typing.cast(str, constraint.value)
+    if constraint.kind != "json_object" and not text.strip():
+        return "is empty"
+    if len(text) > MAX_CONSTRAINT_CHARS:
+        return f"is {len(text)} characters; at most {MAX_CONSTRAINT_CHARS} are accepted"
+    return None
+
+
 def grammar_of(constraint: Constraint) -> str:
     """The llguidance grammar (JSON text) of a constraint; ConstraintError for what is malformed before compiling."""
     import llguidance
 
     kind, value = constraint.kind, constraint.value
+    error = bounds_error(constraint)
+    if error is not None:
+        raise ConstraintError(error)
     if kind == "choice":
-        choices = typing.cast(tuple, value)
-        if not choices:
-            raise ConstraintError("is empty: give at least one choice")
-        if any(not c for c in choices):
-            raise ConstraintError("has an empty string: every choice must have at least one character")
-        if sum(len(c) for c in choices) > MAX_CONSTRAINT_CHARS:
-            raise ConstraintError(f"has more than {MAX_CONSTRAINT_CHARS} characters in all")
         # A Lark string literal reads JSON's escapes, so json.dumps quotes any text.
+        choices = typing.cast(tuple, value)
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
     text = typing.cast(str, value)
-    if kind != "json_object" and not text.strip():
-        raise ConstraintError("is empty")
-    if len(text) > MAX_CONSTRAINT_CHARS:
-        raise ConstraintError(f"is {len(text)} characters; at most {MAX_CONSTRAINT_CHARS} are accepted")
     if kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "json_schema":
@@ -177,15 +211,43 @@ class CompiledGrammar:
             return Matcher(self._pristine.deep_copy())
 
 
+# llguidance tokenizers, one per (tokenizer path, vocabulary size, EOS ids) in a process: building one holds the
+# GIL for about 0.9 s for SmolLM2's 49,152 tokens (measured; nothing else in the process runs meanwhile, an
+# event loop included), so it is built once, where a stall is harmless (an engine builds it when it is created).
+_tokenizers: dict[tuple, typing.Any] = {}
+_tokenizers_lock = threading.Lock()
+
+
+def _ll_tokenizer(hf, vocab_size: int, eos_token_ids: list[int], any_eos: bool):
+    """The shared llguidance tokenizer; any_eos: one built with other EOS ids will do (validation only)."""
+    import llguidance.hf
+
+    name = str(getattr(hf, "name_or_path", "") or "")
+    key = (name, vocab_size, tuple(eos_token_ids))
+    with _tokenizers_lock:
+        if name:
+            found = _tokenizers.get(key)
+            if found is None and any_eos:
+                found = next((t for k, t in _tokenizers.items() if k[:2] == key[:2]), None)
+            if found is not None:
+                return found
+        built = llguidance.hf.from_tokenizer(hf, n_vocab=vocab_size, eos_token=eos_token_ids or None)
+        if name:
+            _tokenizers[key] = built
+        return built
+
+
 class GrammarCompiler:
     """Compiles constraints against one tokenizer, caching the last max_cached distinct ones (errors too).
 
-    Thread-safe. Building the llguidance tokenizer takes about 0.7 s for SmolLM2: it happens on first use.
+    Thread-safe. The llguidance tokenizer is built on first use (or by warm()) and shared within the process.
+    validation_only: a compiler that only checks constraints (the gateway's), for which the EOS ids do not matter.
     """
 
     def __init__(self, tokenizer, vocab_size: int | None = None, eos_token_ids: typing.Iterable[int] | None = None,
-                 max_cached: int = 256):
+                 max_cached: int = 256, validation_only: bool = False):
         self._hf = tokenizer
+        self._validation_only = validation_only
         self.vocab_size = int(vocab_size if vocab_size is not None else len(tokenizer))
         eos = sorted(set(eos_token_ids or [])) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
                                                     else [])
@@ -201,11 +263,12 @@ class GrammarCompiler:
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._tokenizer_lock:
             if self._tokenizer is None:
-                import llguidance.hf
-
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size,
-                                                               eos_token=self.eos_token_ids or None)
+                self._tokenizer = _ll_tokenizer(self._hf, self.vocab_size, self.eos_token_ids, self._validation_only)
             return self._tokenizer
+
+    def warm(self) -> None:
+        """Builds the llguidance tokenizer now (blocking, about a second the first time in a process)."""
+        _ = self.tokenizer
 
     def compile(self, constraint: Constraint) -> CompiledGrammar:
         """The compiled grammar, from the cache when the same constraint was compiled before; ConstraintError."""

@@ -21,6 +21,7 @@ from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import failed_precondition, invalid_argument, not_found, unavailable
 from llmserve.common.state.views import RegistryView
+from llmserve.common.structured import ConstraintError, GrammarCompiler
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
@@ -42,6 +43,7 @@ class Pipeline:
                  edge: Edge, tokens: TokenCounter, stats: ExperimentStats | None = None):
         self.cfg, self.view, self.scheduler, self.cache, self.edge, self.tokens = (
             cfg, view, scheduler, cache, edge, tokens)
+        self._grammars: dict[str, GrammarCompiler] = {}  # per version: constraints compiled once, to refuse early
         self.stats = stats
 
     def begin(self, ctx: RequestContext, context, parse: typing.Callable[..., Call], request) -> None:
@@ -94,11 +96,39 @@ class Pipeline:
             [list(ids) for ids in call.prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False))
         return dataclasses.replace(call, prompts=tuple(texts))
 
+    async def _check_decoding(self, call: GenerationCall, version: registry_pb2.ModelVersion) -> None:
+        """logit_bias and stop_token_ids against the version's vocabulary, and the decoding constraint compiled
+        with its tokenizer (cached), so that what the worker would refuse is INVALID_ARGUMENT before any limit or
+        queue. Without the tokenizer the worker checks both (and refuses the same way)."""
+        s = call.sampling
+        tokenizer = await self.tokens.tokenizer(version)
+        if tokenizer is None:
+            return
+        vocab = len(tokenizer)
+        for name, ids in (("logit_bias", [t for t, _ in s.logit_bias]), ("stop_token_ids", s.stop_token_ids)):
+            for token in ids:
+                if token >= vocab:
+                    raise invalid_argument(f"{name} has token id {token}, outside the vocabulary of model "
+                                           f"{version.version!r}: token ids are below {vocab}")
+        if s.structured is None:
+            return
+        compiler = self._grammars.get(version.version)
+        if compiler is None:
+            # The first constraint for a version builds llguidance's tokenizer (about a second, holding the GIL).
+            compiler = self._grammars[version.version] = GrammarCompiler(tokenizer, validation_only=True)
+        try:
+            await asyncio.to_thread(compiler.compile, s.structured)
+        except ConstraintError as exc:
+            raise invalid_argument(str(exc)) from None
+
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
         """The request's Result; on_output(choice index, output, delta) sees live outputs (not on a cache hit)."""
         caller, call, version = ctx.begun()
         if call.prompt_ids:
             ctx.call = call = await self._check_prompt_ids(call, version)
+        if isinstance(call, GenerationCall) and (call.sampling.structured is not None or call.sampling.logit_bias
+                                                 or call.sampling.stop_token_ids):
+            await self._check_decoding(call, version)
         key = cache_key(caller.tenant.name, version.version, call.cache_fields()) if call.is_cacheable else None
         cached = await self.cache.get(key) if key is not None else None
         ctx.cache = "bypass" if key is None else "hit" if cached else "miss"

@@ -16,6 +16,7 @@ from llmserve.admin.v1 import registry_pb2
 from llmserve.common import priority
 from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import invalid_argument
+from llmserve.common.structured import Constraint, bounds_error, struct_to_json
 from llmserve.common.tokenizers import chat_message, chat_prompt_ids
 from llmserve.dispatch.v1 import task_pb2
 from llmserve.inference.v1 import inference_pb2 as pb
@@ -57,6 +58,14 @@ class Sampling:
     logprobs: bool = False  # the tokens' log probabilities, with top_logprobs alternatives each
     top_logprobs: int = 0
     prompt_logprobs: bool = False  # echo: the prompt's too (also to score it with max_tokens 0)
+    # Per-row logit changes (worker/engine/paged/sampler.py) and a decoding constraint (common/structured.py).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 0.0  # 0: unset (1, none)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    structured: Constraint | None = None
 
     @property
     def is_deterministic(self) -> bool:
@@ -69,7 +78,10 @@ class Sampling:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, has_seed=seed is not None,
             seed=seed or 0, max_tokens=self.max_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
             max_tokens_is_default=self.max_tokens_is_default, logprobs=self.logprobs, top_logprobs=self.top_logprobs,
-            prompt_logprobs=self.prompt_logprobs)
+            prompt_logprobs=self.prompt_logprobs, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias=dict(self.logit_bias), min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids,
+            structured=self.structured.to_pb() if self.structured is not None else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +319,97 @@ def _user(name: str, cfg: GatewayConfig) -> str:
 
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+MAX_LOGIT_BIAS = 300  # logit_bias entries
+MAX_STOP_TOKEN_IDS = 64
+JSON_SCHEMA_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def _constraint(request) -> Constraint | None:
+    """The decoding constraint of response_format or structured_outputs (at most one of them constrains)."""
+    found: list[Constraint] = []
+    if request.HasField("response_format"):
+        rf = request.response_format
+        if rf.type in ("", "text"):
+            if rf.HasField("json_schema"):
+                raise invalid_argument("response_format.json_schema is set but response_format.type is "
+                                       f"{rf.type or 'unset'!r}: set type to \"json_schema\"")
+        elif rf.type == "json_object":
+            found.append(Constraint("json_object", "", "response_format"))
+        elif rf.type == "json_schema":
+            if not rf.HasField("json_schema") or not rf.json_schema.HasField("schema"):
+                raise invalid_argument("response_format.json_schema.schema is required with type \"json_schema\": "
+                                       "give {\"name\": ..., \"schema\": {a JSON Schema object}}")
+            name = rf.json_schema.name
+            if len(name) > 64 or not set(name) <= JSON_SCHEMA_NAME_CHARS:
+                raise invalid_argument(f"response_format.json_schema.name={_shown(name)} must be at most 64 "
+                                       "characters of a-z, A-Z, 0-9, '_' and '-'")
+            found.append(Constraint("json_schema", struct_to_json(rf.json_schema.schema),
+                                    "response_format.json_schema.schema"))
+        else:
+            raise invalid_argument(f"response_format.type={_shown(rf.type)} is not supported: use \"text\", "
+                                   "\"json_object\" or \"json_schema\"")
+    if request.HasField("structured_outputs"):
+        so = request.structured_outputs
+        given = [name for name, present in (("json", so.HasField("json")), ("regex", bool(so.regex)),
+                                            ("choice", bool(so.choice)), ("grammar", bool(so.grammar)),
+                                            ("json_object", so.json_object)) if present]
+        if len(given) != 1:
+            raise invalid_argument("structured_outputs must set exactly one of json, regex, choice, grammar and "
+                                   f"json_object; it sets {', '.join(given) if given else 'none'}")
+        kind = given[0]
+        if kind == "json":
+            found.append(Constraint("json_schema", struct_to_json(so.json), "structured_outputs.json"))
+        elif kind == "choice":
+            found.append(Constraint("choice", tuple(so.choice), "structured_outputs.choice"))
+        elif kind == "json_object":
+            found.append(Constraint("json_object", "", "structured_outputs.json_object"))
+        else:
+            found.append(Constraint(kind, getattr(so, kind), f"structured_outputs.{kind}"))
+    if len(found) > 1:
+        raise invalid_argument("set either response_format (json_object or json_schema) or structured_outputs, "
+                               "not both")
+    if not found:
+        return None
+    error = bounds_error(found[0])
+    if error is not None:
+        raise invalid_argument(f"{found[0].describe()} {error}")
+    return found[0]
+
+
+def _logit_changes(request, max_tokens: int, max_tokens_given: bool) -> dict:
+    """presence/frequency/repetition penalties, logit_bias, min_tokens and stop_token_ids, validated (token ids
+    are checked against the vocabulary by the pipeline, which knows the version)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(request, name)
+        if not -2.0 <= value <= 2.0:  # NaN fails too
+            raise invalid_argument(f"{name}={value:g} is out of range: it must be in [-2, 2] (0 disables it)")
+    repetition = request.repetition_penalty
+    if not (repetition == 0 or 0 < repetition <= 2.0):
+        raise invalid_argument(f"repetition_penalty={repetition:g} is out of range: it must be in (0, 2]; 1 (or "
+                               "leaving it out) disables it, above 1 discourages repeats")
+    if len(request.logit_bias) > MAX_LOGIT_BIAS:
+        raise invalid_argument(f"logit_bias has {len(request.logit_bias)} entries; at most {MAX_LOGIT_BIAS} are "
+                               "allowed")
+    bias = tuple(sorted(request.logit_bias.items()))
+    for token, value in bias:
+        if token < 0:
+            raise invalid_argument(f"logit_bias has the key {token}, which is not a token id: ids are >= 0")
+        if not -100.0 <= value <= 100.0:
+            raise invalid_argument(f"logit_bias[{token}]={value:g} is out of range: a bias must be in [-100, 100]")
+    if request.min_tokens < 0:
+        raise invalid_argument(f"min_tokens={request.min_tokens} is out of range: it must be >= 0")
+    if request.min_tokens > max_tokens:
+        raise invalid_argument(f"min_tokens={request.min_tokens} is more than max_tokens={max_tokens}"
+                               f"{'' if max_tokens_given else ' (the default)'}: lower min_tokens or raise max_tokens")
+    if len(request.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid_argument(f"stop_token_ids has {len(request.stop_token_ids)} entries; at most "
+                               f"{MAX_STOP_TOKEN_IDS} are allowed")
+    for i, token in enumerate(request.stop_token_ids):
+        if token < 0:
+            raise invalid_argument(f"stop_token_ids[{i}]={token} is not a token id: ids are >= 0")
+    return {"presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+            "repetition_penalty": repetition, "logit_bias": bias, "min_tokens": request.min_tokens,
+            "stop_token_ids": tuple(request.stop_token_ids), "structured": _constraint(request)}
 
 
 def _sampling(request, cfg: GatewayConfig, default_max_tokens: int, *, min_max_tokens: int = 1) -> Sampling:
@@ -352,7 +455,7 @@ def _sampling(request, cfg: GatewayConfig, default_max_tokens: int, *, min_max_t
                     seed=request.seed.value & INT64_MASK if request.HasField("seed") else None,
                     max_tokens=max_tokens, max_tokens_is_default=not given,
                     stop=tuple(request.stop), ignore_eos=request.ignore_eos, logprobs=logprobs,
-                    top_logprobs=top_logprobs)
+                    top_logprobs=top_logprobs, **_logit_changes(request, max_tokens, bool(given)))
 
 
 def _n(request, cfg: GatewayConfig) -> int:

@@ -280,7 +280,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                                "repetition_penalty, logit_bias, min_tokens or stop_token_ids: send the request "
                                "without them, or use a version served by the torch engine")
         compiled = None
-        constraint = Constraint.from_pb(s.structured, "structured") if s.HasField("structured") else None
+        constraint = Constraint.from_pb(s.structured) if s.HasField("structured") else None
         if constraint is not None:
             if not getattr(engine, "supports_structured", False):
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,

@@ -271,7 +271,8 @@ const (
 	kindStop     // null, a string or a list of strings
 	kindPriority // enum: a name or a number
 	kindObject
-	kindInt32s // list of integers (token ids)
+	kindInt32s    // list of integers (token ids)
+	kindLogitBias // object: token id (a decimal string) -> number
 )
 
 var generationFields = map[string]fieldKind{
@@ -279,13 +280,16 @@ var generationFields = map[string]fieldKind{
 	"top_p": kindNumber, "top_k": kindInt32, "seed": kindInt64, "stop": kindStop, "n": kindInt32,
 	"user": kindString, "priority": kindPriority, "skip_cache": kindBool, "ignore_eos": kindBool,
 	"stream": kindBool, "stream_options": kindObject,
+	"presence_penalty": kindNumber, "frequency_penalty": kindNumber, "repetition_penalty": kindNumber,
+	"logit_bias": kindLogitBias, "min_tokens": kindInt32, "stop_token_ids": kindInt32s,
+	"response_format": kindObject, "structured_outputs": kindObject,
 }
 
 var fieldsByKind = map[string]map[string]fieldKind{
 	"completions": merge(generationFields, map[string]fieldKind{"prompts": kindStrings, "logprobs": kindInt32,
 		"echo": kindBool}),
 	"chat": merge(generationFields, map[string]fieldKind{"logprobs": kindBool, "top_logprobs": kindInt32,
-		"add_generation_prompt": kindBool, "continue_final_message": kindBool}),
+		"add_generation_prompt": kindBool, "continue_final_message": kindBool, "parallel_tool_calls": kindBool}),
 	"embeddings": {"model": kindString, "inputs": kindStrings, "encoding_format": kindString, "user": kindString,
 		"priority": kindPriority, "skip_cache": kindBool, "dimensions": kindInt32},
 	"tokenize": {"model": kindString, "prompt": kindString, "add_generation_prompt": kindBool,
@@ -400,6 +404,16 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 		}
 	case "chat", "tokenize":
 		if err := normalizeMessages(body); err != nil {
+			return nil, err
+		}
+		if kind == "chat" {
+			if err := normalizeTools(body); err != nil { // tools.go
+				return nil, err
+			}
+		}
+	}
+	if kind == "completions" || kind == "chat" {
+		if err := normalizeStructured(body); err != nil {
 			return nil, err
 		}
 	}
@@ -635,6 +649,9 @@ func normalizeMessages(body map[string]interface{}) *bodyError {
 		default:
 			return invalidType(field+".name", "a string", name)
 		}
+		if err := normalizeToolFields(m, field); err != nil { // tools.go
+			return err
+		}
 		switch content := m["content"].(type) {
 		case string:
 		case nil:
@@ -665,6 +682,80 @@ func normalizeMessages(body map[string]interface{}) *bodyError {
 		default:
 			return invalidType(field+".content", "a string or an array of content parts", content)
 		}
+	}
+	return nil
+}
+
+// normalizeStructured takes the shapes of a decoding constraint that OpenAI's and vLLM's clients send: a JSON
+// Schema given as JSON text (response_format.json_schema.schema, structured_outputs.json) becomes the object the
+// proto's Struct takes, nulls inside are dropped, and vLLM's older guided_json / guided_regex / guided_choice /
+// guided_grammar move into structured_outputs. The gateway validates and compiles what results.
+func normalizeStructured(body map[string]interface{}) *bodyError {
+	for _, legacy := range [][2]string{{"guided_json", "json"}, {"guided_regex", "regex"},
+		{"guided_choice", "choice"}, {"guided_grammar", "grammar"}} {
+		v, ok := body[legacy[0]]
+		if !ok {
+			continue
+		}
+		delete(body, legacy[0])
+		if _, given := body["structured_outputs"]; !given {
+			body["structured_outputs"] = map[string]interface{}{}
+		}
+		so, ok := body["structured_outputs"].(map[string]interface{})
+		if !ok {
+			return invalidType("structured_outputs", "an object", body["structured_outputs"])
+		}
+		if _, dup := so[legacy[1]]; dup {
+			return invalidValue(legacy[0], fmt.Sprintf("%s and structured_outputs.%s are both set: send one of them",
+				legacy[0], legacy[1]))
+		}
+		so[legacy[1]] = v
+	}
+	if rf, ok := body["response_format"].(map[string]interface{}); ok {
+		dropNulls(rf)
+		if js, ok := rf["json_schema"].(map[string]interface{}); ok {
+			dropNulls(js)
+			if err := schemaObject(js, "schema", "response_format.json_schema.schema"); err != nil {
+				return err
+			}
+		}
+	}
+	if so, ok := body["structured_outputs"].(map[string]interface{}); ok {
+		dropNulls(so)
+		if err := schemaObject(so, "json", "structured_outputs.json"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func dropNulls(m map[string]interface{}) {
+	for k, v := range m {
+		if v == nil {
+			delete(m, k)
+		}
+	}
+}
+
+// schemaObject makes parent[key] a JSON object: as given, or parsed from JSON text.
+func schemaObject(parent map[string]interface{}, key, field string) *bodyError {
+	switch v := parent[key].(type) {
+	case nil, map[string]interface{}:
+	case string:
+		dec := json.NewDecoder(strings.NewReader(v))
+		dec.UseNumber()
+		var parsed interface{}
+		if err := dec.Decode(&parsed); err != nil {
+			return invalidValue(field, fmt.Sprintf("%s is a string but not JSON: %s; send the schema as an object",
+				field, jsonErrorText(err, []byte(v))))
+		}
+		obj, ok := parsed.(map[string]interface{})
+		if !ok {
+			return invalidType(field, "a JSON Schema (an object)", parsed)
+		}
+		parent[key] = obj
+	default:
+		return invalidType(field, "a JSON Schema (an object)", v)
 	}
 	return nil
 }
@@ -748,6 +839,26 @@ func checkField(name string, kind fieldKind, v interface{}) (interface{}, *bodyE
 		if _, ok := v.(map[string]interface{}); !ok {
 			return nil, invalidType(name, "an object", v)
 		}
+	case kindLogitBias:
+		m, ok := v.(map[string]interface{})
+		if !ok {
+			return nil, invalidType(name, "an object of token id -> bias", v)
+		}
+		out := make(map[string]interface{}, len(m))
+		for key, bias := range m {
+			id, err := strconv.ParseInt(strings.TrimSpace(key), 10, 32)
+			if err != nil {
+				return nil, invalidValue(name, fmt.Sprintf("%s has the key %s, which is not a token id: keys are "+
+					"token ids of the model's vocabulary, written as integers (\"50256\")", name, strconv.Quote(key)))
+			}
+			field := fmt.Sprintf("%s[%s]", name, strconv.Quote(key))
+			fixed, berr := checkField(field, kindNumber, bias)
+			if berr != nil {
+				return nil, berr
+			}
+			out[strconv.FormatInt(id, 10)] = fixed
+		}
+		return out, nil
 	case kindInt32s:
 		list, ok := v.([]interface{})
 		if !ok {

@@ -89,6 +89,7 @@ class PagedEngine:
         self.vocab_size = int(config.vocab_size)
         self.token_bytes = TokenBytes(tokenizer)
         self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
+        self._grammars.warm()  # now, not at the first constrained request: building it stalls the process ~1 s
         self.num_steps = 0
         self._cond = self._compute.cond  # guards the inbox, the aborts and the stop flag
         self._inbox: list[Sequence] = []

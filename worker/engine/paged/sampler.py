@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import typing
 
+import numpy as np
 import torch
 
 from .sequence import Sequence
@@ -68,65 +69,58 @@ def row_processing(params, eos_token_ids: set[int], matcher=None) -> RowProcessi
     return row
 
 
-_executor = None  # llguidance's thread pool, for the masks of several constrained rows at once
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+def _fill_masks(matchers: list, vocab: int) -> np.ndarray:
+    """The allowed tokens [len(matchers), vocab] (bool, numpy) of each matcher's next step.
 
-
-def _fill_masks(matchers: list, vocab: int) -> torch.Tensor:
-    """The allowed tokens [len(matchers), vocab] (bool) of each matcher's next step."""
-    global _executor
+    Row by row on this thread, and unpacked with numpy: llguidance's own thread pool (LLExecutor), and torch's
+    multi-threaded small ops, both fight the step's OpenMP threads for the cores (bench/structured.py)."""
     bitmask = torch.zeros((len(matchers), (vocab + 31) // 32), dtype=torch.int32)
-    if len(matchers) == 1:
-        matchers[0].fill(bitmask, 0)
-    else:
-        import llguidance
-
-        if _executor is None:
-            _executor = llguidance.LLExecutor()
-        _executor.unsafe_compute_mask_ptr([(m.raw, i) for i, m in enumerate(matchers)], bitmask.data_ptr(),
-                                          bitmask.shape[1] * 4, len(matchers))
-    bits = (bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1
-    return bits.view(len(matchers), -1)[:, :vocab].bool()
+    for row, matcher in enumerate(matchers):
+        matcher.fill(bitmask, row)
+    # Token 32 w + b is bit b of word w: little-endian bytes, bits unpacked least significant first.
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    return bits[:, :vocab].astype(bool)
 
 
 def process_rows(seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
     """(logits with each asking row's processing applied, out of place; whether each row's grammar allows no
-    token at all: a dead end)."""
+    token at all: a dead end). Rows that ask for nothing are not touched; with none asking, logits come back as
+    they are. The work is numpy's on the CPU: one thread, where torch's small multi-threaded ops would each wait on
+    the step's OpenMP team (on a loaded 2-core machine, about 10 ms an op)."""
     dead = [False] * len(seqs)
     rows = [i for i, seq in enumerate(seqs) if seq.processing is not None]
     if not rows:
         return logits, dead
-    sub = logits[rows]  # a copy: the caller's logits (the model's own, for logprobs) stay as they are
-    vocab = sub.shape[-1]
+    out = logits.detach().cpu().numpy().copy()  # the caller's logits (the model's own, for logprobs) stay as they are
+    vocab = out.shape[-1]
     constrained: list[int] = []
-    for r, i in enumerate(rows):
+    for i in rows:
         seq, row = seqs[i], typing.cast(RowProcessing, seqs[i].processing)
-        scores = sub[r]
+        scores = out[i]  # a view into out
         if row.bias_ids is not None and row.bias_values is not None:
-            scores.index_add_(0, row.bias_ids.to(scores.device), row.bias_values.to(scores.device))
+            scores[row.bias_ids.numpy()] += row.bias_values.numpy()  # ids are unique (a map's keys)
         if row.blocked_ids is not None and seq.num_completion_tokens < row.min_tokens:
-            scores.index_fill_(0, row.blocked_ids.to(scores.device), float("-inf"))
+            scores[row.blocked_ids.numpy()] = -np.inf
         if row.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=scores.device)
+            seen = np.unique(np.asarray(seq.token_ids, dtype=np.int64))
             values = scores[seen]
-            scores[seen] = torch.where(values > 0, values / row.repetition_penalty, values * row.repetition_penalty)
+            scores[seen] = np.where(values > 0, values / row.repetition_penalty, values * row.repetition_penalty)
         if (row.presence_penalty or row.frequency_penalty) and seq.num_completion_tokens:
-            generated = torch.tensor(seq.token_ids[seq.num_prompt_tokens:], dtype=torch.long, device=scores.device)
-            counts = torch.bincount(generated, minlength=vocab)[:vocab].to(scores.dtype)
-            scores -= counts * row.frequency_penalty + (counts > 0).to(scores.dtype) * row.presence_penalty
+            counts = np.bincount(np.asarray(seq.token_ids[seq.num_prompt_tokens:], dtype=np.int64),
+                                 minlength=vocab)[:vocab].astype(np.float32)
+            scores -= counts * np.float32(row.frequency_penalty) + (counts > 0) * np.float32(row.presence_penalty)
         if row.matcher is not None:
             if row.matcher.error:  # a failed matcher would allow only end-of-sequence: a dead end, not a stop
                 dead[i] = True
                 continue
-            constrained.append(r)
+            constrained.append(i)
     if constrained:
-        matchers = [typing.cast(RowProcessing, seqs[rows[r]].processing).matcher for r in constrained]
-        allowed = _fill_masks(matchers, vocab).to(sub.device)
-        index = torch.tensor(constrained, device=sub.device)
-        sub.index_copy_(0, index, sub[index].masked_fill(~allowed, float("-inf")))
-        for r, has_any in zip(constrained, allowed.any(-1).tolist()):
-            dead[rows[r]] = not has_any
-    return logits.index_copy(0, torch.tensor(rows, device=logits.device), sub), dead
+        matchers = [typing.cast(RowProcessing, seqs[i].processing).matcher for i in constrained]
+        allowed = _fill_masks(matchers, vocab)
+        for i, mask in zip(constrained, allowed):
+            dead[i] = not mask.any()
+            np.putmask(out[i], ~mask, -np.inf)
+    return torch.from_numpy(out), dead
 
 
 def sample(seqs: list[Sequence], logits: torch.Tensor) -> list[int | None]:

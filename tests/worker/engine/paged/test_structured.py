@@ -214,3 +214,44 @@ def test_penalties_follow_openai_and_hf_formulas():
         expected[t] = expected[t] / 1.5 if expected[t] > 0 else expected[t] * 1.5
     assert torch.allclose(out[2], expected)
     assert torch.equal(logits, torch.linspace(-3, 3, vocab).repeat(3, 1))  # the model's own logits are untouched
+
+
+# ---- the worker's own refusals (what reaches it without the gateway's checks) ----
+
+async def test_the_worker_refuses_what_cannot_compile_and_engines_that_cannot_constrain(engine):
+    import grpc
+
+    from llmserve.admin.v1 import registry_pb2
+    from llmserve.worker.engine.trtllm import TensorRTLLMEngine
+    from llmserve.worker.service import ServedModel, WorkerServicer
+    from tests.worker.engine import tensorrt_llm_double as double
+    from tests.worker.test_service import VERSION, run, servicer, task
+
+    bad = task("bad", 5)
+    bad.generate.sampling.structured.regex = "(ab"
+    penalty = task("pen", 5)
+    penalty.generate.sampling.presence_penalty = 9.0
+    outside = task("out", 5)
+    outside.generate.sampling.logit_bias[10**6] = 1.0
+    outputs = {o.request_id: o for o in await run(servicer(engine), bad, penalty, outside)}
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert outputs["bad"].error.code == invalid and "structured.regex" in outputs["bad"].error.message
+    assert outputs["pen"].error.code == invalid and "presence_penalty" in outputs["pen"].error.message
+    assert outputs["out"].error.code == invalid and "outside the vocabulary" in outputs["out"].error.message
+
+    tokenizer = engine.tokenizer
+    module = type("M", (), {"LLM": double.LLM, "SamplingParams": double.SamplingParams})
+    trt = TensorRTLLMEngine(double.LLM(tokenizer=tokenizer, script="hi"), tokenizer, max_num_seqs=4,
+                            context_length=512, trtllm=module)
+    version = registry_pb2.ModelVersion(version=VERSION, kind=registry_pb2.MODEL_KIND_GENERATE, context_length=512,
+                                        engine="tensorrt-llm")
+    svc = WorkerServicer("w", {VERSION: ServedModel(version, trt)}, 60.0)
+    constrained, biased = task("c", 5), task("b", 5)
+    constrained.generate.sampling.structured.json_object = True
+    biased.generate.sampling.min_tokens = 2
+    outputs = {o.request_id: o for o in await run(svc, constrained, biased)}
+    assert outputs["c"].error.code == invalid and "does not constrain decoding" in outputs["c"].error.message
+    assert outputs["b"].error.code == invalid and "min_tokens" in outputs["b"].error.message
+    # and the engine itself, if anything calls it directly
+    direct = [o async for o in trt.generate(GenerationRequest("d", [1, 2], SamplingParams(logit_bias={1: 2.0})))]
+    assert direct[-1].finish_reason == "error" and "logit_bias" in direct[-1].error
