@@ -197,6 +197,9 @@ def request_schema(schemas: Schemas, name: str, cfg) -> dict:
     elif name == "CreateChatCompletionRequest":
         p["messages"] = bounded(p["messages"], minItems=1, maxItems=cfg.max_messages)
         p["top_logprobs"] = bounded(p["top_logprobs"], minimum=0, maximum=20)
+        p["tools"] = bounded(p["tools"], maxItems=128)
+        p["tool_choice"] = {"description": p["tool_choice"].get("description", ""), "oneOf": [
+            {"type": "string", "enum": ["none", "auto", "required"]}, p["tool_choice"]]}
         schema["required"] = ["model", "messages"]
     elif name == "CreateEmbeddingsRequest":
         p["input"] = strings_or_one(cfg.max_embedding_inputs, "One text, or a list of texts, as text or token ids. "
@@ -254,6 +257,24 @@ def response_fixups(schemas: dict) -> None:
                   {"type": "string", "contentEncoding": "base64"}]}
 
 
+def tool_fixups(schemas: dict) -> None:
+    """Tool calling (deploy/rest/tools.go): in requests only a function's name is required; in responses a message
+    without calls has no tool_calls, "content" is null beside calls, and a call's later stream deltas carry only
+    index and function.arguments."""
+    schemas["Tool"]["required"] = ["function"]
+    schemas["FunctionDefinition"]["required"] = ["name"]
+    schemas["ToolChoice"]["required"] = []
+    schemas["ToolCall"]["required"] = ["id", "function"]
+    schemas["FunctionCall"]["required"] = ["arguments"]
+    schemas["ToolCallDelta"]["required"] = ["index", "function"]
+    message = schemas["ChatMessage"]
+    message["required"] = ["role", "content"]
+    message["properties"]["content"] = nullable(message["properties"]["content"])
+    for gone in ("tool_call_id", "name"):
+        message["properties"].pop(gone, None)
+    schemas["ChatDelta"]["required"] = []
+
+
 def error_schema() -> dict:
     nullable_string = {"type": ["string", "null"]}
     return {"type": "object", "required": ["error"], "description": "OpenAI's error body.", "properties": {
@@ -309,7 +330,8 @@ def build() -> dict:
         "include_usage": {"type": ["boolean", "null"],
                           "description": "Optional. A last chunk, with no choices, carries the usage."}}}
     message_input = schemas.message("ChatMessage", request=True)
-    message_input["properties"]["role"] = {"type": "string", "enum": ["system", "user", "assistant", "developer"],
+    message_input["properties"]["role"] = {"type": "string", "enum": ["system", "user", "assistant", "tool",
+                                                                     "developer"],
                                            "description": "Required. \"developer\" is OpenAI's newer name for "
                                                           "\"system\"."}
     content_part = {"type": "object", "required": ["type", "text"], "additionalProperties": True,
@@ -319,6 +341,7 @@ def build() -> dict:
         "oneOf": [{"type": "string"}, {"type": "array", "items": content_part}, {"type": "null"}]}
     message_input.update(required=["role", "content"], additionalProperties=True)
     components["ChatMessageInput"] = message_input
+    tool_fixups(components)
     components["Error"] = error_schema()
     for name in ("CreateCompletionRequest", "CreateChatCompletionRequest", "CreateEmbeddingsRequest",
                  "TokenizeRequest", "DetokenizeRequest"):

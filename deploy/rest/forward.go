@@ -170,6 +170,7 @@ func marshalFixed(marshaler runtime.Marshaler, msg proto.Message, state *request
 				choice["finish_reason"] = nil // OpenAI: null until the choice ends
 			}
 			reshapeLogprobs(choice, obj["object"] == "text_completion")
+			fixToolFields(choice) // tools.go
 			if delta, ok := choice["delta"].(map[string]interface{}); ok {
 				if role, ok := delta["role"].(string); ok && role == "" {
 					delete(delta, "role") // only a choice's first chunk names the role
