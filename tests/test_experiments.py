@@ -33,6 +33,9 @@ def completion(user: str, max_tokens: int = 3) -> pb.CreateCompletionRequest:
 async def mesh(make_config, tiny_llama_dir):
     config = make_config()
     config.worker.num_kv_blocks = 64
+    # A model load holds the GIL in bursts: on 2 loaded cores the 2 s test lease could lapse meanwhile, and a worker
+    # whose lease lapses leaves routing, failing its requests (a crash's cost, not a model update's).
+    config.worker.lease_ttl_s = 10
     source = f"file:{tiny_llama_dir}"
     mesh = await start_mesh(config, versions=[generate_version("ab-v1", source, context_length=512),
                                               generate_version("ab-v2", source, context_length=512)],

@@ -28,6 +28,9 @@ def completion(model: str, user: str, max_tokens: int = 4) -> pb.CreateCompletio
 async def mesh_with(make_config, tiny_llama_dir, **worker):
     config = make_config()
     config.worker.num_kv_blocks = 64
+    # A model load holds the GIL in bursts: on 2 loaded cores the 2 s test lease could lapse meanwhile, and a worker
+    # whose lease lapses leaves routing, failing its requests (a crash's cost, not a model update's).
+    config.worker.lease_ttl_s = 10
     for name, value in worker.items():
         setattr(config.worker, name, value)
     source = f"file:{tiny_llama_dir}"

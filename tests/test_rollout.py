@@ -33,6 +33,9 @@ MAX_ERRORS = 20
 async def mesh(make_config, tiny_llama_dir):
     config = make_config()
     config.worker.num_kv_blocks = 64
+    # A model load holds the GIL in bursts: on 2 loaded cores the 2 s test lease could lapse meanwhile, and a worker
+    # whose lease lapses leaves routing, failing its requests (a crash's cost, not a model update's).
+    config.worker.lease_ttl_s = 10
     config.registry.controller_tick_s = 0.1
     config.registry.controller_lease_ttl_s = 2
     source = f"file:{tiny_llama_dir}"
