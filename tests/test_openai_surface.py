@@ -479,6 +479,13 @@ async def test_embeddings_over_rest_with_the_sdk(mesh, rest, client):
                                  mesh.api_key)
     error = json.loads(raw)["error"]
     assert status == 400 and error["message"].startswith("input[1]=1000000 is outside") and error["param"] == "input[1]"
+    # The proto's own field, as the REST fuzzer sends it: 101.0 is the integer 101, 1.5 is refused naming it.
+    status, raw = await raw_http(rest, "POST", "/v1/embeddings", {"model": "embed", "input_token_ids": [
+        {"token_ids": [101.0, 102]}]}, mesh.api_key)
+    assert status == 200 and json.loads(raw)["usage"]["prompt_tokens"] == 2, raw
+    status, raw = await raw_http(rest, "POST", "/v1/embeddings", {"model": "embed", "input_token_ids": [
+        {"token_ids": [1.5]}]}, mesh.api_key)
+    assert status == 400 and json.loads(raw)["error"]["param"] == "input_token_ids[0].token_ids[0]", raw
     with pytest.raises(openai.BadRequestError) as err:
         await client.embeddings.create(model="embed", input="a", dimensions=64)
     assert "cannot shorten its vectors" in err.value.message

@@ -520,29 +520,8 @@ func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyErr
 		}
 		return out, nil
 	}
-	if given, present := body["prompt_token_ids"]; present { // the proto's own field: integers, as the decoder takes
-		entries, ok := given.([]interface{})
-		if !ok {
-			return invalidType("prompt_token_ids", "an array of {token_ids}", given)
-		}
-		for i, e := range entries {
-			field := fmt.Sprintf("prompt_token_ids[%d]", i)
-			entry, ok := e.(map[string]interface{})
-			if !ok {
-				return invalidType(field, "an object with token_ids", e)
-			}
-			if v, present := entry["token_ids"]; present && v != nil {
-				list, ok := v.([]interface{})
-				if !ok {
-					return invalidType(field+".token_ids", "an array of token ids", v)
-				}
-				fixed, err := ids(field+".token_ids", list)
-				if err != nil {
-					return err
-				}
-				entry["token_ids"] = fixed
-			}
-		}
+	if err := checkTokenIDEntries(body, "prompt_token_ids"); err != nil {
+		return err
 	}
 	list, ok := body["prompt"].([]interface{})
 	if !ok || len(list) == 0 {
@@ -581,9 +560,40 @@ func moveTokenPrompts(body map[string]interface{}, state *requestState) *bodyErr
 	return nil
 }
 
+// checkTokenIDEntries type-checks a body that names the proto's own list of {token_ids} (prompt_token_ids,
+// input_token_ids): integers, as the decoder takes them (0.0 is sent as 0, 1.5 refused naming the field).
+func checkTokenIDEntries(body map[string]interface{}, name string) *bodyError {
+	given, present := body[name]
+	if !present {
+		return nil
+	}
+	entries, ok := given.([]interface{})
+	if !ok {
+		return invalidType(name, "an array of {token_ids}", given)
+	}
+	for i, e := range entries {
+		field := fmt.Sprintf("%s[%d]", name, i)
+		entry, ok := e.(map[string]interface{})
+		if !ok {
+			return invalidType(field, "an object with token_ids", e)
+		}
+		if v, present := entry["token_ids"]; present && v != nil {
+			fixed, err := checkField(field+".token_ids", kindInt32s, v)
+			if err != nil {
+				return err
+			}
+			entry["token_ids"] = fixed
+		}
+	}
+	return nil
+}
+
 // moveTokenInputs moves an embeddings `input` of token ids (a list of integers, or a list of such lists, as OpenAI
 // accepts) to the proto's input_token_ids; an input of text is left to moveList.
 func moveTokenInputs(body map[string]interface{}, state *requestState) *bodyError {
+	if err := checkTokenIDEntries(body, "input_token_ids"); err != nil {
+		return err
+	}
 	list, ok := body["input"].([]interface{})
 	if !ok || len(list) == 0 {
 		return nil

@@ -132,9 +132,14 @@ def field_values(descriptor: d.Descriptor, overrides: Overrides | None = None,
     for field in descriptor.fields:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             entry_fields = field.message_type.fields_by_name
-            entry = st.tuples(_scalar(entry_fields["key"]), _scalar(entry_fields["value"]))
+            value_type = entry_fields["value"].message_type  # a message value: google.protobuf.Struct's fields
+            mapped = _scalar(entry_fields["value"]) if value_type is None else messages(
+                value_type, overrides, depth + 1) if depth < 4 else st.just(
+                message_factory.GetMessageClass(value_type)())
+            entry = st.tuples(_scalar(entry_fields["key"]), mapped)
             fields[field.name] = st.one_of(st.lists(entry, max_size=4), _enormous(entry).map(
-                lambda items: [(f"{k}{i}", v) for i, (k, v) in enumerate(items)])).map(dict)
+                lambda items: [(f"{k}{i}" if isinstance(k, str) else i, v)  # distinct keys (int32 keys: logit_bias)
+                              for i, (k, v) in enumerate(items)])).map(dict)
             continue
         if field.message_type is not None:
             value = messages(field.message_type, overrides, depth + 1) if depth < 4 else st.just(
@@ -156,7 +161,10 @@ def build(descriptor: d.Descriptor, values: typing.Mapping[str, typing.Any]) -> 
     for name, value in values.items():
         field = descriptor.fields_by_name[name]
         target = getattr(msg, name) if (field.is_repeated or field.message_type is not None) else None
-        if isinstance(value, dict):
+        if isinstance(value, dict) and field.message_type.fields_by_name["value"].message_type is not None:
+            for key, item in value.items():  # a map of messages takes no assignment: each entry is copied
+                target[key].CopyFrom(item)
+        elif isinstance(value, dict):
             target.update(value)
         elif field.is_repeated:
             target.extend(value)
