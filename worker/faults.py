@@ -1,6 +1,6 @@
 """Fault injection for drills (registry/faults/<version>, off unless set): a version's engine wrapped so that a
-share of its requests fail with INTERNAL (as a crashing release would) and each waits an added latency before its first output, as a bad
-release would. The registry refuses to set faults in a production profile unless it is allowed."""
+share of its requests fail with INTERNAL and each waits an added latency before its first output, as a bad release
+would. The registry refuses to set faults in a production profile unless it is allowed."""
 
 from __future__ import annotations
 
