@@ -83,6 +83,67 @@ def _arguments_value(arguments: str) -> typing.Any:
     return value if isinstance(value, dict) else arguments
 
 
+# ---- protobuf <-> records (the gateway's requests, the worker's tasks) ----
+
+def _integral(value: typing.Any) -> typing.Any:
+    """JSON numbers that protobuf's Struct turned into floats (2.0) back to integers: a schema's minItems is 2."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def canonical_json(value: typing.Any) -> str:
+    """Keys sorted: a Struct's map has no order on the wire (nor through the REST sidecar's Go maps), so the
+    prompt, the constraint and the cache key must not depend on one; a forced call's arguments follow it too."""
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=ARGUMENT_SEPARATORS)
+
+
+def struct_value(struct) -> dict:
+    """A google.protobuf.Struct as plain JSON data."""
+    from google.protobuf import json_format
+
+    return _integral(json_format.MessageToDict(struct))
+
+
+def spec_from_pb(tool) -> ToolSpec:
+    """An inference.v1.Tool as a record (parameters as canonical JSON text, "" when absent)."""
+    function = tool.function
+    parameters = canonical_json(struct_value(function.parameters)) if function.HasField("parameters") else ""
+    return ToolSpec(function.name, function.description, parameters)
+
+
+def spec_to_pb(spec: ToolSpec):
+    from llmserve.inference.v1 import inference_pb2 as pb
+
+    tool = pb.Tool(type="function", function=pb.FunctionDefinition(name=spec.name, description=spec.description))
+    if spec.parameters:
+        tool.function.parameters.update(json.loads(spec.parameters))
+    return tool
+
+
+def call_to_pb(call: ToolCall):
+    from llmserve.inference.v1 import inference_pb2 as pb
+
+    return pb.ToolCall(id=call.id, type="function", function=pb.FunctionCall(name=call.name, arguments=call.arguments))
+
+
+def message_from_pb(message) -> dict:
+    """An inference.v1.ChatMessage as the chat template reads it: role, content, name when given, and the tool
+    fields when set (tool_calls as ToolCall records, for template_inputs)."""
+    out: dict[str, typing.Any] = {"role": message.role, "content": message.content}
+    if message.name:
+        out["name"] = message.name
+    if message.tool_calls:
+        out["tool_calls"] = [ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
 # ---- templating ----
 
 def template_renders_tools(tokenizer) -> bool:
@@ -156,11 +217,41 @@ def has_tool_content(messages: typing.Iterable[dict]) -> bool:
     return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
 
 
+def chat_ids(tokenizer, messages: list[dict], tools: typing.Sequence[ToolSpec] = (), *,
+             add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+    """A conversation's token ids with its tools, tool calls and tool results templated as above; without any, the
+    plain chat template (tokenizers.chat_prompt_ids). The gateway's count and the worker's prompt both come from
+    here, so they agree to the token."""
+    from llmserve.common.tokenizers import chat_prompt_ids
+
+    tools_arg = None
+    if tools or has_tool_content(messages):
+        messages, tools_arg = template_inputs(tokenizer, messages, tools)
+    return chat_prompt_ids(tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message, tools=tools_arg)
+
+
 # ---- constrained decoding for "required" and named choices ----
+
+def _closed(schema: typing.Any) -> typing.Any:
+    """The schema with objects that do not say otherwise closed to their listed properties (additionalProperties
+    false, as OpenAI's strict mode requires): what it admits still validates against the original, and a small model
+    cannot wander off into arguments nobody asked for (SmolLM2 adds a "description" it reads in the schema)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: _closed(v) for k, v in out["properties"].items()}
+        if out.get("type") == "object" and "additionalProperties" not in out and "patternProperties" not in out:
+            out["additionalProperties"] = False
+    if isinstance(out.get("items"), dict):
+        out["items"] = _closed(out["items"])
+    return out
+
 
 def call_schema(tool: ToolSpec) -> dict:
     """One call of `tool`, name first (the grammar engine writes properties in the schema's order)."""
-    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": tool.schema()},
+    return {"type": "object", "properties": {"name": {"const": tool.name}, "arguments": _closed(tool.schema())},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 

@@ -17,14 +17,16 @@ from llmserve.common import priority
 from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import invalid_argument
 from llmserve.common.structured import Constraint, bounds_error, struct_to_json
-from llmserve.common.tokenizers import chat_message, chat_prompt_ids
+from llmserve.common.tokenizers import chat_message
+from llmserve.common.tools import ToolCall, ToolSpec, call_to_pb, chat_ids, spec_to_pb
 from llmserve.dispatch.v1 import task_pb2
+from llmserve.gateway.tools import ToolUse, message_tools_from_pb, tool_use_from_pb
 from llmserve.inference.v1 import inference_pb2 as pb
 
 if typing.TYPE_CHECKING:
     from llmserve.gateway.tokens import TokenCount
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_NAME_LENGTH = 64  # a message's `name`, as OpenAI allows
 # Registry label of an embedding model trained for truncated vectors (Matryoshka): the lengths it supports, "64,128".
 MATRYOSHKA_LABEL = "matryoshka_dimensions"
@@ -91,17 +93,33 @@ class ChatTemplate:
     names: tuple[str, ...] = ()  # per message ("" for none); empty when no message has a name
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # assistant prefill: the model continues the last message
+    tools: tuple[ToolSpec, ...] = ()  # shown to the model (common/tools.py templates them)
+    tool_calls: tuple[tuple[ToolCall, ...], ...] = ()  # per message; empty when no message has tool fields
+    tool_call_ids: tuple[str, ...] = ()  # per message ("" for none), likewise
 
     @property
     def is_set(self) -> bool:
         return self != ChatTemplate()
 
-    def conversation(self, messages: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
-        return [chat_message(r, c, self.names[k] if self.names else "") for k, (r, c) in enumerate(messages)]
+    def conversation(self, messages: tuple[tuple[str, str], ...]) -> list[dict]:
+        out: list[dict] = [chat_message(r, c, self.names[k] if self.names else "") for k, (r, c) in enumerate(messages)]
+        for k, message in enumerate(out):
+            if self.tool_calls and self.tool_calls[k]:
+                message["tool_calls"] = list(self.tool_calls[k])
+            if self.tool_call_ids and self.tool_call_ids[k]:
+                message["tool_call_id"] = self.tool_call_ids[k]
+        return out
 
     def ids(self, tokenizer, messages: tuple[tuple[str, str], ...]) -> list[int]:
-        return chat_prompt_ids(tokenizer, self.conversation(messages), add_generation_prompt=self.add_generation_prompt,
-                               continue_final_message=self.continue_final_message)
+        return chat_ids(tokenizer, self.conversation(messages), self.tools,
+                        add_generation_prompt=self.add_generation_prompt,
+                        continue_final_message=self.continue_final_message)
+
+    def messages_pb(self, messages: tuple[tuple[str, str], ...]) -> list[pb.ChatMessage]:
+        return [pb.ChatMessage(role=r, content=c, name=self.names[k] if self.names else "",
+                               tool_calls=[call_to_pb(x) for x in self.tool_calls[k]] if self.tool_calls else (),
+                               tool_call_id=self.tool_call_ids[k] if self.tool_call_ids else "")
+                for k, (r, c) in enumerate(messages)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +139,8 @@ class GenerationCall:
     # has checked them against the version's vocabulary)
     prompt_ids: tuple[tuple[int, ...], ...] = ()
     echo: bool = False  # completion: the prompt in front of the text (and its logprobs, with logprobs)
-    template: ChatTemplate | None = None  # chat: names and how the conversation ends (prefill)
+    template: ChatTemplate | None = None  # chat: names, tools, and how the conversation ends (prefill)
+    tool_use: ToolUse | None = None  # chat: the request's tools and tool_choice (how answers are parsed)
 
     @property
     def num_inputs(self) -> int:
@@ -155,7 +174,7 @@ class GenerationCall:
         return {"kind": self.kind, "prompts": self.prompts, "messages": self.messages, "n": self.n,
                 "sampling": dataclasses.asdict(self.sampling), "prompt_ids": self.prompt_ids, "echo": self.echo,
                 **({"template": dataclasses.asdict(self.template)} if self.template and self.template.is_set
-                   else {})}
+                   else {}), **({"tool_use": self.tool_use.cache_fields()} if self.tool_use else {})}
 
     def count_inputs(self) -> dict:
         """What to count prompt tokens of: the prompts, or the conversation (templated)."""
@@ -166,7 +185,8 @@ class GenerationCall:
     def check_prompt_bytes(self, version: registry_pb2.ModelVersion, cfg: GatewayConfig) -> None:
         """Refuses text that cannot fit the version's context whatever its tokens, before it is tokenized."""
         if self.kind == "chat":
-            _check_prompt_bytes("messages", sum(len(c.encode()) for _, c in self.messages), version, cfg)
+            tool_bytes = self.tool_use.num_bytes if self.tool_use else 0
+            _check_prompt_bytes("messages", sum(len(c.encode()) for _, c in self.messages) + tool_bytes, version, cfg)
             return
         if self.prompt_ids:  # counted exactly, against the context, once the tokens are counted
             return
@@ -205,13 +225,11 @@ class GenerationCall:
         tasks = []
         for i in range(self.num_inputs):
             if self.kind == "chat":
-                names = self.template.names if self.template else ()
-                gen = task_pb2.GenerateInput(messages=[
-                    pb.ChatMessage(role=r, content=c, name=names[k] if names else "")
-                    for k, (r, c) in enumerate(self.messages)])
-                if self.template:
-                    gen.continue_final_message = self.template.continue_final_message
-                    gen.omit_generation_prompt = not self.template.add_generation_prompt
+                template = self.template or ChatTemplate()
+                gen = task_pb2.GenerateInput(messages=template.messages_pb(self.messages),
+                                             tools=[spec_to_pb(s) for s in template.tools])
+                gen.continue_final_message = template.continue_final_message
+                gen.omit_generation_prompt = not template.add_generation_prompt
             else:
                 gen = task_pb2.GenerateInput(prompt=self.prompts[i] if self.prompts else "")
             gen.sampling.CopyFrom(sampling)
@@ -548,15 +566,27 @@ def _messages(request, cfg: GatewayConfig) -> tuple[tuple[tuple[str, str], ...],
             raise invalid_argument(f"continue_final_message continues the last message, which must be the "
                                    f"assistant's and not empty; messages[{len(messages) - 1}] is "
                                    f"{'an empty ' if not last.content else 'a '}{_shown(last.role)} message")
-    return messages, ChatTemplate(names, add_generation_prompt, prefill)
+    tools = message_tools_from_pb(request.messages)
+    return messages, ChatTemplate(names, add_generation_prompt, prefill, tool_calls=tools.tool_calls,
+                                  tool_call_ids=tools.tool_call_ids)
 
 
 def chat_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
     model = _model(request.model, cfg)
     messages, template = _messages(request, cfg)
-    return GenerationCall("chat", model, (), messages, _sampling(request, cfg, cfg.default_chat_max_tokens),
-                          _n(request, cfg), _user(request.user, cfg), _priority(request.priority), request.skip_cache,
-                          template=template if template.is_set else None)
+    sampling = _sampling(request, cfg, cfg.default_chat_max_tokens)
+    tool_use = tool_use_from_pb(request)
+    if tool_use is not None:
+        template = dataclasses.replace(template, tools=tool_use.shown)
+        if tool_use.is_forced:  # the calls are guaranteed: decoding follows their schema
+            if sampling.structured is not None:
+                raise invalid_argument(f"{sampling.structured.describe()} and tool_choice "
+                                       f"{tool_use.named or tool_use.mode!r} both constrain the answer: set only one")
+            sampling = dataclasses.replace(sampling, structured=Constraint("json_schema", tool_use.forced_schema(),
+                                                                           "tools"))
+    return GenerationCall("chat", model, (), messages, sampling, _n(request, cfg), _user(request.user, cfg),
+                          _priority(request.priority), request.skip_cache,
+                          template=template if template.is_set else None, tool_use=tool_use)
 
 
 def _input_ids(request, cfg: GatewayConfig) -> tuple[tuple[int, ...], ...]:

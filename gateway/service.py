@@ -23,6 +23,7 @@ from llmserve.gateway.pipeline import KIND_NAMES, Pipeline
 from llmserve.gateway.requests import EmbeddingCall, chat_from_pb, completion_from_pb, embeddings_from_pb
 from llmserve.gateway.result import Delta, logprobs_pb
 from llmserve.gateway.tokenizing import Tokenizing
+from llmserve.gateway.tools import StreamTools, answer_message
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.inference.v1 import inference_pb2_grpc
 
@@ -62,12 +63,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         async with observe("CreateChatCompletion") as ctx:
             self.pipeline.begin(ctx, context, chat_from_pb, request)
             result = await self.pipeline.run(ctx, context)
+            tool_use = getattr(ctx.call, "tool_use", None)
+            answers = [answer_message(t, r, tool_use) for t, r in result.choices]
             return pb.CreateChatCompletionResponse(
                 id=f"chatcmpl-{ctx.request_id}", object="chat.completion", created=int(time.time()),
                 model=ctx.version.version, usage=result.usage(), system_fingerprint=system_fingerprint(ctx.version),
-                choices=[pb.ChatChoice(index=i, message=pb.ChatMessage(role="assistant", content=t), finish_reason=r,
+                choices=[pb.ChatChoice(index=i, message=message, finish_reason=reason,
                                        logprobs=result.choice_logprobs(i))
-                         for i, (t, r) in enumerate(result.choices)])
+                         for i, (message, reason) in enumerate(answers)])
 
     async def CreateEmbeddings(self, request, context):
         async with observe("CreateEmbeddings") as ctx:
@@ -98,7 +101,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         id, created and system_fingerprint. A failure after the first chunk ends the stream with its status."""
         async with observe(method) as ctx:
             self.pipeline.begin(ctx, context, parse, request)
-            _, _, version = ctx.begun()
+            _, call, version = ctx.begun()
+            tools = StreamTools(getattr(call, "tool_use", None), call.num_sequences)  # chat: tool-call deltas
             header = dict(id=f"{id_prefix}-{ctx.request_id}", object=object_name, created=int(time.time()),
                           model=version.version, system_fingerprint=system_fingerprint(version))
             chunks: asyncio.Queue = asyncio.Queue()
@@ -110,8 +114,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     started.add(index)
                     if opens_with_role:
                         chunks.put_nowait(response_cls(**header, choices=[chunk_choice(index, "", "", True, None)]))
+                tool_calls: list[pb.ToolCallDelta] = []
+                if tools.is_active:  # text that may open a tool call is held back until it is told apart
+                    text, tool_calls, reason = tools.delta(index, text, reason)
+                    if not (text or tool_calls or reason or logprobs):
+                        return
                 chunks.put_nowait(response_cls(**header, choices=[
-                    chunk_choice(index, text, reason, False, logprobs_pb(logprobs))]))
+                    chunk_choice(index, text, reason, False, logprobs_pb(logprobs), tool_calls)]))
 
             async def on_output(index: int, output: task_pb2.TaskOutput, delta: Delta) -> None:
                 if delta.text or output.finish_reason or delta.logprobs:
@@ -138,15 +147,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 producer.cancel()
 
     def StreamCompletion(self, request, context):
-        def choice(index, text, reason, _first, logprobs):
+        def choice(index, text, reason, _first, logprobs, _tool_calls=()):
             return pb.CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=logprobs)
         return self._stream("StreamCompletion", completion_from_pb, choice, pb.StreamCompletionResponse,
                             "text_completion", "cmpl", request, context, opens_with_role=False)
 
     def StreamChatCompletion(self, request, context):
-        def choice(index, text, reason, first, logprobs):
+        def choice(index, text, reason, first, logprobs, tool_calls=()):
             return pb.ChatChunkChoice(index=index, finish_reason=reason, logprobs=logprobs,
-                                      delta=pb.ChatDelta(role="assistant" if first else "", content=text))
+                                      delta=pb.ChatDelta(role="assistant" if first else "", content=text,
+                                                         tool_calls=tool_calls))
         return self._stream("StreamChatCompletion", chat_from_pb, choice, pb.StreamChatCompletionResponse,
                             "chat.completion.chunk", "chatcmpl", request, context, opens_with_role=True)
 

@@ -20,7 +20,7 @@ from llmserve.common import priority, tracing
 from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
 from llmserve.common.structured import Constraint, ConstraintError
-from llmserve.common.tokenizers import chat_message
+from llmserve.common.tools import message_from_pb, spec_from_pb
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.worker import metrics
 from llmserve.worker.engine.contract import (
@@ -252,10 +252,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if gen.prompt_token_ids:
             prompt_ids = list(gen.prompt_token_ids)  # the engine checks them against its vocabulary
         elif gen.messages:
-            messages = [chat_message(m.role, m.content, m.name) for m in gen.messages]
+            messages = [message_from_pb(m) for m in gen.messages]
             prompt_ids = await asyncio.to_thread(functools.partial(
                 engine.apply_chat_template, messages, add_generation_prompt=not gen.omit_generation_prompt,
-                continue_final_message=gen.continue_final_message))
+                continue_final_message=gen.continue_final_message, tools=[spec_from_pb(t) for t in gen.tools]))
         else:
             prompt_ids = await asyncio.to_thread(engine.encode, gen.prompt)
         num_prompt, context, s = len(prompt_ids), model.context_length, gen.sampling

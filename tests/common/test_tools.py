@@ -1,5 +1,6 @@
 """common/tools.py on its own: the Hermes-style fallback and the native tools rendering with the real SmolLM2
-tokenizer, and the answer parser fed whole and in every split (a stream and its unary twin must agree)."""
+tokenizer, the forced JSON schemas against the real grammar engine, and the answer parser fed whole and in every
+split (a stream and its unary twin must agree)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from llmserve.common import tools as t
+from llmserve.common.structured import Constraint, GrammarCompiler
 from tests.helpers.tiny_models import smollm2_tokenizer
 
 WEATHER = t.ToolSpec("get_weather", "Current weather of a city", json.dumps(
@@ -74,6 +76,39 @@ def test_a_template_that_renders_tools_gets_them_natively(tokenizer):
     assert text.startswith("<|im_start|>system\nTOOLS:get_weather;get_time;<|im_end|>")
     assert 'CALL call_1 get_weather {"city": "Paris"}' in text  # arguments reach the template as an object
     assert "FOR call_1<|im_end|>" in text and "<tool_call>" not in text
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    return GrammarCompiler(tokenizer)
+
+
+def accepts(compiler, tokenizer, schema: dict, text: str) -> bool:
+    matcher = compiler.compile(Constraint("json_schema", json.dumps(schema))).matcher()
+    return all(matcher.accept(i) for i in tokenizer.encode(text, add_special_tokens=False)) and matcher.is_accepting
+
+
+def test_forced_schemas_compile_and_admit_only_valid_calls(compiler, tokenizer):
+    named = t.forced_schema([WEATHER, TIME], named="get_weather")
+    assert accepts(compiler, tokenizer, named, '{"name": "get_weather", "arguments": {"city": "Paris"}}')
+    assert not accepts(compiler, tokenizer, named, '{"name": "get_time", "arguments": {}}')
+    assert not accepts(compiler, tokenizer, named, '{"name": "get_weather", "arguments": {"days": 2}}')
+    one = t.forced_schema([WEATHER, TIME], parallel=False)
+    assert accepts(compiler, tokenizer, one, '{"name": "get_time", "arguments": {}}')
+    many = t.forced_schema([WEATHER, TIME], parallel=True)
+    assert accepts(compiler, tokenizer, many, '[{"name": "get_time", "arguments": {}}, {"name": "get_weather", '
+                                              '"arguments": {"city": "Rome", "days": 2}}]')
+    assert not accepts(compiler, tokenizer, many, "[]")
+    # Arguments the schema does not list are closed off (what is admitted still validates against the schema).
+    assert not accepts(compiler, tokenizer, named, '{"name": "get_weather", "arguments": {"city": "P", "x": 1}}')
+
+
+def test_chat_ids_templates_tools_and_equals_the_plain_template_without_them(tokenizer):
+    plain = [{"role": "user", "content": "Hi"}]
+    assert t.chat_ids(tokenizer, plain) == tokenizer.apply_chat_template(plain, add_generation_prompt=True,
+                                                                         tokenize=True, return_dict=False)
+    with_tools = tokenizer.decode(t.chat_ids(tokenizer, plain, [WEATHER]))
+    assert with_tools.startswith("<|im_start|>system\n# Tools") and with_tools.endswith("<|im_start|>assistant\n")
 
 
 def feed_in_pieces(parser: t.ToolCallParser, text: str, cuts: tuple[int, ...]) -> t.ParsedAnswer:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field
 
+if typing.TYPE_CHECKING:
+    from llmserve.common.tools import ToolSpec
+
 Priority = int  # 1 interactive, 2 standard, 3 batch (the Priority enum's values; lower is served first)
 FinishReason = str  # "stop", "length", "abort" or "error"
 
@@ -133,10 +136,11 @@ class GenerationEngine(typing.Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of a raw prompt (no special tokens added)."""
 
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, tools: typing.Sequence[ToolSpec] = ()) -> list[int]:
         """Token ids of a conversation in the model's chat template, ready for the assistant's turn (or, with
-        continue_final_message, ending inside the last message, which the model continues)."""
+        continue_final_message, ending inside the last message, which the model continues); with the tools and
+        the messages' tool calls and results templated by common/tools.chat_ids."""
 
     def generate(self, request: GenerationRequest) -> typing.AsyncIterator[GenerationOutput]:
         """Outputs as they come; the last has finished=True. Leaving the iterator early aborts the request."""

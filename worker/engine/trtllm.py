@@ -16,7 +16,8 @@ from __future__ import annotations
 import importlib
 import typing
 
-from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
+from llmserve.common.tokenizers import prompt_ids
+from llmserve.common.tools import ToolSpec, chat_ids
 
 from .contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest
 from .detokenizer import StopMatcher
@@ -59,10 +60,10 @@ class TensorRTLLMEngine:
     def encode(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message)
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, tools: typing.Sequence[ToolSpec] = ()) -> list[int]:
+        return chat_ids(self.tokenizer, messages, tools, add_generation_prompt=add_generation_prompt,
+                        continue_final_message=continue_final_message)
 
     def load(self) -> EngineLoad:
         return EngineLoad(len(self._running), 0, self.max_num_seqs)

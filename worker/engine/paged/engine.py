@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator
 import torch
 
 from llmserve.common.structured import CompiledGrammar, Constraint, GrammarCompiler
-from llmserve.common.tokenizers import chat_prompt_ids, prompt_ids
+from llmserve.common.tokenizers import prompt_ids
+from llmserve.common.tools import ToolSpec, chat_ids
 
 from ..compute import ComputeThread, compute_thread
 from ..contract import EngineLoad, EngineStats, GenerationOutput, GenerationRequest, TokenLogprob, eos_token_ids
@@ -119,10 +120,10 @@ class PagedEngine:
     def encode(self, text: str) -> list[int]:
         return prompt_ids(self.tokenizer, text)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                               continue_final_message=continue_final_message)
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True,
+                            continue_final_message: bool = False, tools: typing.Sequence[ToolSpec] = ()) -> list[int]:
+        return chat_ids(self.tokenizer, messages, tools, add_generation_prompt=add_generation_prompt,
+                        continue_final_message=continue_final_message)
 
     supports_logprobs = True  # generated and prompt tokens' (SamplingParams.logprobs, prompt_logprobs)
     supports_penalties = True  # penalties, logit_bias, min_tokens, stop_token_ids (applied per row in the sampler)
