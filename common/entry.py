@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import typing
 
 from llmserve.common import tracing
@@ -23,7 +24,7 @@ def run_service(name: str, factory: typing.Callable[[MeshConfig], App],
     parser.add_argument("--config", help="YAML config file (default: $LLMSERVE_CONFIG, else built-in defaults)")
     args = parser.parse_args()
     config = load_config(args.config)
-    configure_logging(config.log.level, config.log.json, service=name)
+    configure_logging(config.log.level, config.log.json, service=name, buffered=True)
     log = get_logger(name)
     tracing.configure(name, config.telemetry.otlp_endpoint)
 
@@ -32,6 +33,10 @@ def run_service(name: str, factory: typing.Callable[[MeshConfig], App],
         metrics_port = start_metrics_server(cfg.host, cfg.metrics_port)
         app = factory(config)
         port = await app.start()
+        # What startup built (tokenizers, models, the registry) is never scanned by the cyclic collector again: its
+        # full collections took ~9% of a busy gateway's CPU (py-spy), scanning objects that live as long as it does.
+        gc.collect()
+        gc.freeze()
         log.info("ready", port=port, metrics_port=metrics_port)
         await wait_for_signal()
         log.info("stopping")

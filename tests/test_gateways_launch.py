@@ -60,6 +60,7 @@ def test_two_gateways_behind_one_address_share_the_requests_and_survive_one_dyin
             stub.CreateCompletion(REQUEST, metadata=metadata, timeout=120)  # generates; the rest are cache hits
             for _ in range(40):
                 stub.CreateCompletion(REQUEST, metadata=metadata, timeout=30)
+        time.sleep(1)  # services write their log lines in batches (within 0.2 s)
         logs = mesh.state / "logs"
         served = [_served(logs / "gateway1.log"), _served(logs / "gateway2.log")]
         assert sum(served) >= 41 and min(served) >= 15, served  # round robin per request, not per connection
