@@ -15,7 +15,10 @@ Hermes' format is the only one parsed); a block that is not a JSON object naming
 object arguments stays content, as it was written. With "required" or a named function, decoding is constrained to
 JSON (forced_schema): {"name": <a tool's name>, "arguments": <its parameters>}, a list of such objects when
 parallel tool calls are allowed under "required"; the parser then streams each call's arguments as they are
-generated. Unary responses run the same parser over the whole text, so a stream and its unary twin agree.
+generated. Objects of a parameters schema that do not say otherwise are closed to their listed properties (a small
+model otherwise adds arguments it reads in the schema), and a schema's keys are sorted (protobuf's Struct keeps no
+order), so a forced call writes its arguments in alphabetical order. Unary responses run the same parser over the
+whole text, so a stream and its unary twin agree.
 """
 
 from __future__ import annotations
@@ -304,6 +307,7 @@ class ToolCallParser:
         self.num_calls = 0  # calls begun
         self._ws = ""  # trailing whitespace of content, held back (dropped before a call and after the last one)
         self._after_call = False
+        self._searched = 0  # auto: where the search for the open block's end resumes
         # forced: "start" -> ("head" -> "args" -> "tail")+ -> "done"
         self._state = "start" if forced else "content"
         self._depth, self._in_string, self._escape = 0, False, False
@@ -353,12 +357,13 @@ class ToolCallParser:
                     return events
                 events += self._content(self.buf[:start])
                 self.buf = self.buf[start + len(TOOL_CALL_OPEN):]
-                self._state = "block"
+                self._state, self._searched = "block", 0
             else:
-                end = self.buf.find(TOOL_CALL_CLOSE)
+                end = self.buf.find(TOOL_CALL_CLOSE, self._searched)
                 if end < 0:
+                    # A long block is searched once, not again from its start at every delta.
+                    self._searched = max(0, len(self.buf) - len(TOOL_CALL_CLOSE) + 1)
                     if final:  # an unclosed block: the text as written
-                        self._ws = ""
                         events += self._content(TOOL_CALL_OPEN + self.buf)
                         self.buf, self._state = "", "content"
                     return events

@@ -150,6 +150,7 @@ def test_auto_parses_hermes_blocks_and_keeps_the_text_around_them():
     '<tool_call>{"name": "unknown_tool", "arguments": {}}</tool_call>',  # not a tool of the request
     '<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>',  # arguments not an object
     '<tool_call>{"name": "get_weather", "arguments": {"city": "Pa',  # never closed
+    'Let me see. \n<tool_call>{"name": "get_weather", "arguments": {"city": "Pa',  # never closed, after text
 ])
 def test_auto_leaves_anything_but_a_valid_call_as_content(text):
     answer = every_split(lambda: t.ToolCallParser(NAMES), text)
