@@ -387,18 +387,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         engine = typing.cast(EmbeddingEngine, model.engine)
         texts: list[str | list[int]]
         if task.embed.token_ids:
-            texts = [list(entry.token_ids) for entry in task.embed.token_ids]
-            lengths = [len(ids) for ids in texts]
+            token_ids = [list(entry.token_ids) for entry in task.embed.token_ids]
+            texts, lengths = list(token_ids), [len(ids) for ids in token_ids]
             vocab = getattr(engine, "vocab_size", None)
-            for i, ids in enumerate(texts):
+            for i, ids in enumerate(token_ids):
                 bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
                 if bad is not None:
                     raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"input[{i}] has the token id {bad}, outside the vocabulary of model "
                                        f"{model.version.version!r}")
         else:
-            texts = list(task.embed.texts)
-            lengths = await asyncio.to_thread(engine.count_tokens, texts)
+            plain = list(task.embed.texts)
+            texts, lengths = list(plain), await asyncio.to_thread(engine.count_tokens, plain)
         for i, n in enumerate(lengths):
             if n > model.context_length:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
