@@ -164,6 +164,9 @@ def tool_use_from_pb(request) -> ToolUse | None:
                                    f"tools ({names})")
         _check_compiles(f"tools[{index}].function.parameters", specs[index].parameters or "{}")
         return ToolUse(specs, "named", name, parallel)
+    if choice.HasField("function"):
+        raise invalid_argument("tool_choice.function is set but tool_choice.type is not \"function\": set type "
+                               "\"function\" to call it, or leave function out")
     mode = choice.mode or "auto"
     if mode not in MODES:
         raise invalid_argument(f"tool_choice={json.dumps(mode)[:40]} is invalid; use none, auto, required or "

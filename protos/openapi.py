@@ -265,7 +265,7 @@ def tool_fixups(schemas: dict) -> None:
     schemas["FunctionDefinition"]["required"] = ["name"]
     schemas["ToolChoice"]["required"] = []
     schemas["ToolCall"]["required"] = ["id", "function"]
-    schemas["FunctionCall"]["required"] = ["arguments"]
+    schemas["FunctionCall"]["required"] = []  # a request's call may omit its arguments (none)
     schemas["ToolCallDelta"]["required"] = ["index", "function"]
     message = schemas["ChatMessage"]
     message["required"] = ["role", "content"]

@@ -254,6 +254,8 @@ REFUSALS = [
      "tools[0].type=\"retrieval\" is not supported"),
     (dict(tools=[tool(name=f"f{i}") for i in range(129)]), "tools has 129 entries; at most 128"),
     (dict(tool_choice=pb.ToolChoice(mode="sometimes")), "tool_choice=\"sometimes\" is invalid"),
+    (dict(tool_choice=pb.ToolChoice(function=pb.ToolChoiceFunction(name="get_weather"))),
+     "tool_choice.function is set but tool_choice.type is not \"function\""),
     (dict(tools=[], tool_choice=pb.ToolChoice(mode="required")), "tool_choice required needs tools"),
     (dict(tools=[], parallel_tool_calls=w.BoolValue(value=False)), "parallel_tool_calls is only allowed with tools"),
     (dict(tool_choice=named("get_weather"), response_format=pb.ResponseFormat(type="json_object")),
