@@ -248,6 +248,8 @@ def response_fixups(schemas: dict) -> None:
                        "text_offset": {"type": "array", "items": {"type": "integer"}}}})
     for name in ("StreamCompletionResponse", "StreamChatCompletionResponse"):
         schemas[name]["required"] = [r for r in schemas[name]["required"] if r != "usage"]
+        # With include_usage, the chunks before the last carry "usage": null, as OpenAI's do.
+        schemas[name]["properties"]["usage"] = nullable(schemas[name]["properties"]["usage"])
     del schemas["Embedding"]["properties"]["embedding_bytes"]  # REST: base64 goes in `embedding` (forward.go)
     schemas["Embedding"]["required"].remove("embedding_bytes")
     vector = schemas["Embedding"]["properties"]["embedding"]
