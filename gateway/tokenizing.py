@@ -10,6 +10,7 @@ bytes, as requests are), a conversation by max_messages, ids by the model's cont
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
@@ -20,6 +21,7 @@ from llmserve.gateway.context import RequestContext
 from llmserve.gateway.edge import Edge
 from llmserve.gateway.requests import _check_prompt_bytes, _messages, _model
 from llmserve.gateway.tokens import TokenCounter
+from llmserve.gateway.tools import tool_use_from_pb
 from llmserve.inference.v1 import inference_pb2 as pb
 
 MAX_DETOKENIZE_IDS = 1 << 16  # a version without a context length still takes at most this many ids
@@ -59,10 +61,16 @@ class Tokenizing:
                 raise invalid_argument(f"model {version.version!r} is an embedding model and has no chat template: "
                                        "send prompt instead of messages")
             messages, template = _messages(request, self.cfg)
-            _check_prompt_bytes("messages", sum(len(c.encode()) for _, c in messages), version, self.cfg)
+            tool_use = tool_use_from_pb(request)
+            if tool_use is not None:
+                template = dataclasses.replace(template, tools=tool_use.shown)
+            _check_prompt_bytes("messages", sum(len(c.encode()) for _, c in messages)
+                                + (tool_use.num_bytes if tool_use else 0), version, self.cfg)
             tokenizer = await self._tokenizer(version)
             ids = await asyncio.to_thread(template.ids, tokenizer, messages)
         elif request.prompt:
+            if request.tools or request.HasField("tool_choice"):
+                raise invalid_argument("tools and tool_choice apply to messages; a prompt is tokenized as it is")
             if request.HasField("add_generation_prompt") or request.continue_final_message:
                 raise invalid_argument("add_generation_prompt and continue_final_message apply to messages; a "
                                        "prompt is tokenized as it is")

@@ -138,16 +138,19 @@ def tool_use_from_pb(request) -> ToolUse | None:
     """The request's tools and tool_choice; None when it has neither (a plain chat request)."""
     specs = _tools(request)
     has_choice = request.HasField("tool_choice")
+    # Tokenize counts a chat request's tools: it has no parallel_tool_calls (nothing to parse).
+    has_parallel = "parallel_tool_calls" in request.DESCRIPTOR.fields_by_name and request.HasField(
+        "parallel_tool_calls")
     choice = request.tool_choice
     if not specs:
         if has_choice and (choice.type or choice.mode not in ("", "none")):
             shown = choice.mode or f"function {choice.function.name!r}"
             raise invalid_argument(f"tool_choice {shown} needs tools: send the functions in tools, or leave "
                                    "tool_choice out")
-        if request.HasField("parallel_tool_calls"):
+        if has_parallel:
             raise invalid_argument("parallel_tool_calls is only allowed with tools")
         return None
-    parallel = request.parallel_tool_calls.value if request.HasField("parallel_tool_calls") else True
+    parallel = request.parallel_tool_calls.value if has_parallel else True
     names = ", ".join(s.name for s in specs[:8]) + (", ..." if len(specs) > 8 else "")
     if choice.type:
         if choice.type != "function":

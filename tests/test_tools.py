@@ -229,6 +229,25 @@ async def test_tool_results_round_trip_into_the_next_turn(mesh, tokenizer):
         assert small.usage.prompt_tokens == len(expected), model
 
 
+async def test_tokenize_counts_the_tools_as_a_chat_request_is_charged(mesh, rest):
+    messages = round_trip_messages()
+    answer = await mesh.stub.CreateChatCompletion(chat(model="tiny", messages=messages, skip_cache=True,
+                                                       max_tokens=w.Int32Value(value=1)), metadata=mesh.auth)
+    counted = await mesh.stub.Tokenize(pb.TokenizeRequest(model="tiny", messages=messages, tools=tools_pb()),
+                                       metadata=mesh.auth)
+    without = await mesh.stub.Tokenize(pb.TokenizeRequest(model="tiny", messages=messages, tools=tools_pb(),
+                                                          tool_choice=pb.ToolChoice(mode="none")), metadata=mesh.auth)
+    assert counted.count == answer.usage.prompt_tokens > without.count
+    status, raw = await raw_http(rest, "POST", "/tokenize", {
+        "model": "tiny", "tools": TOOLS_JSON, "tool_choice": "auto", "messages": [
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_abc", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+            {"role": "tool", "tool_call_id": "call_abc", "content": '{"temperature": 21, "sky": "clear"}'}]},
+        mesh.api_key)
+    assert status == 200 and json.loads(raw)["count"] == counted.count, raw
+
+
 # ---- refusals ----
 
 def tool(name="get_weather", parameters=None, **kw) -> pb.Tool:

@@ -406,10 +406,8 @@ func normalize(kind, path string, raw []byte, state *requestState) ([]byte, *bod
 		if err := normalizeMessages(body); err != nil {
 			return nil, err
 		}
-		if kind == "chat" {
-			if err := normalizeTools(body); err != nil { // tools.go
-				return nil, err
-			}
+		if err := normalizeTools(body); err != nil { // tools.go (Tokenize counts a chat request's tools too)
+			return nil, err
 		}
 	}
 	if kind == "completions" || kind == "chat" {

@@ -2097,6 +2097,8 @@ class TokenizeRequest(_message.Message):
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
     CONTINUE_FINAL_MESSAGE_FIELD_NUMBER: _builtins.int
     RETURN_TOKEN_STRS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Model alias or concrete version (a generation or an embedding model)."""
     prompt: _builtins.str
@@ -2115,6 +2117,14 @@ class TokenizeRequest(_message.Message):
     def add_generation_prompt(self) -> _wrappers_pb2.BoolValue:
         """Optional. With messages: append the opening of the assistant's turn; default true (as chat requests)."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Optional. With messages: the tools of the chat request to count (templated as that request's would be)."""
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Optional. With tools: "none" counts the conversation without them, as a chat request with it is templated."""
+
     def __init__(
         self,
         *,
@@ -2124,10 +2134,12 @@ class TokenizeRequest(_message.Message):
         add_generation_prompt: _wrappers_pb2.BoolValue | None = ...,
         continue_final_message: _builtins.bool = ...,
         return_token_strs: _builtins.bool = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "continue_final_message", b"continue_final_message", "messages", b"messages", "model", b"model", "prompt", b"prompt", "return_token_strs", b"return_token_strs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add_generation_prompt", b"add_generation_prompt", "continue_final_message", b"continue_final_message", "messages", b"messages", "model", b"model", "prompt", b"prompt", "return_token_strs", b"return_token_strs", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
