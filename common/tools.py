@@ -105,11 +105,21 @@ def canonical_json(value: typing.Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=ARGUMENT_SEPARATORS)
 
 
-def struct_value(struct) -> dict:
-    """A google.protobuf.Struct as plain JSON data."""
-    from google.protobuf import json_format
+def _plain(value) -> typing.Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: _plain(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    if kind == "number_value":
+        return _integral(value.number_value)
+    return None if kind in (None, "null_value") else getattr(value, kind)
 
-    return _integral(json_format.MessageToDict(struct))
+
+def struct_value(struct) -> dict:
+    """A google.protobuf.Struct as plain JSON data (numbers that are not finite stay floats: callers check them;
+    json_format refuses to convert them at all)."""
+    return {k: _plain(v) for k, v in struct.fields.items()}
 
 
 def spec_from_pb(tool) -> ToolSpec:

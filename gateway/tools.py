@@ -126,6 +126,11 @@ def _tools(request) -> tuple[t.ToolSpec, ...]:
         if tool.function.HasField("parameters"):
             schema = t.struct_value(tool.function.parameters)
             _check_schema(f"{field}.function.parameters", schema)
+            try:
+                json.dumps(schema, allow_nan=False)
+            except ValueError:
+                raise invalid_argument(f"{field}.function.parameters has a number that is not finite (NaN or "
+                                       "Infinity), which JSON cannot hold") from None
         spec = t.spec_from_pb(tool)
         if len(spec.parameters) > MAX_PARAMETERS_CHARS:
             raise invalid_argument(f"{field}.function.parameters is {len(spec.parameters)} characters of JSON; at "

@@ -266,6 +266,8 @@ REFUSALS = [
     (dict(tools=[tool(parameters={"type": "object", "properties": {"a": {"type": "strin"}}})],
           tool_choice=pb.ToolChoice(mode="required")),
      "tools[0].function.parameters cannot constrain decoding (tool_choice required or named): Invalid type"),
+    (dict(tools=[tool(parameters={"type": "object", "properties": {"a": {"minimum": float("nan")}}})]),
+     "tools[0].function.parameters has a number that is not finite"),
     (dict(tools=[tool(name="x" * 65)]), "tools[0].function.name=\"xxx"),
     (dict(tools=[tool(name="has space")]), "use 1-64 characters of a-z, A-Z, 0-9, _ and -"),
     (dict(tools=[tool(name="")]), "tools[0].function.name is required"),
