@@ -182,7 +182,8 @@ async def main(args) -> dict:
         try:
             for routing in ROUTINGS:
                 cfg = MeshConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-                cfg.scheduler = dataclasses.replace(config.scheduler, routing=routing)
+                cfg.scheduler = dataclasses.replace(config.scheduler, routing=routing,
+                                                    kv_load_weight=args.kv_load_weight)
                 app = SchedulerApp(cfg)
                 schedulers[routing] = (app, f"127.0.0.1:{await app.start()}")
             await mesh.scheduler.view.workers.wait_for(lambda s: all(w.worker_id in s for w in workers), 600)
@@ -210,6 +211,7 @@ async def main(args) -> dict:
                      "requests": len(requests), "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "workers": args.workers, "kv_blocks_per_worker": kv_blocks, "block_size": block,
                      "kv_share_of_prefixes_per_worker": args.kv_share, "threads_per_worker": args.threads,
+                     "kv_load_weight": args.kv_load_weight,
                      "order": list(ROUTINGS) + ["single_worker"]},
         "results": results,
         "kv_hit_rate_vs_single_worker": round(kv["prefix_cache_hit_rate"] / single["prefix_cache_hit_rate"], 3),
@@ -233,4 +235,5 @@ if __name__ == "__main__":
     parser.add_argument("--kv-share", type=float, default=0.6,
                         help="share of the P prefixes one worker's KV cache holds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    parser.add_argument("--kv-load-weight", type=float, default=1.5, help="scheduler.kv_load_weight of the kv run")
     print(json.dumps(asyncio.run(main(parser.parse_args())), indent=2))
