@@ -342,6 +342,15 @@ MAX_STOP_TOKEN_IDS = 64
 JSON_SCHEMA_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
+def _schema_json(struct, field: str) -> str:
+    """A schema Struct as JSON text; a number JSON cannot hold (NaN, Infinity) is INVALID_ARGUMENT naming field."""
+    try:
+        return struct_to_json(struct)
+    except ValueError:  # json_format refuses to write NaN and Infinity
+        raise invalid_argument(f"{field} has a number that is not finite (NaN or Infinity), which JSON cannot "
+                               "hold") from None
+
+
 def _constraint(request) -> Constraint | None:
     """The decoding constraint of response_format or structured_outputs (at most one of them constrains)."""
     found: list[Constraint] = []
@@ -361,7 +370,8 @@ def _constraint(request) -> Constraint | None:
             if len(name) > 64 or not set(name) <= JSON_SCHEMA_NAME_CHARS:
                 raise invalid_argument(f"response_format.json_schema.name={_shown(name)} must be at most 64 "
                                        "characters of a-z, A-Z, 0-9, '_' and '-'")
-            found.append(Constraint("json_schema", struct_to_json(rf.json_schema.schema),
+            found.append(Constraint("json_schema", _schema_json(rf.json_schema.schema,
+                                                                "response_format.json_schema.schema"),
                                     "response_format.json_schema.schema"))
         else:
             raise invalid_argument(f"response_format.type={_shown(rf.type)} is not supported: use \"text\", "
@@ -376,7 +386,8 @@ def _constraint(request) -> Constraint | None:
                                    f"json_object; it sets {', '.join(given) if given else 'none'}")
         kind = given[0]
         if kind == "json":
-            found.append(Constraint("json_schema", struct_to_json(so.json), "structured_outputs.json"))
+            found.append(Constraint("json_schema", _schema_json(so.json, "structured_outputs.json"),
+                                    "structured_outputs.json"))
         elif kind == "choice":
             found.append(Constraint("choice", tuple(so.choice), "structured_outputs.choice"))
         elif kind == "json_object":

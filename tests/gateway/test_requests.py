@@ -243,3 +243,22 @@ def test_the_prompt_travels_once_as_the_gateway_counted_it():
     assert list(task.generate.messages) == messages and list(task.generate.prompt_token_ids) == [1, 2, 3, 4]
     estimate = TokenCount((40,), is_exact=False)  # bytes, not tokens: never sent as ids
     assert not call.to_tasks("r", "m-v1", counted=estimate)[0].generate.prompt_token_ids
+
+
+def _nan_schema():
+    from google.protobuf import struct_pb2
+    schema = struct_pb2.Struct()
+    schema.update({"type": "object", "properties": {"x": {"type": "number", "maximum": float("nan")}}})
+    return schema
+
+
+@pytest.mark.parametrize("make, parse", [(completion, completion_from_pb), (chat, chat_from_pb)])
+@pytest.mark.parametrize("fields, needle", [
+    (lambda: dict(response_format=pb.ResponseFormat(type="json_schema", json_schema=pb.JsonSchemaFormat(
+        name="n", schema=_nan_schema()))), "response_format.json_schema.schema has a number that is not finite"),
+    (lambda: dict(structured_outputs=pb.StructuredOutputs(json=_nan_schema())),
+     "structured_outputs.json has a number that is not finite"),
+])
+def test_a_schema_with_nan_is_invalid_argument_not_internal(make, parse, fields, needle):
+    # json_format cannot write NaN or Infinity as JSON: this was INTERNAL before.
+    assert needle in refused(parse, make(**fields()))
