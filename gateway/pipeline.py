@@ -19,7 +19,7 @@ import typing
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
-from llmserve.common.errors import failed_precondition, invalid_argument, not_found, unavailable
+from llmserve.common.errors import failed_precondition, invalid_argument, not_found
 from llmserve.common.state.views import RegistryView
 from llmserve.common.structured import ConstraintError, GrammarCompiler
 from llmserve.dispatch.v1 import task_pb2
@@ -81,8 +81,8 @@ class Pipeline:
         tokenizer = await self.tokens.tokenizer(version)
         if tokenizer is None:
             if call.echo:
-                raise unavailable(f"the gateway cannot load the tokenizer of model {version.version!r}, which echo "
-                                  "of a token-id prompt needs; retry later, or send the prompt as text")
+                raise failed_precondition(f"model version {version.version!r} has no tokenizer the gateway can "
+                                          "load, which echo of a token-id prompt needs: send the prompt as text")
             return call
         vocab = len(tokenizer)
         for i, ids in enumerate(call.prompt_ids):

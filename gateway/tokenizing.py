@@ -14,7 +14,7 @@ import dataclasses
 
 from llmserve.admin.v1 import registry_pb2
 from llmserve.common.config import GatewayConfig
-from llmserve.common.errors import failed_precondition, invalid_argument, not_found, unavailable
+from llmserve.common.errors import failed_precondition, invalid_argument, not_found
 from llmserve.common.state.views import RegistryView
 from llmserve.common.tokenizers import prompt_ids
 from llmserve.gateway.context import RequestContext
@@ -48,7 +48,9 @@ class Tokenizing:
     async def _tokenizer(self, version: registry_pb2.ModelVersion):
         tokenizer = await self.tokens.tokenizer(version)
         if tokenizer is None:
-            raise unavailable(f"the gateway cannot load the tokenizer of model {version.version!r}; retry later")
+            # Loading failed (it is not retried): a state of this version, not of the request or a passing fault.
+            raise failed_precondition(f"model version {version.version!r} has no tokenizer the gateway can load "
+                                      "(see its tokenizer_source label), so it cannot tokenize or detokenize here")
         return tokenizer
 
     async def tokenize(self, ctx: RequestContext, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:

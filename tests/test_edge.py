@@ -234,7 +234,7 @@ async def test_a_prompt_over_the_context_length_is_refused_before_any_limit_is_t
     assert (await mesh.stub.CreateCompletion(request(), metadata=auth)).choices
 
 
-async def test_queue_time_reaches_the_request_log_but_no_worker_id_reaches_the_caller(mesh):
+async def test_queue_time_reaches_the_request_log_and_worker_ids_only_x_llmserve_worker(mesh):
     from structlog.testing import capture_logs
     _, auth = await tenant(mesh)
     with capture_logs() as logs:
@@ -243,4 +243,8 @@ async def test_queue_time_reaches_the_request_log_but_no_worker_id_reaches_the_c
     (line,) = [e for e in logs if e["event"] == "request" and e.get("kind") == "completion"]
     assert line["code"] == "OK" and isinstance(line["queue_ms"], float) and line["queue_ms"] >= 0
     metadata = [*await call.initial_metadata(), *await call.trailing_metadata()]
-    assert all(worker.worker_id not in str(v) for worker in mesh.workers for _, v in metadata)
+    # The serving worker is named in x-llmserve-worker (issue 11), and in no other header or trailer.
+    ids = {worker.worker_id for worker in mesh.workers}
+    named = [v for k, v in metadata if k == "x-llmserve-worker"]
+    assert len(named) == 1 and set(str(named[0]).split(",")) <= ids and set(str(named[0]).split(","))
+    assert all(i not in str(v) for i in ids for k, v in metadata if k != "x-llmserve-worker")

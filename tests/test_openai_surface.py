@@ -287,7 +287,9 @@ async def test_detokenize_round_trips_and_names_a_bad_id(mesh):
     (tokenize(model="embed", messages=msgs(("user", "b"))), grpc.StatusCode.INVALID_ARGUMENT, "no chat template"),
     (tokenize(prompt="x" * 70_000), grpc.StatusCode.INVALID_ARGUMENT, "prompt is 70000 bytes"),
     (tokenize(messages=msgs(("robot", "b"))), grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role='robot'"),
-], ids=["empty", "both", "unknown model", "embed chat", "too long", "bad role"])
+    (tokenize(model=WORKER_TEMPLATED, prompt="a"), grpc.StatusCode.FAILED_PRECONDITION,
+     f"{WORKER_TEMPLATED!r} has no tokenizer the gateway can load"),
+], ids=["empty", "both", "unknown model", "embed chat", "too long", "bad role", "no tokenizer"])
 async def test_tokenize_refusals(mesh, request_, code, text):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await mesh.stub.Tokenize(request_, metadata=mesh.auth)

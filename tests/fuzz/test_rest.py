@@ -89,9 +89,14 @@ def steered(document: dict, mode: GenerationMode) -> dict:
     most one of max_tokens and max_completion_tokens; the context length), so that most reach the models."""
     doc = copy.deepcopy(document)
     schemas = doc["components"]["schemas"]
-    for name in ("CreateCompletionRequest", "CreateChatCompletionRequest", "CreateEmbeddingsRequest"):
+    for name in ("CreateCompletionRequest", "CreateChatCompletionRequest", "CreateEmbeddingsRequest",
+                 "TokenizeRequest", "DetokenizeRequest"):
         schemas[name]["properties"]["model"] = {"type": "string", "enum": MODELS}
-    doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["schema"] = {"type": "string", "enum": MODELS}
+    # Negative: names the registry could never hold (the admin fuzzing registers odd but valid ones, such as "0",
+    # which an enum's negation would hit).
+    doc["paths"]["/v1/models/{model}"]["get"]["parameters"][0]["schema"] = (
+        {"type": "string", "enum": MODELS} if mode == GenerationMode.POSITIVE
+        else {"type": "string", "pattern": "^[a-z0-9][a-z0-9._-]{0,127}$"})
     if mode == GenerationMode.POSITIVE:
         schemas["ChatMessageInput"]["properties"]["content"] = {"type": "string", "minLength": 1}
         for name in ("CreateCompletionRequest", "CreateChatCompletionRequest"):
