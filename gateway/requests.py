@@ -514,18 +514,23 @@ def _prompt_ids(request, cfg: GatewayConfig) -> tuple[tuple[int, ...], ...]:
     """Token-id prompts (checked against the vocabulary by the pipeline, which knows the version)."""
     if request.prompt or request.prompts:
         raise invalid_argument("set one of prompt, prompts and prompt_token_ids, not several")
-    if len(request.prompt_token_ids) > cfg.max_prompts:  # counted before anything iterates them
-        raise invalid_argument(f"prompt_token_ids has {len(request.prompt_token_ids)} prompts; at most "
-                               f"{cfg.max_prompts} are allowed: split the request")
-    prompts = []
-    for i, entry in enumerate(request.prompt_token_ids):
+    return _token_id_lists(request.prompt_token_ids, "prompt_token_ids", "prompts", "prompt", cfg.max_prompts)
+
+
+def _token_id_lists(entries, field: str, plural: str, singular: str, limit: int) -> tuple[tuple[int, ...], ...]:
+    """Lists of token ids (prompts or embedding inputs): at most `limit`, none empty, no negative id."""
+    if len(entries) > limit:  # counted before anything iterates them
+        raise invalid_argument(f"{field} has {len(entries)} {plural}; at most {limit} are allowed: split the "
+                               "request")
+    lists = []
+    for i, entry in enumerate(entries):
         if not entry.token_ids:
-            raise invalid_argument(f"prompt_token_ids[{i}] has no token ids: give each prompt at least one")
+            raise invalid_argument(f"{field}[{i}] has no token ids: give each {singular} at least one")
         for j, token in enumerate(entry.token_ids):
             if token < 0:
-                raise invalid_argument(f"prompt_token_ids[{i}][{j}]={token} is not a token id: ids are >= 0")
-        prompts.append(tuple(entry.token_ids))
-    return tuple(prompts)
+                raise invalid_argument(f"{field}[{i}][{j}]={token} is not a token id: ids are >= 0")
+        lists.append(tuple(entry.token_ids))
+    return tuple(lists)
 
 
 def completion_from_pb(request, cfg: GatewayConfig) -> GenerationCall:
@@ -604,18 +609,7 @@ def _input_ids(request, cfg: GatewayConfig) -> tuple[tuple[int, ...], ...]:
     """Embedding inputs as token ids (checked against the vocabulary by the pipeline, which knows the version)."""
     if request.input or request.inputs:
         raise invalid_argument("set one of input, inputs and input_token_ids, not several")
-    if len(request.input_token_ids) > cfg.max_embedding_inputs:  # counted before anything iterates them
-        raise invalid_argument(f"input_token_ids has {len(request.input_token_ids)} inputs; at most "
-                               f"{cfg.max_embedding_inputs} are allowed: split the request")
-    inputs = []
-    for i, entry in enumerate(request.input_token_ids):
-        if not entry.token_ids:
-            raise invalid_argument(f"input_token_ids[{i}] has no token ids: give each input at least one")
-        for j, token in enumerate(entry.token_ids):
-            if token < 0:
-                raise invalid_argument(f"input_token_ids[{i}][{j}]={token} is not a token id: ids are >= 0")
-        inputs.append(tuple(entry.token_ids))
-    return tuple(inputs)
+    return _token_id_lists(request.input_token_ids, "input_token_ids", "inputs", "input", cfg.max_embedding_inputs)
 
 
 def embeddings_from_pb(request: pb.CreateEmbeddingsRequest, cfg: GatewayConfig) -> EmbeddingCall:
