@@ -61,7 +61,8 @@ class StepScheduler:
         # decode phases. Sequences are served in (priority, arrival) order, running and waiting alike, so a
         # decode needs one token of budget and a long prompt takes what is left, in chunks. When KV blocks run
         # out, the running sequence last in that order is preempted (lowest class, most recent first): its
-        # blocks are freed and it waits to recompute. A waiting sequence may only preempt a lower class.
+        # blocks are freed and it waits to recompute. A waiting sequence may only preempt a lower class, for
+        # blocks or for a slot when max_num_seqs sequences run.
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         candidates = sorted(self.running + self.waiting, key=lambda s: s.sort_key)
@@ -82,7 +83,17 @@ class StepScheduler:
                     continue
                 self.block_manager.append(seq)
             else:
-                if not is_admitting or len(self.running) >= self.max_num_seqs:
+                if not is_admitting:
+                    continue
+                # A full batch of running sequences makes room for a waiting sequence of a higher class: the
+                # scheduler service sends an interactive task to a worker whose slots batch sequences hold, and
+                # this is where the worker yields one of them (it recomputes later, from its cached blocks).
+                while len(self.running) >= self.max_num_seqs:
+                    victim = self._victim(batch, worse_than=seq)
+                    if victim is None:
+                        break
+                    self._preempt(victim, batch)
+                if len(self.running) >= self.max_num_seqs:
                     is_admitting = False
                     continue
                 while not self.block_manager.can_allocate(seq):

@@ -182,6 +182,29 @@ async def test_interactive_request_keeps_flowing_when_blocks_run_out(tiny):
         await engine.stop()
 
 
+async def test_interactive_request_takes_a_slot_of_a_full_batch_and_the_batch_output_is_unchanged(tiny):
+    # Every slot is held by batch sequences (max_num_seqs 2, blocks to spare): the interactive request starts at
+    # the next step instead of waiting for one to finish, and the preempted batch sequences, greedy or seeded,
+    # produce what they produce undisturbed.
+    engine = make_engine(tiny, max_num_seqs=2)
+    try:
+        greedy = dict(max_tokens=48, ignore_eos=True)
+        seeded = dict(temperature=1.0, top_p=0.9, seed=11, max_tokens=48, ignore_eos=True)
+        batch_jobs = [asyncio.create_task(collect(engine, request(engine, PROMPTS[4], "g", priority=3, **greedy))),
+                      asyncio.create_task(collect(engine, request(engine, PROMPTS[3], "s", priority=3, **seeded)))]
+        await asyncio.sleep(0.05)
+        text, outputs = await collect(engine, request(engine, PROMPTS[2], "i", priority=1, max_tokens=8))
+        assert text == generate_alone(*tiny, PROMPTS[2], 8)
+        assert not any(job.done() for job in batch_jobs)  # it did not wait for a batch sequence to finish
+        (greedy_text, _), (seeded_text, _) = await asyncio.gather(*batch_jobs)
+        assert engine.stats().num_preemptions > 0
+        assert greedy_text == generate_alone(*tiny, PROMPTS[4], 48)
+        alone, _ = await collect(engine, request(engine, PROMPTS[3], "s2", priority=3, **seeded))
+        assert seeded_text == alone
+    finally:
+        await engine.stop()
+
+
 async def test_seeds_reproduce_alone_or_batched(engine):
     def sampled(seed: int, request_id: str = "s") -> GenerationRequest:
         return request(engine, "Tell me a story", request_id, temperature=1.0, top_p=0.9, top_k=50, seed=seed,

@@ -145,6 +145,27 @@ def test_waiting_request_preempts_only_a_lower_class():
     assert "r9" in scheduled(batch)
 
 
+def test_a_higher_class_takes_a_slot_from_a_full_batch_of_lower_class_sequences():
+    scheduler = make_scheduler(max_num_seqs=2)
+    low = make_requests(4, 4, priority=3)
+    for seq in low:
+        scheduler.add(seq)
+    run_step(scheduler)
+    standard = make_requests(4, priority=3, start=5)[0]  # same class: waits for a slot, preempts nobody
+    scheduler.add(standard)
+    batch = run_step(scheduler)
+    assert not batch.preempted and standard.status is SequenceStatus.WAITING
+    interactive = make_requests(4, priority=1, start=9)[0]
+    scheduler.add(interactive)
+    batch = run_step(scheduler)
+    assert [s.request_id for s in batch.preempted] == ["r1"]  # the most recent of the lowest class
+    assert scheduled(batch) == {"r9": 4, "r0": 1}
+    assert len(scheduler.running) == 2 and low[1].status is SequenceStatus.WAITING
+    scheduler.finish(interactive)
+    batch = run_step(scheduler)  # the slot comes back: the preempted sequence resumes before the later arrival
+    assert "r1" in scheduled(batch) and standard.status is SequenceStatus.WAITING
+
+
 def test_prefix_cache_hit_skips_the_shared_blocks():
     scheduler = make_scheduler()
     first = Sequence(list(range(10)), request_id="a")
