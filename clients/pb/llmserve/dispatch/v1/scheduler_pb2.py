@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmserve.dispatch.v1 import task_pb2 as llmserve_dot_dispatch_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$llmserve/dispatch/v1/scheduler.proto\x12\x14llmserve.dispatch.v1\x1a\x1fllmserve/dispatch/v1/task.proto\"w\n\rSubmitRequest\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1a.llmserve.dispatch.v1.TaskH\x00\x12\x32\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.CancelTaskH\x00\x42\x06\n\x04kind\":\n\x0eTaskDispatched\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rqueue_time_ms\x18\x02 \x01(\x01\"\x88\x01\n\x0eSubmitResponse\x12:\n\ndispatched\x18\x01 \x01(\x0b\x32$.llmserve.dispatch.v1.TaskDispatchedH\x00\x12\x32\n\x06output\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.TaskOutputH\x00\x42\x06\n\x04kind2k\n\x10SchedulerService\x12W\n\x06Submit\x12#.llmserve.dispatch.v1.SubmitRequest\x1a$.llmserve.dispatch.v1.SubmitResponse(\x01\x30\x01\x42\x31Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$llmserve/dispatch/v1/scheduler.proto\x12\x14llmserve.dispatch.v1\x1a\x1fllmserve/dispatch/v1/task.proto\"w\n\rSubmitRequest\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1a.llmserve.dispatch.v1.TaskH\x00\x12\x32\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.CancelTaskH\x00\x42\x06\n\x04kind\":\n\x0eTaskDispatched\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x15\n\rqueue_time_ms\x18\x02 \x01(\x01\"\x88\x01\n\x0eSubmitResponse\x12:\n\ndispatched\x18\x01 \x01(\x0b\x32$.llmserve.dispatch.v1.TaskDispatchedH\x00\x12\x32\n\x06output\x18\x02 \x01(\x0b\x32 .llmserve.dispatch.v1.TaskOutputH\x00\x42\x06\n\x04kind\"G\n\rSchedulerInfo\x12\x14\n\x0cscheduler_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07started\x18\x03 \x01(\r2k\n\x10SchedulerService\x12W\n\x06Submit\x12#.llmserve.dispatch.v1.SubmitRequest\x1a$.llmserve.dispatch.v1.SubmitResponse(\x01\x30\x01\x42\x31Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKDISPATCHED']._serialized_end=274
   _globals['_SUBMITRESPONSE']._serialized_start=277
   _globals['_SUBMITRESPONSE']._serialized_end=413
-  _globals['_SCHEDULERSERVICE']._serialized_start=415
-  _globals['_SCHEDULERSERVICE']._serialized_end=522
+  _globals['_SCHEDULERINFO']._serialized_start=415
+  _globals['_SCHEDULERINFO']._serialized_end=486
+  _globals['_SCHEDULERSERVICE']._serialized_start=488
+  _globals['_SCHEDULERSERVICE']._serialized_end=595
 # @@protoc_insertion_point(module_scope)

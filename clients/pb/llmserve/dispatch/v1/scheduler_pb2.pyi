@@ -106,3 +106,35 @@ class SubmitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___SubmitResponse: _TypeAlias = SubmitResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerInfo(_message.Message):
+    """A scheduler's registration in etcd (schedulers/<scheduler_id>, attached to its lease): gateways watch these and
+    spread tasks over the live ones.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULER_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    scheduler_id: _builtins.str
+    """Unique scheduler id."""
+    address: _builtins.str
+    """host:port of its SchedulerService."""
+    started: _builtins.int
+    """Unix time in seconds when it started."""
+    def __init__(
+        self,
+        *,
+        scheduler_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        started: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "scheduler_id", b"scheduler_id", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerInfo: _TypeAlias = SchedulerInfo  # noqa: Y015
