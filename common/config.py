@@ -149,8 +149,20 @@ class SchedulerConfig:
     # A worker silent this long (no output, no load report: they come every worker.load_report_interval_s) gets no
     # new tasks until it speaks again (hung, not dead; a dead one leaves when its stream breaks or lease expires).
     worker_silence_s: float = 5.0
+    # Priorities across the mesh. With preemption on, a task finding no free slot may take one that a lower class
+    # holds on a worker: the scheduler sends it there and the worker's engine preempts the lower-class sequence
+    # (it recomputes later from its cached blocks, with the same output). Free slots still go by aging_s.
+    preemption: bool = True
+    # Queued tasks per model and class (interactive, standard, batch) beyond which that class's new tasks get
+    # RESOURCE_EXHAUSTED; 0 or missing: only max_queue_per_model. A task with a deadline is refused at once
+    # (RESOURCE_EXHAUSTED, saying why) when the tasks ahead of it, at the rate its model's tasks finished over the
+    # last 30 s, would take longer than the time it has left.
+    max_queue_per_class: list[int] = field(default_factory=lambda: [512, 2048, 4096])
 
     def validate(self) -> None:
+        if len(self.max_queue_per_class) > 3 or any(c < 0 for c in self.max_queue_per_class):
+            raise ValueError(f"scheduler.max_queue_per_class={self.max_queue_per_class} must be at most 3 counts "
+                             "(interactive, standard, batch), each >= 0")
         if self.routing not in ("kv", "least_loaded", "round_robin"):
             raise ValueError(f"scheduler.routing={self.routing!r} must be kv, least_loaded or round_robin")
         for name in ("kv_hit_weight", "kv_load_weight", "kv_pressure_weight", "max_migrations"):

@@ -27,7 +27,8 @@ class SchedulerApp:
                                      routing=cfg.routing, kv_hit_weight=cfg.kv_hit_weight,
                                      kv_load_weight=cfg.kv_load_weight, kv_pressure_weight=cfg.kv_pressure_weight,
                                      max_migrations=cfg.max_migrations, worker_silence_s=cfg.worker_silence_s,
-                                     engine_of=self._engine_of)
+                                     engine_of=self._engine_of, preemption=cfg.preemption,
+                                     max_queue_per_class=cfg.max_queue_per_class)
         self.view = RegistryView(self.client, config.etcd.prefix, watch_workers=True,
                                  on_workers_change=self._members_changed)
         # Internal: mTLS when the mesh has TLS, and only gateways submit (they checked keys, limits and budgets).

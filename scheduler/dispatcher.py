@@ -18,7 +18,7 @@ import typing
 
 import grpc
 
-from llmserve.common import kvhash
+from llmserve.common import kvhash, priority
 from llmserve.common.errors import ServiceError, resource_exhausted, unavailable
 from llmserve.common.logs import get_logger
 from llmserve.dispatch.v1 import scheduler_pb2, task_pb2, worker_pb2
@@ -33,6 +33,10 @@ log = get_logger(__name__)
 ConnectionFactory = typing.Callable[[worker_pb2.WorkerInfo, typing.Callable[[], None]], WorkerConnection]
 
 RECONNECT_DELAY_S = 1.0
+# A task with a deadline is refused at once when the tasks ahead of it, at the rate tasks of its model finished over
+# the last RATE_WINDOW_S (at least RATE_MIN_SAMPLES of them), would take longer than the time it has left.
+RATE_WINDOW_S = 30.0
+RATE_MIN_SAMPLES = 8
 
 # version -> (the version whose engine computes it, the LoRA adapter's name or ""): an adapter's blocks are its
 # base engine's, salted with the adapter's name.
@@ -45,7 +49,9 @@ class Dispatcher:
                  connect: ConnectionFactory = WorkerConnection, reconnect_delay_s: float = RECONNECT_DELAY_S,
                  worker_wait_s: float = 0.0, routing: str = "least_loaded", kv_hit_weight: float = 1.0,
                  kv_load_weight: float = 1.5, kv_pressure_weight: float = 0.5, max_migrations: int = 0,
-                 worker_silence_s: float | None = None, engine_of: EngineOf | None = None):
+                 worker_silence_s: float | None = None, engine_of: EngineOf | None = None,
+                 preemption: bool = True, max_queue_per_class: typing.Sequence[int] = (),
+                 rate_window_s: float = RATE_WINDOW_S):
         if routing not in ROUTINGS:
             raise ValueError(f"routing {routing!r} is not one of {', '.join(ROUTINGS)}")
         self.routing = routing
@@ -57,7 +63,10 @@ class Dispatcher:
         self.index = KvIndex()
         self._turns: dict[str, itertools.count] = {}  # round-robin position per model version
         self.max_queue_per_model = max_queue_per_model
+        self.max_queue_per_class = list(max_queue_per_class)  # per class 1..3; missing or 0: only the model's cap
         self.aging_s = aging_s
+        self.preemption = preemption
+        self.rate_window_s = rate_window_s
         # A model whose last worker went away less than this long ago still takes tasks: they wait for a worker
         # to come back (a restarted one is back in seconds) instead of failing at once.
         self.worker_wait_s = worker_wait_s
@@ -137,7 +146,13 @@ class Dispatcher:
     def _connect(self, info: worker_pb2.WorkerInfo) -> WorkerConnection:
         conn = self.connect(info, self._on_worker_change)
         conn.on_kv_events = self.index.apply  # the new stream starts with a snapshot, which resets the worker's
+        conn.on_finished = self._on_finished
         return conn
+
+    def _on_finished(self, entry: Entry) -> None:
+        queue = self.queues.get(entry.task.model_version)
+        if queue is not None:
+            queue.note_finished(time.monotonic(), self.rate_window_s)
 
     def _note_lost(self, conn: WorkerConnection) -> None:
         """Notes when the models of a connection that went away lost their last live worker (a connection that
@@ -173,9 +188,39 @@ class Dispatcher:
         if len(queue) >= self.max_queue_per_model:
             raise resource_exhausted(f"the queue of model version {version!r} is full "
                                      f"({self.max_queue_per_model} tasks); retry later")
+        cls = entry.priority
+        cap = self.max_queue_per_class[cls - 1] if cls <= len(self.max_queue_per_class) else 0
+        if cap and len(queue.fifos[cls - 1]) >= cap:
+            raise resource_exhausted(f"the {priority.name(cls)} queue of model version {version!r} is full "
+                                     f"({cap} tasks); retry later or send it in another priority class")
+        self._refuse_if_late(queue, entry)
         queue.push(entry)
         metrics.QUEUED.labels(version).set(len(queue))
         self.wake()
+
+    def _refuse_if_late(self, queue: ModelQueue, entry: Entry) -> None:
+        """RESOURCE_EXHAUSTED at once for a task whose deadline its queue cannot meet (by RATE_WINDOW_S's rate),
+        instead of letting it wait until the deadline passes: the caller can go elsewhere while there is time."""
+        deadline_ms = entry.task.deadline_unix_ms
+        if not deadline_ms:
+            return
+        workers = self.serving(entry.task.model_version)
+        if any(w.fits(entry, preempting=self.preemption) for w in workers):
+            return  # it starts now
+        now = time.monotonic()
+        rate = queue.finish_rate(now, self.rate_window_s, RATE_MIN_SAMPLES)
+        if rate is None:
+            return
+        ahead = queue.ahead_of(entry) + 1  # it needs a slot too: the next one to free
+        wait_s = ahead / rate
+        left_s = deadline_ms / 1000 - time.time()
+        if wait_s > left_s:
+            metrics.REFUSED_LATE.labels(priority.name(entry.priority)).inc()
+            raise resource_exhausted(
+                f"the deadline cannot be met: about {ahead} task(s) are ahead of this one in the queue of model "
+                f"version {entry.task.model_version!r}, about {wait_s:.1f} s at the rate tasks finish "
+                f"({rate:.1f}/s), and the deadline leaves {max(left_s, 0.0):.1f} s; allow more time, use a higher "
+                "priority class, or retry later")
 
     def cancel(self, entry: Entry) -> None:
         if entry.is_done:
@@ -211,9 +256,17 @@ class Dispatcher:
                     break
                 # The head waits for a worker its n sequences fit on (those behind it wait too: none starves).
                 candidates = [w for w in workers if w.fits(head) and not w.is_silent(self.worker_silence_s)]
-                if not candidates:
-                    break
-                entry = queue.pop()
+                if candidates:
+                    entry = queue.pop()
+                else:
+                    # No free slot: the best class's next task may still take one a lower class holds (the
+                    # worker's engine preempts that sequence). Free slots keep going by aging, so a starved
+                    # batch task still gets the next one that frees.
+                    taken = self._preempting_pick(queue, workers)
+                    if taken is None:
+                        break
+                    entry, candidates = taken
+                    metrics.PREEMPTING_DISPATCHES.labels(version, priority.name(entry.priority)).inc()
                 if entry is None:
                     break
                 deadline = entry.task.deadline_unix_ms
@@ -222,6 +275,7 @@ class Dispatcher:
                     entry.outbox.put_nowait(ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                                          "the deadline passed while the request was queued"))
                     continue
+                self._promote_if_aged(queue, entry)
                 worker = self.pick(entry, candidates)
                 wait_s = time.monotonic() - entry.enqueued
                 entry.on_lost = self._on_lost
@@ -230,6 +284,31 @@ class Dispatcher:
                 entry.outbox.put_nowait(scheduler_pb2.TaskDispatched(worker_id=worker.worker_id,
                                                                      queue_time_ms=wait_s * 1000))
             metrics.QUEUED.labels(version).set(len(queue))
+
+    def _promote_if_aged(self, queue: ModelQueue, entry: Entry) -> None:
+        """A task that climbed classes while it waited runs in the class it reached (the worker's engine is told
+        too): after 2 * aging_s a batch task is not preempted by interactive traffic any more, so aging bounds
+        how long it waits to start and to finish, not only its place in the queue."""
+        reached = max(1, int(queue.effective(entry, time.monotonic())))
+        if reached < entry.priority:
+            entry.priority = reached
+            entry.task.priority = priority.to_pb(reached)
+
+    def _preempting_pick(self, queue: ModelQueue, workers: list[WorkerConnection]
+                         ) -> tuple[Entry, list[WorkerConnection]] | None:
+        """(the task taken from the queue, the workers it fits on by preempting lower classes), or None."""
+        if not self.preemption:
+            return None
+        for cls in range(1, priority.NUM_CLASSES):  # the lowest class preempts nobody
+            entry = queue.head_of_class(cls)
+            if entry is None:
+                continue
+            candidates = [w for w in workers if w.fits(entry, preempting=True)
+                          and not w.is_silent(self.worker_silence_s)]
+            if candidates:
+                return queue.pop_class(cls), candidates
+            return None  # the best class waiting cannot preempt: neither can a lower one
+        return None
 
     # ---- routing ----
 

@@ -8,3 +8,8 @@ QUEUE_TIME = Histogram("llmserve_scheduler_queue_time_seconds", "Time from submi
 WORKERS = Gauge("llmserve_scheduler_workers", "Workers registered in etcd")
 MIGRATIONS = Counter("llmserve_scheduler_migrations_total", "Tasks whose worker was lost: migrated or refused",
                      ["outcome"])
+PREEMPTING_DISPATCHES = Counter("llmserve_scheduler_preempting_dispatches_total",
+                                "Tasks sent to a worker whose slots lower classes held (the worker preempts one)",
+                                ["model_version", "priority"])
+REFUSED_LATE = Counter("llmserve_scheduler_refused_late_total",
+                       "Tasks refused at submit because their queue could not meet their deadline", ["priority"])

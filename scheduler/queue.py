@@ -155,6 +155,7 @@ class TenantTurns:
 class ModelQueue:
     def __init__(self, aging_s: float):
         self.aging_s = aging_s
+        self.finished: collections.deque[float] = collections.deque()  # when tasks finished (monotonic), recent
         self.fifos: list[TenantTurns] = [TenantTurns() for _ in range(NUM_CLASSES)]
 
     def __len__(self) -> int:
@@ -167,7 +168,7 @@ class ModelQueue:
         """Back at the head of its class (a migrated task: its client is already waiting mid-stream)."""
         self.fifos[entry.priority - 1].appendleft(entry)
 
-    def _effective(self, entry: Entry, now: float) -> float:
+    def effective(self, entry: Entry, now: float) -> float:
         climbed = int((now - entry.enqueued) / self.aging_s) if self.aging_s > 0 else 0
         return entry.priority - climbed
 
@@ -176,7 +177,7 @@ class ModelQueue:
         heads = [f[0] for f in self.fifos if f]
         if not heads:
             return None
-        return min(heads, key=lambda e: (self._effective(e, now), e.priority, e.enqueued))
+        return min(heads, key=lambda e: (self.effective(e, now), e.priority, e.enqueued))
 
     def pop(self) -> Entry | None:
         entry = self.peek()
@@ -184,12 +185,42 @@ class ModelQueue:
             self.fifos[entry.priority - 1].popleft()
         return entry
 
+    def head_of_class(self, priority: int) -> Entry | None:
+        """The next task of one class, by its tenants' turns (aging aside)."""
+        fifo = self.fifos[priority - 1]
+        return fifo[0] if fifo else None
+
+    def pop_class(self, priority: int) -> Entry:
+        return self.fifos[priority - 1].popleft()
+
+    def ahead_of(self, entry: Entry) -> int:
+        """About how many queued tasks a newly queued task waits behind: all of the higher classes, and, in its
+        own class, one per other tenant for each task its own tenant has queued before it, plus one turn."""
+        ahead = sum(len(f) for f in self.fifos[:entry.priority - 1])
+        own_class = self.fifos[entry.priority - 1]
+        mine = len(own_class.by_tenant.get(entry.fairness_id, ()))
+        others = len(own_class.turns) - (1 if mine else 0)
+        return ahead + min(len(own_class) - mine, others * (mine + 1)) + mine
+
     def remove(self, entry: Entry) -> bool:
         try:
             self.fifos[entry.priority - 1].remove(entry)
             return True
         except ValueError:
             return False
+
+    def note_finished(self, now: float, window_s: float) -> None:
+        self.finished.append(now)
+        while self.finished and now - self.finished[0] > window_s:
+            self.finished.popleft()
+
+    def finish_rate(self, now: float, window_s: float, min_samples: int) -> float | None:
+        """Tasks finished per second over the last window_s, or None with fewer than min_samples to go by."""
+        while self.finished and now - self.finished[0] > window_s:
+            self.finished.popleft()
+        if len(self.finished) < min_samples:
+            return None
+        return len(self.finished) / max(now - self.finished[0], 1e-3)
 
     def drain(self) -> list[Entry]:
         entries = [e for f in self.fifos for e in f]

@@ -13,6 +13,7 @@ from llmserve.common.config import SecurityConfig
 from llmserve.common.errors import ServiceError
 from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import mesh_metadata
+from llmserve.common.priority import NUM_CLASSES
 from llmserve.common.server import CHANNEL_OPTIONS
 from llmserve.dispatch.v1 import task_pb2, worker_pb2, worker_pb2_grpc
 from llmserve.scheduler.queue import Entry
@@ -34,6 +35,8 @@ class WorkerConnection:
         self.worker_id = info.worker_id
         self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
         self.num_inflight = {m.model_version: 0 for m in info.models}
+        # The same sequences by priority class (index class - 1): what a higher class may take from lower ones.
+        self.num_inflight_by_class = {m.model_version: [0] * NUM_CLASSES for m in info.models}
         self.load: dict[str, task_pb2.ModelLoad] = {}
         self.entries: dict[str, Entry] = {}
         self.is_alive = True
@@ -42,6 +45,7 @@ class WorkerConnection:
         self.is_ready = False
         self.last_heard = time.monotonic()  # when the worker last sent anything (outputs, load, KV events)
         self.on_kv_events: typing.Callable[[str, worker_pb2.KvEvents], None] | None = None  # the dispatcher's index
+        self.on_finished: typing.Callable[[Entry], None] | None = None  # the dispatcher's finish-rate estimate
         self._on_change = on_change
         self._outbox: asyncio.Queue[worker_pb2.ServeRequest | None] = asyncio.Queue()
         security = security or SecurityConfig()
@@ -56,6 +60,7 @@ class WorkerConnection:
         self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
         for version in self.capacity:
             self.num_inflight.setdefault(version, 0)
+            self.num_inflight_by_class.setdefault(version, [0] * NUM_CLASSES)
 
     def serves(self, version: str) -> bool:
         return version in self.capacity
@@ -77,10 +82,21 @@ class WorkerConnection:
             return 0
         return self.capacity.get(version, 0) - self.num_inflight.get(version, 0)
 
-    def fits(self, entry: Entry) -> bool:
-        """Whether the task's sequences fit now (one wider than the whole model waits for an idle worker)."""
+    def room_by_preemption(self, version: str, priority: int) -> int:
+        """Sequences of a class-`priority` task the worker can start now if it preempts lower classes: its slots
+        less those held by the same or higher classes. The engine does the preempting (a waiting sequence takes
+        the slot of a running lower-class one, which recomputes later with the same output)."""
+        if not (self.is_alive and self.is_ready):
+            return 0
+        held = self.num_inflight_by_class.get(version, [0] * NUM_CLASSES)[:priority]
+        return self.capacity.get(version, 0) - sum(held)
+
+    def fits(self, entry: Entry, preempting: bool = False) -> bool:
+        """Whether the task's sequences fit now (one wider than the whole model waits for an idle worker);
+        preempting: counting the slots lower classes hold as room."""
         version = entry.task.model_version
-        return self.room(version) >= min(entry.weight, self.capacity.get(version, 0)) > 0
+        room = self.room_by_preemption(version, entry.priority) if preempting else self.room(version)
+        return room >= min(entry.weight, self.capacity.get(version, 0)) > 0
 
     def utilization(self, version: str) -> float:
         """Busy share of the model's slots: our own count, or the worker's last report when that says more
@@ -95,6 +111,7 @@ class WorkerConnection:
         entry.worker = self
         self.entries[entry.request_id] = entry
         self.num_inflight[entry.task.model_version] += entry.weight
+        self.num_inflight_by_class[entry.task.model_version][entry.priority - 1] += entry.weight
         self._outbox.put_nowait(worker_pb2.ServeRequest(task=entry.task))
 
     def cancel(self, entry: Entry) -> None:
@@ -115,7 +132,10 @@ class WorkerConnection:
     def _finish(self, entry: Entry) -> None:
         if self.entries.pop(entry.request_id, None) is not None:
             self.num_inflight[entry.task.model_version] -= entry.weight
+            self.num_inflight_by_class[entry.task.model_version][entry.priority - 1] -= entry.weight
             entry.is_done = True
+            if self.on_finished is not None:
+                self.on_finished(entry)
             self._on_change()
 
     async def _requests(self) -> typing.AsyncIterator[worker_pb2.ServeRequest]:

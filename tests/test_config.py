@@ -34,6 +34,8 @@ def test_gateway_replica_ports_from_yaml_and_environment(tmp_path):
     ("", {"LLMSERVE_GATEWAY__RESPONSE_CACHE_MAX_ENTRY_BYTES": "-1"}, "gateway.response_cache_max_entry_bytes=-1"),
     ("gateway:\n  port: 7000\n  replica_ports: [7001, 7000]\n", {}, "gateway.replica_ports=[7001, 7000] must be"),
     ("", {"LLMSERVE_GATEWAY__REPLICA_PORTS": "7001,x"}, "cannot read '7001,x' as list[int]"),
+    ("", {"LLMSERVE_SCHEDULER__MAX_QUEUE_PER_CLASS": "1,2,3,4"}, "scheduler.max_queue_per_class=[1, 2, 3, 4]"),
+    ("scheduler:\n  max_queue_per_class: [8, -1]\n", {}, "each >= 0"),
 ])
 def test_bad_config_names_the_setting(tmp_path, yaml_text, env, needle):
     path = tmp_path / "c.yaml"
