@@ -67,13 +67,17 @@ class RequestContext:
         several prompts, or after a migration); none for a response-cache hit."""
         return [("x-llmserve-worker", ",".join(self.workers))] if self.workers else []
 
-    def metadata(self) -> list[tuple[str, str]]:
-        """Initial response metadata: what served the request (never a worker's identity)."""
+    def metadata(self, *, workers: bool = False) -> list[tuple[str, str]]:
+        """Initial response metadata: what served the request; with workers, also the workers its tasks reached so
+        far, in x-llmserve-worker (a stream's, whose REST headers are written before any output: the trailer alone
+        would come too late). A worker's identity goes in no other entry."""
         metadata = [("x-request-id", self.request_id),
                     ("x-llmserve-model-version", self.version.version if self.version else ""),
                     ("x-llmserve-cache", self.cache or "bypass")]
         if self.priority_note:
             metadata.append(("x-llmserve-priority", self.priority_note))
+        if workers:
+            metadata.extend(self.trailing_metadata())
         return metadata
 
     def summary(self) -> dict[str, typing.Any]:

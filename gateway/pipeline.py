@@ -13,6 +13,7 @@ unary responses differ only in what they do with the outputs (on_output) and the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import typing
@@ -22,7 +23,7 @@ from llmserve.common.config import GatewayConfig
 from llmserve.common.errors import failed_precondition, invalid_argument, not_found
 from llmserve.common.state.views import RegistryView
 from llmserve.common.structured import ConstraintError, GrammarCompiler
-from llmserve.dispatch.v1 import task_pb2
+from llmserve.dispatch.v1 import scheduler_pb2, task_pb2
 from llmserve.gateway import metrics
 from llmserve.gateway.cache import ResponseCache, cache_key
 from llmserve.gateway.context import RequestContext
@@ -36,6 +37,36 @@ from llmserve.gateway.tokens import TokenCounter
 KIND_NAMES = {registry_pb2.MODEL_KIND_GENERATE: "generate", registry_pb2.MODEL_KIND_EMBED: "embed"}
 
 OnOutput = typing.Callable[[int, task_pb2.TaskOutput, Delta], typing.Awaitable[None]]
+
+
+class StreamHeaders:
+    """A stream's initial metadata, held back until its first task reaches a worker so that it can name that worker
+    (x-llmserve-worker): the REST sidecar writes a server-sent-events response's HTTP headers from it, before any
+    output, when the trailer that names every worker is still to come. Sent from the dispatch callback (which cannot
+    await), awaited before the first output goes out."""
+
+    def __init__(self, ctx: RequestContext, context):
+        self.ctx, self.context = ctx, context
+        self.sending: asyncio.Future | None = None
+
+    def dispatched(self) -> None:
+        if self.sending is None:
+            self.sending = asyncio.ensure_future(self.context.send_initial_metadata(self.ctx.metadata(workers=True)))
+
+    async def sent(self) -> None:
+        """Sent, naming no worker when none was dispatched (a stream that failed in the queue)."""
+        self.dispatched()
+        await typing.cast(asyncio.Future, self.sending)
+
+    def close(self) -> None:
+        """The request ended: a send still pending is dropped, a failed one's error retrieved (the call's own
+        status is what the caller sees)."""
+        if self.sending is None:
+            return
+        if not self.sending.done():
+            self.sending.cancel()
+        elif not self.sending.cancelled():
+            self.sending.exception()
 
 
 class Pipeline:
@@ -122,7 +153,9 @@ class Pipeline:
             raise invalid_argument(str(exc)) from None
 
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
-        """The request's Result; on_output(choice index, output, delta) sees live outputs (not on a cache hit)."""
+        """The request's Result; on_output(choice index, output, delta) sees live outputs (not on a cache hit). With
+        on_output (a stream) the initial metadata waits for the first dispatch and names its worker (StreamHeaders);
+        a unary response sends it once admitted and names its workers in the trailer only."""
         caller, call, version = ctx.begun()
         if call.prompt_ids:
             ctx.call = call = await self._check_prompt_ids(call, version)
@@ -150,20 +183,34 @@ class Pipeline:
         # From here to the settlement, no await is outside the try: a cancellation anywhere still settles.
         collector = Collector(call, version.version)
         result: Result | None = None
+        headers = StreamHeaders(ctx, context) if on_output is not None else None
+
+        def dispatched(d: scheduler_pb2.TaskDispatched) -> None:
+            ctx.note_dispatched(d.worker_id, d.queue_time_ms)
+            if headers is not None:
+                headers.dispatched()
         try:
-            await context.send_initial_metadata(ctx.metadata())
+            if headers is None:
+                await context.send_initial_metadata(ctx.metadata())
             tasks = call.to_tasks(ctx.request_id, version.version, cache_salt=caller.tenant.name,
                                   counted=ctx.counted)
-            async for task_index, output in self.scheduler.run_all(
-                    tasks, context, lambda d: ctx.note_dispatched(d.worker_id, d.queue_time_ms)):
+            async for task_index, output in self.scheduler.run_all(tasks, context, dispatched):
                 index = task_index * call.n + output.index  # the choice: input * n + choice
                 delta = collector.add(index, output)
                 if ctx.first_token_s is None and delta.text:
                     ctx.first_token_s = time.perf_counter() - ctx.started
-                if on_output is not None:
+                if on_output is not None and headers is not None:
+                    await headers.sent()
                     await on_output(index, output, delta)
             result = collector.result()
+        except Exception:
+            if headers is not None:  # a stream refused after admission still says which request it was
+                with contextlib.suppress(Exception):  # the call may be over already
+                    await headers.sent()
+            raise
         finally:
+            if headers is not None:
+                headers.close()
             if ctx.workers:
                 context.set_trailing_metadata(ctx.trailing_metadata())
             # Settle what was really computed, also when the request failed or the client went away.

@@ -248,3 +248,14 @@ async def test_queue_time_reaches_the_request_log_and_worker_ids_only_x_llmserve
     named = [v for k, v in metadata if k == "x-llmserve-worker"]
     assert len(named) == 1 and set(str(named[0]).split(",")) <= ids and set(str(named[0]).split(","))
     assert all(i not in str(v) for i in ids for k, v in metadata if k != "x-llmserve-worker")
+    # A stream names its worker in the initial metadata too, before its first chunk (the REST sidecar's SSE
+    # headers are written from it), and every worker in the trailer.
+    stream = mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
+        model="tiny", prompt="Hello there", max_tokens=w.Int32Value(value=2), ignore_eos=True, skip_cache=True),
+        metadata=auth)
+    chunks = [chunk async for chunk in stream]
+    initial, trailing = await stream.initial_metadata(), await stream.trailing_metadata()
+    first = [v for k, v in initial if k == "x-llmserve-worker"]
+    assert len(first) == 1 and first[0] in ids and [v for k, v in trailing if k == "x-llmserve-worker"] == first
+    assert all(i not in str(v) for i in ids for k, v in [*initial, *trailing] if k != "x-llmserve-worker")
+    assert chunks and all(i not in str(chunk) for i in ids for chunk in chunks)

@@ -137,6 +137,30 @@ def test_chat_answers_paris_with_mesh_headers(client):
     assert not [h for h in raw.headers if h.lower().startswith("grpc-")]
 
 
+def test_responses_name_their_worker_in_x_llmserve_worker_only(mesh, client):
+    worker = f"{socket.gethostname()}-{mesh.ports['worker']}"  # worker.worker_id's default, <hostname>-<port>
+    fresh = {"skip_cache": True}
+    completion = client.completions.with_raw_response.create(model="smollm2", prompt="Roses are", max_tokens=2,
+                                                             temperature=0, extra_body=fresh)
+    # A stream's headers are written before its first chunk: the gateway names the worker once it is dispatched.
+    stream = client.chat.completions.with_raw_response.create(
+        model="smollm2", messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, temperature=0, stream=True,
+        extra_body=fresh)
+    chunks = [c.model_dump_json() for c in stream.parse()]
+    embedding = client.embeddings.with_raw_response.create(model="all-minilm-l6-v2", input="a worker",
+                                                           extra_body=fresh)
+    for raw, body in ((completion, completion.text), (stream, "".join(chunks)), (embedding, embedding.text)):
+        assert raw.headers.get_list("x-llmserve-worker") == [worker], raw.headers
+        assert all(worker not in v for k, v in raw.headers.items() if k != "x-llmserve-worker")
+        assert worker not in body
+    # A response-cache hit ran on no worker and names none, as over gRPC.
+    prompt = f"Cached at {time.time()}:"
+    first, second = (client.completions.with_raw_response.create(model="smollm2", prompt=prompt, max_tokens=2,
+                                                                 temperature=0) for _ in range(2))
+    assert first.headers["x-llmserve-cache"] == "miss" and first.headers["x-llmserve-worker"] == worker
+    assert second.headers["x-llmserve-cache"] == "hit" and "x-llmserve-worker" not in second.headers
+
+
 def test_chat_stream_equals_unary_and_carries_no_usage_unasked(client):
     messages = [{"role": "user", "content": QUESTION}]
     unary = client.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=16)

@@ -118,6 +118,7 @@ func writeGRPCError(ctx context.Context, _ *runtime.ServeMux, _ runtime.Marshale
 	httpStatus := httpStatusFromCode(s.Code())
 	md, _ := runtime.ServerMetadataFromContext(ctx)
 	exposeMetadata(w, md.HeaderMD, state)
+	exposeWorker(w, md.TrailerMD, state.trailer) // a request that failed on a worker names it, as its gRPC trailer does
 	if after := retryAfter(s, md.TrailerMD, state.trailer, md.HeaderMD); after != "" {
 		w.Header().Set("Retry-After", after)
 	}

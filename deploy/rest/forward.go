@@ -49,7 +49,12 @@ func init() {
 }
 
 // The gateway's response metadata that becomes HTTP headers (under the same names); all other metadata stays.
-var exposedMetadata = []string{"x-llmserve-cache", "x-llmserve-model-version", "x-request-id"}
+var exposedMetadata = []string{"x-llmserve-cache", "x-llmserve-model-version", "x-llmserve-worker", "x-request-id"}
+
+// workerMetadata names the worker(s) that served a request, comma-separated. The gateway sends it in the trailer
+// (every worker, a migrated stream's too) and, for a stream, in the initial metadata once its first task reached
+// a worker: a stream's HTTP headers precede its body, so they carry the workers known then. A cache hit names none.
+const workerMetadata = "x-llmserve-worker"
 
 func exposedHeader(key string) (string, bool) {
 	key = strings.ToLower(key)
@@ -72,6 +77,17 @@ func exposeMetadata(w http.ResponseWriter, md metadata.MD, state *requestState) 
 	}
 }
 
+// exposeWorker sets x-llmserve-worker from the first trailer that has it: a unary response's trailer arrives
+// before its HTTP headers are written, and names every worker (the initial metadata, if any, fewer).
+func exposeWorker(w http.ResponseWriter, trailers ...metadata.MD) {
+	for _, md := range trailers {
+		if vals := md.Get(workerMetadata); len(vals) > 0 && vals[0] != "" {
+			w.Header().Set(workerMetadata, vals[0])
+			return
+		}
+	}
+}
+
 func forwardJSON(ctx context.Context, mux *runtime.ServeMux, marshaler runtime.Marshaler, w http.ResponseWriter,
 	req *http.Request, resp proto.Message, _ ...func(context.Context, http.ResponseWriter, proto.Message) error) {
 	state := stateFrom(ctx)
@@ -82,6 +98,7 @@ func forwardJSON(ctx context.Context, mux *runtime.ServeMux, marshaler runtime.M
 		return
 	}
 	exposeMetadata(w, md.HeaderMD, state)
+	exposeWorker(w, md.TrailerMD)
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", strconv.Itoa(len(buf)))
 	w.WriteHeader(http.StatusOK)

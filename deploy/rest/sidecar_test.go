@@ -93,7 +93,7 @@ func (f *fakeGateway) CreateCompletion(ctx context.Context, req *CreateCompletio
 		return nil, err
 	}
 	grpc.SetHeader(ctx, responseHeaders())
-	grpc.SetTrailer(ctx, metadata.Pairs("x-trailer", "t"))
+	grpc.SetTrailer(ctx, metadata.Pairs("x-trailer", "t", "x-llmserve-worker", "w-1,w-2")) // as the gateway: in the trailer
 	return &CreateCompletionResponse{Id: "cmpl-1", Object: "text_completion", Created: 1700000000, Model: "smollm2-v1",
 		Choices: []*CompletionChoice{{Index: 0, Text: "a", FinishReason: "length"}, {Index: 1, Text: "b"}},
 		Usage:   &Usage{PromptTokens: 2, CompletionTokens: 2, TotalTokens: 4}}, nil
@@ -108,7 +108,9 @@ func (f *fakeGateway) StreamChatCompletion(req *StreamChatCompletionRequest, str
 	if err := failure(req.Model, stream.SetTrailer); err != nil {
 		return err
 	}
-	stream.SetHeader(responseHeaders())
+	// As the gateway: a stream names its first worker in the initial metadata, every worker in the trailer.
+	stream.SetHeader(metadata.Join(responseHeaders(), metadata.Pairs("x-llmserve-worker", "w-1")))
+	stream.SetTrailer(metadata.Pairs("x-llmserve-worker", "w-1,w-2"))
 	chunk := func(role, content, reason string) *StreamChatCompletionResponse {
 		return &StreamChatCompletionResponse{Id: "chatcmpl-1", Object: "chat.completion.chunk", Created: 1700000000,
 			Model: "smollm2-v1", Choices: []*ChatChunkChoice{{Index: 0, FinishReason: reason,
@@ -276,6 +278,9 @@ func TestUnaryMetadataAndJSON(t *testing.T) {
 			t.Errorf("missing header %s", k)
 		}
 	}
+	if got := resp.Header.Values("X-Llmserve-Worker"); len(got) != 1 || got[0] != "w-1,w-2" {
+		t.Errorf("X-Llmserve-Worker = %q, want the trailer's [w-1,w-2]", got)
+	}
 	for k := range resp.Header {
 		if strings.HasPrefix(k, "Grpc-") || k == "Trailer" || k == "X-Internal" {
 			t.Errorf("metadata noise in response headers: %s", k)
@@ -305,6 +310,12 @@ func TestStreamSSE(t *testing.T) {
 		`{"model":"m","messages":[{"role":"developer","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"stream":true}`)
 	if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream") {
 		t.Fatalf("status %d, content type %q: %s", resp.StatusCode, resp.Header.Get("Content-Type"), body)
+	}
+	if got := resp.Header.Values("X-Llmserve-Worker"); len(got) != 1 || got[0] != "w-1" {
+		t.Errorf("X-Llmserve-Worker = %q, want the initial metadata's [w-1]", got)
+	}
+	if resp.Trailer.Get("X-Llmserve-Worker") != "" || strings.Contains(body, "w-1") {
+		t.Errorf("a worker id outside the X-Llmserve-Worker header: trailer %v, body %s", resp.Trailer, body)
 	}
 	req := h.gateway.chatStream
 	if req.StreamOptions == nil || req.StreamOptions.IncludeUsage {
@@ -410,7 +421,10 @@ func TestMidStreamError(t *testing.T) {
 
 func TestBase64Embeddings(t *testing.T) {
 	h := newHarness(t)
-	_, body := h.do("POST", "/v1/embeddings", `{"model":"m","input":"x","encoding_format":"base64"}`)
+	resp, body := h.do("POST", "/v1/embeddings", `{"model":"m","input":"x","encoding_format":"base64"}`)
+	if _, named := resp.Header["X-Llmserve-Worker"]; named { // metadata naming no worker (as a cache hit's)
+		t.Errorf("X-Llmserve-Worker without a worker in the metadata: %q", resp.Header.Values("X-Llmserve-Worker"))
+	}
 	var out struct {
 		Data []struct {
 			Embedding string `json:"embedding"`
