@@ -123,7 +123,10 @@ class SchedulerConfig:
     port: int = 50052  # gRPC port
     metrics_port: int = 9401  # Prometheus /metrics (0 disables it)
     max_queue_per_model: int = 4096  # queued tasks per model beyond which new ones get RESOURCE_EXHAUSTED
-    aging_s: float = 2.0  # a waiting task climbs one priority class per this many seconds, so none starves
+    # A waiting task climbs one priority class per this many seconds, so none starves: a batch task outranks fresh
+    # interactive ones for a free slot after 3x this, and is no longer preempted by them after 2x. Slow next to the
+    # queue waits batch traffic has (seconds), or old batch tasks would outrank interactive ones under any backlog.
+    aging_s: float = 15.0
     max_backlog_per_request: int = 1024  # outputs buffered for a caller that is not reading; beyond: cancelled
     slow_consumer_timeout_s: float = 30.0  # a caller with unread outputs this long is cancelled (worker freed)
     # A model whose last worker went away (crashed, restarting) less than this long ago keeps taking tasks: they
