@@ -134,17 +134,23 @@ class SchedulerConfig:
     # and for a model no worker ever served, UNAVAILABLE at once. 0: never wait.
     worker_wait_s: float = 30.0
     # How a task picks among the workers with room for it: "kv" (KV-aware), "least_loaded" or "round_robin".
-    # kv scores each candidate  score = kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure
+    # kv scores each candidate
+    #   score = kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure
+    #           - kv_prefill_weight * prefill
     # where hit is the share of the prompt's cacheable blocks (full blocks before its last token) that the
     # worker's prefix cache holds from the start (its KV events),
     # load is (running + waiting) / max_num_seqs (the larger of the worker's last report and the scheduler's own
-    # count), pressure the share of its KV blocks in use (last report); the highest score wins, ties go to the
-    # least loaded. With the defaults a worker holding the whole prefix loses to an idle one once its load passes
-    # 2/3. Prompts without token ids (the gateway did not count them) score on load alone.
+    # count), pressure the share of its KV blocks in use (last report), and prefill the prompt tokens (in
+    # thousands) the worker would compute before this task's first token: what it was sent and has not answered
+    # yet plus this prompt's uncached part. The highest score wins, ties go to the least loaded. With the defaults
+    # a worker holding the whole prefix loses to an idle one once its load passes 2/3, or once about 1,000 more
+    # prompt tokens wait on it than the idle one would compute. Prompts without token ids (the gateway did not
+    # count them) score on load alone.
     routing: str = "kv"
     kv_hit_weight: float = 1.0
     kv_load_weight: float = 1.5
     kv_pressure_weight: float = 0.5
+    kv_prefill_weight: float = 1.0
     # A generation stream whose worker is lost (its stream breaks, its registration lapses) is resumed on another
     # worker serving the same version, from the prompt and the tokens already sent, at most this many times per
     # request (0: never; the request then fails UNAVAILABLE saying why).
@@ -168,7 +174,7 @@ class SchedulerConfig:
                              "(interactive, standard, batch), each >= 0")
         if self.routing not in ("kv", "least_loaded", "round_robin"):
             raise ValueError(f"scheduler.routing={self.routing!r} must be kv, least_loaded or round_robin")
-        for name in ("kv_hit_weight", "kv_load_weight", "kv_pressure_weight", "max_migrations"):
+        for name in ("kv_hit_weight", "kv_load_weight", "kv_pressure_weight", "kv_prefill_weight", "max_migrations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"scheduler.{name}={getattr(self, name)} must be >= 0")
         if self.worker_silence_s <= 0:

@@ -26,6 +26,7 @@ class SchedulerApp:
                                                                security=config.security),
                                      routing=cfg.routing, kv_hit_weight=cfg.kv_hit_weight,
                                      kv_load_weight=cfg.kv_load_weight, kv_pressure_weight=cfg.kv_pressure_weight,
+                                     kv_prefill_weight=cfg.kv_prefill_weight,
                                      max_migrations=cfg.max_migrations, worker_silence_s=cfg.worker_silence_s,
                                      engine_of=self._engine_of, preemption=cfg.preemption,
                                      max_queue_per_class=cfg.max_queue_per_class)

@@ -48,7 +48,8 @@ class Dispatcher:
     def __init__(self, max_queue_per_model: int, aging_s: float, *,
                  connect: ConnectionFactory = WorkerConnection, reconnect_delay_s: float = RECONNECT_DELAY_S,
                  worker_wait_s: float = 0.0, routing: str = "least_loaded", kv_hit_weight: float = 1.0,
-                 kv_load_weight: float = 1.5, kv_pressure_weight: float = 0.5, max_migrations: int = 0,
+                 kv_load_weight: float = 1.5, kv_pressure_weight: float = 0.5, kv_prefill_weight: float = 1.0,
+                 max_migrations: int = 0,
                  worker_silence_s: float | None = None, engine_of: EngineOf | None = None,
                  preemption: bool = True, max_queue_per_class: typing.Sequence[int] = (),
                  rate_window_s: float = RATE_WINDOW_S):
@@ -57,6 +58,7 @@ class Dispatcher:
         self.routing = routing
         self.kv_hit_weight, self.kv_load_weight, self.kv_pressure_weight = (kv_hit_weight, kv_load_weight,
                                                                             kv_pressure_weight)
+        self.kv_prefill_weight = kv_prefill_weight
         self.max_migrations = max_migrations
         self.worker_silence_s = worker_silence_s
         self.engine_of: EngineOf = engine_of or (lambda version: (version, ""))
@@ -315,23 +317,37 @@ class Dispatcher:
     def pick(self, entry: Entry, candidates: list[WorkerConnection]) -> WorkerConnection:
         """The worker the task goes to, among candidates with room for it (scheduler.routing)."""
         version = entry.task.model_version
-        if self.routing == "round_robin" or len(candidates) == 1:
+        if self.routing == "round_robin" or (len(candidates) == 1 and self.routing != "kv"):
             ordered = sorted(candidates, key=lambda w: w.worker_id)
             return ordered[next(self._turns.setdefault(version, itertools.count())) % len(ordered)]
         if self.routing == "least_loaded":
             return min(candidates, key=lambda w: w.utilization(version))
         hits = self.cached_prompt_share(entry, candidates)
-        best = max(candidates, key=lambda w: (self.score(w, version, hits.get(w.worker_id, 0.0)),
-                                              -w.utilization(version)))
+        prompt = self.prompt_tokens(entry)
+        uncached = {w.worker_id: prompt * (1.0 - hits.get(w.worker_id, 0.0)) for w in candidates}
+        best = max(candidates, key=lambda w: (self.score(w, version, hits.get(w.worker_id, 0.0),
+                                                         uncached[w.worker_id]), -w.utilization(version)))
+        entry.prefill_tokens = round(uncached[best.worker_id])  # the worker's backlog until its first output
         size = self.index.block_size(best.worker_id, self.engine_of(version)[0])
         if entry.kv_keys.get(size):  # it will hold them: followers of this prefix find it before its events do
             self.index.predict(best.worker_id, self.engine_of(version)[0], entry.kv_keys[size])
         return best
 
-    def score(self, worker: WorkerConnection, version: str, hit: float) -> float:
-        """KV-aware routing's score: kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure."""
+    def score(self, worker: WorkerConnection, version: str, hit: float, prefill_tokens: float = 0.0) -> float:
+        """KV-aware routing's score: kv_hit_weight * hit - kv_load_weight * load - kv_pressure_weight * pressure
+        - kv_prefill_weight * (prompt tokens the worker must compute before this task's first token, its backlog
+        of tasks not yet answered and this task's uncached part, in thousands)."""
+        backlog = (worker.prefill_backlog() + prefill_tokens) / 1000
         return (self.kv_hit_weight * hit - self.kv_load_weight * worker.utilization(version)
-                - self.kv_pressure_weight * worker.kv_pressure(version))
+                - self.kv_pressure_weight * worker.kv_pressure(version) - self.kv_prefill_weight * backlog)
+
+    @staticmethod
+    def prompt_tokens(entry: Entry) -> int:
+        """Tokens the task's prompt computes (with a resumed stream's), 0 when the gateway sent no token ids."""
+        task = entry.task
+        if task.WhichOneof("input") != "generate":
+            return 0
+        return len(task.generate.prompt_token_ids) + len(task.generate.resume.token_ids)
 
     def cached_prompt_share(self, entry: Entry, candidates: list[WorkerConnection]) -> dict[str, float]:
         """worker id -> share of the task's cacheable prompt blocks (the full blocks before its last token) that

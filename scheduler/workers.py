@@ -76,6 +76,12 @@ class WorkerConnection:
             return 0.0
         return 1.0 - reported.num_free_kv_blocks / reported.num_kv_blocks
 
+    def prefill_backlog(self) -> int:
+        """Prompt tokens this worker has still to compute for the tasks sent to it that have not answered yet
+        (routing's estimates at dispatch): a worker with cold prefills queued is slower to a first token than its
+        sequence count says."""
+        return sum(e.prefill_tokens for e in self.entries.values() if not e.num_outputs)
+
     def room(self, version: str) -> int:
         """Sequences of the model the worker can take now."""
         if not (self.is_alive and self.is_ready):

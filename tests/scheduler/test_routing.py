@@ -13,7 +13,7 @@ from llmserve.common.errors import ServiceError
 from llmserve.dispatch.v1 import scheduler_pb2, task_pb2, worker_pb2
 from llmserve.scheduler.kvindex import KvIndex
 from llmserve.scheduler.queue import Entry
-from tests.scheduler.test_dispatcher import MODEL, Harness, next_item, settle
+from tests.scheduler.test_dispatcher import MODEL, Harness, _token, next_item, settle
 
 PROMPT = list(range(100, 164))  # 64 tokens: 3 full blocks of 16 can hit (the last token is always computed)
 SALT = "tenant-a"
@@ -231,3 +231,29 @@ async def test_requests_sharing_a_new_prefix_follow_the_first_before_its_blocks_
     await settle()
     assert w[holder].task_ids == ["first", "second"]
     assert w["b" if holder == "a" else "a"].task_ids == ["other"]
+
+
+async def test_a_holder_with_cold_prefills_queued_loses_to_an_idle_worker_until_they_answer(make):
+    long_prompt = list(range(5000, 6024))  # 1,024 tokens: 63 full blocks can hit
+    h = make(routing="kv")
+    w = h.workers(b=8)
+    hold(w["b"], tokens=long_prompt)
+    await settle()
+    for i in range(2):  # two cold 1,000-token prompts of another tenant: 2,000 tokens to compute on b
+        submit(h, f"cold{i}", tokens=list(range(10_000 * (i + 1), 10_000 * (i + 1) + 1000)), salt="tenant-b")
+    await settle()
+    assert w["b"].task_ids == ["cold0", "cold1"] and w["b"].prefill_backlog() == 2000
+    w = h.workers(b=8, a=8)
+    await settle()
+    d = h.dispatcher  # b holds the prefix, but 2,000 tokens wait there; a would compute 1,024
+    assert d.score(w["b"], MODEL, 1.0, 16) < d.score(w["a"], MODEL, 0.0, 1024)
+    submit(h, "hit", tokens=long_prompt)
+    await settle()
+    assert w["a"].task_ids == ["hit"]
+    for i in range(2):  # b answered both (their prefills are done): its backlog is gone, the prefix wins again
+        w["b"].responses.put_nowait(_token(f"cold{i}"))
+    await settle()
+    assert w["b"].prefill_backlog() == 0
+    submit(h, "hit2", tokens=long_prompt)
+    await settle()
+    assert w["b"].task_ids[-1] == "hit2"
