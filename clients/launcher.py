@@ -1,7 +1,7 @@
 """`llmserve run`: the whole mesh on one machine, in the foreground.
 
 Starts etcd and Redis on loopback (or reuses ones already listening on the configured ports), then the registry,
-registers the models of models.yaml, makes a development API key, and starts the worker, scheduler and gateway.
+registers the models of models.yaml, makes a development API key, and starts the workers, schedulers and gateways.
 A service that dies is restarted (with backoff); SIGINT/SIGTERM stops everything it started, in reverse order,
 within 15 seconds. Children run in their own session and die with the launcher even on SIGKILL (PDEATHSIG).
 """
@@ -106,6 +106,7 @@ class Launcher:
         self.replica_metrics: list[int] = []  # metrics ports of the gateway replicas
         self.balanced: list[tuple[int, int]] = []  # (port, metrics port) of the gateways behind HAProxy
         self.worker_lines: list[str] = []  # the banner's line per worker
+        self.scheduler_lines: list[str] = []  # the banner's line per scheduler
         self.backoff_reset_s = BACKOFF_RESET_S
         self.env = dict(os.environ, LLMSERVE_CONFIG=self.config_path, PYTHONUNBUFFERED="1",
                         HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -223,6 +224,32 @@ class Launcher:
             self.worker_lines.append(f"127.0.0.1:{port}   models: {', '.join(models)}"
                                      + (f"   metrics :{metrics}" if metrics else ""))
             started.append((self._start_service("worker", port, 0, child, setting="launch.worker_ports",
+                                                wait=False), port))
+        return started
+
+    def _start_schedulers(self) -> list[tuple[Child, int]]:
+        """launch.schedulers scheduler processes (replicas), scheduler i on launch.scheduler_ports[i], else scheduler
+        0 on scheduler.port and the others on free ports; scheduler 0 keeps scheduler.metrics_port, the others get
+        free ones. Gateways find them in etcd and, should discovery be off, in gateway.scheduler_address(es), set
+        here for every child. Returns (child, port) of each, not waited for."""
+        cfg, launch = self.config.scheduler, self.config.launch
+        ports = [launch.scheduler_ports[i] if i < len(launch.scheduler_ports) else cfg.port if i == 0 else free_port()
+                 for i in range(launch.schedulers)]
+        if launch.scheduler_ports or launch.schedulers > 1:
+            self.env["LLMSERVE_GATEWAY__SCHEDULER_ADDRESS"] = f"127.0.0.1:{ports[0]}"
+            self.env["LLMSERVE_GATEWAY__SCHEDULER_ADDRESSES"] = ",".join(f"127.0.0.1:{p}" for p in ports[1:])
+        started = []
+        self.scheduler_lines = []
+        for i, port in enumerate(ports):
+            metrics = cfg.metrics_port if i == 0 else (free_port() if cfg.metrics_port else 0)
+            child = self._service("scheduler", port)
+            if launch.schedulers > 1:
+                child.name, child.log_path = f"scheduler-{i + 1}", self.state / "logs" / f"scheduler-{i + 1}.log"
+            child.env = {"LLMSERVE_SCHEDULER__PORT": str(port), "LLMSERVE_SCHEDULER__METRICS_PORT": str(metrics)}
+            if cfg.scheduler_id and i:
+                child.env["LLMSERVE_SCHEDULER__SCHEDULER_ID"] = f"{cfg.scheduler_id}-{i + 1}"
+            self.scheduler_lines.append(f"127.0.0.1:{port}" + (f"   metrics :{metrics}" if metrics else ""))
+            started.append((self._start_service("scheduler", port, 0, child, setting="launch.scheduler_ports",
                                                 wait=False), port))
         return started
 
@@ -350,12 +377,13 @@ class Launcher:
         # The worker, the scheduler and the gateways need only etcd, Redis and the registry: they start at once
         # (a mesh with two gateways came up in about half the time on 2 cores), and are waited for in turn.
         workers = self._start_workers()
-        scheduler = self._start_service("scheduler", cfg.scheduler.port, 0, wait=False)
+        schedulers = self._start_schedulers()  # first: the gateways' children read the addresses it sets
         gateways = self._start_gateways()
         replicas = self._start_gateway_replicas()
         for child, port in workers:
             self._await_service(child, port, 600)
-        self._await_service(scheduler, cfg.scheduler.port, 60)
+        for child, port in schedulers:
+            self._await_service(child, port, 60)
         for child, port in [*gateways, *replicas]:
             self._await_service(child, port, 120)  # it listens once its tokenizers are loaded
         self._start_rest()
@@ -369,7 +397,7 @@ class Launcher:
         print(f"""
 llmserve is up.
   gateway (gRPC)   {gw}            InferenceService, health, reflection{self._replica_lines()}
-  scheduler        127.0.0.1:{cfg.scheduler.port}
+{self._scheduler_lines()}
 {self._worker_lines()}
   registry (admin) 127.0.0.1:{cfg.registry.port}
   metrics          http://127.0.0.1:{cfg.gateway.metrics_port}/metrics (gateway), :{cfg.scheduler.metrics_port}, :{cfg.worker.metrics_port}, :{cfg.registry.metrics_port}
@@ -384,6 +412,9 @@ Try it:
 
 {self._rest_example(key_file)}Ctrl-C stops everything.
 """, flush=True)
+
+    def _scheduler_lines(self) -> str:
+        return "\n".join(f"  {'scheduler':17}{line}" for line in self.scheduler_lines)
 
     def _worker_lines(self) -> str:
         return "\n".join(f"  {'worker':17}{line}" for line in self.worker_lines)

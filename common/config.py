@@ -56,7 +56,17 @@ class GatewayConfig:
     port: int = 50051  # public gRPC port
     metrics_port: int = 9400  # Prometheus /metrics (0 disables it)
     scheduler_address: str = "127.0.0.1:50052"  # where the scheduler listens
-    # A request that finds the scheduler unreachable (restarting) waits this long for it (at most its deadline)
+    # Scheduler replicas (gateway/schedulers.py): the gateway spreads tasks over scheduler_address, the addresses
+    # listed here, and (discover_schedulers) every scheduler registered in etcd, picking per task the one with the
+    # fewest tasks in flight among the healthy (channel READY, no failure in the last scheduler_cooldown_s).
+    scheduler_addresses: list[str] = field(default_factory=list)
+    discover_schedulers: bool = True
+    scheduler_cooldown_s: float = 2.0
+    # A task whose scheduler fails it (UNAVAILABLE: dead, unreachable, shutting down, no worker yet) moves to another
+    # one, at most this many times: started over when nothing of it reached the gateway yet, else resumed from the
+    # tokens already sent (as the scheduler migrates a stream off a lost worker); 0: never.
+    max_scheduler_failovers: int = 2
+    # A request that finds no scheduler reachable (restarting) waits this long for one (at most its deadline)
     # before UNAVAILABLE; 0: fail at once.
     scheduler_wait_s: float = 10.0
     response_cache_ttl_s: int = 3600  # lifetime of a cached deterministic response
@@ -111,8 +121,13 @@ class GatewayConfig:
         if any(not 0 < p <= 65535 for p in self.replica_ports) or len(set(ports)) < len(ports):
             raise ValueError(f"gateway.replica_ports={self.replica_ports} must be distinct ports in [1, 65535], "
                              f"none of them gateway.port={self.port}")
+        for address in [self.scheduler_address, *self.scheduler_addresses]:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError(f"gateway scheduler address {address!r} must be host:port "
+                                 "(gateway.scheduler_address, gateway.scheduler_addresses)")
         for name in ("max_stop", "response_cache_max_entry_bytes", "max_concurrent_requests_per_tenant",
-                     "max_concurrent_requests_per_key"):
+                     "max_concurrent_requests_per_key", "max_scheduler_failovers", "scheduler_cooldown_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"gateway.{name}={getattr(self, name)} must be >= 0")
 
@@ -155,6 +170,11 @@ class SchedulerConfig:
     # worker serving the same version, from the prompt and the tokens already sent, at most this many times per
     # request (0: never; the request then fails UNAVAILABLE saying why).
     max_migrations: int = 2
+    # Registration in etcd (schedulers/<scheduler_id>), which gateways watch: the id (default "<hostname>-<port>"),
+    # the address gateways dial (default host:port) and the lease, refreshed every third of it.
+    scheduler_id: str = ""
+    advertise_address: str = ""
+    lease_ttl_s: int = 5
     # A worker silent this long (no output, no load report: they come every worker.load_report_interval_s) gets no
     # new tasks until it speaks again (hung, not dead; a dead one leaves when its stream breaks or lease expires).
     worker_silence_s: float = 5.0
@@ -179,6 +199,8 @@ class SchedulerConfig:
                 raise ValueError(f"scheduler.{name}={getattr(self, name)} must be >= 0")
         if self.worker_silence_s <= 0:
             raise ValueError(f"scheduler.worker_silence_s={self.worker_silence_s} must be > 0")
+        if self.lease_ttl_s < 2:
+            raise ValueError(f"scheduler.lease_ttl_s={self.lease_ttl_s} must be >= 2")
 
 
 @dataclass
@@ -237,10 +259,23 @@ class LaunchConfig:
     # there and balances over the gateways, each on launch.gateway_ports[i] (else a free port) on loopback.
     gateways: int = 1
     gateway_ports: list[int] = field(default_factory=list)
+    # Scheduler processes (replicas: gateways spread tasks over them and fail over). Scheduler i listens on
+    # scheduler_ports[i], else scheduler 0 on scheduler.port and the others on free ports (scheduler.port + 1 is
+    # registry.port's default); scheduler 0 keeps scheduler.metrics_port, the others' metrics go on free ports.
+    schedulers: int = 1
+    scheduler_ports: list[int] = field(default_factory=list)
 
     def validate(self, worker_port: int) -> None:
         if self.workers < 1:
             raise ValueError(f"launch.workers={self.workers} must be >= 1")
+        if self.schedulers < 1 or len(self.scheduler_ports) > self.schedulers:
+            raise ValueError(f"launch.schedulers={self.schedulers} must be >= 1, with at most that many "
+                             f"launch.scheduler_ports ({len(self.scheduler_ports)})")
+        taken = set(self.ports(worker_port)) | set(self.gateway_ports)
+        if (any(not 0 < p <= 65535 for p in self.scheduler_ports)
+                or len(set(self.scheduler_ports)) < len(self.scheduler_ports) or taken & set(self.scheduler_ports)):
+            raise ValueError(f"launch.scheduler_ports={self.scheduler_ports} must be distinct ports in [1, 65535], "
+                             "none of them a worker's or a gateway's")
         if self.gateways < 1 or len(self.gateway_ports) > self.gateways:
             raise ValueError(f"launch.gateways={self.gateways} must be >= 1, with at most that many "
                              f"launch.gateway_ports ({len(self.gateway_ports)})")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+# Trailing metadata of every Submit stream the scheduler itself ends (any status): a gateway tells the scheduler's
+# own UNAVAILABLE (it answered: no worker right now) from a scheduler that died or cannot be reached (no trailers).
+SCHEDULER_ANSWERED = ("x-llmserve-scheduler", "answered")
+
 
 class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()):

@@ -1,13 +1,12 @@
-"""Gateway process: the public InferenceService in front of the scheduler."""
+"""Gateway process: the public InferenceService in front of the schedulers."""
 
 from __future__ import annotations
 
 from llmserve.common import etcd, redisconn, tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.logs import get_logger
-from llmserve.common.server import CHANNEL_OPTIONS, Service
+from llmserve.common.server import Service
 from llmserve.common.state.views import RegistryView
-from llmserve.dispatch.v1 import scheduler_pb2_grpc
 from llmserve.gateway.cache import ResponseCache
 from llmserve.gateway.edge import ConcurrencyDefaults, Edge
 from llmserve.gateway.experiments import ExperimentStats
@@ -15,6 +14,7 @@ from llmserve.gateway.journal import Journal
 from llmserve.gateway.limits import Limiter
 from llmserve.gateway.pipeline import Pipeline
 from llmserve.gateway.scheduler_client import SchedulerClient
+from llmserve.gateway.schedulers import SchedulerPool
 from llmserve.gateway.service import InferenceServicer, inference_service_name
 from llmserve.gateway.tokens import TokenCounter
 from llmserve.inference.v1 import inference_pb2_grpc
@@ -33,7 +33,10 @@ class GatewayApp:
         self.redis = redisconn.connect(config.redis)  # accounting: limits, spend, usage
         self.cache_redis = redisconn.connect(config.redis, "cache")  # the response cache, disposable
         self.journal = Journal(cfg.journal_dir)
-        self.channel = tls.aio_channel(cfg.scheduler_address, config.security, "gateway", CHANNEL_OPTIONS)
+        self.schedulers = SchedulerPool(self.client, config.etcd.prefix,
+                                        [cfg.scheduler_address, *cfg.scheduler_addresses], config.security,
+                                        discover=cfg.discover_schedulers, cooldown_s=cfg.scheduler_cooldown_s,
+                                        wait_s=cfg.scheduler_wait_s)
         self.tokens = TokenCounter()
         limiter = Limiter(self.redis, fail_open=cfg.limits_fail_open, journal=self.journal,
                           reservation_ttl_s=cfg.reservation_ttl_s, lease_s=cfg.concurrency_lease_s)
@@ -42,8 +45,8 @@ class GatewayApp:
         self.edge = Edge(self.view, limiter, self.redis, self.journal, reservation_ttl_s=cfg.reservation_ttl_s,
                          concurrency=concurrency)
         cache = ResponseCache(self.cache_redis, cfg.response_cache_ttl_s, cfg.response_cache_max_entry_bytes)
-        scheduler = SchedulerClient(scheduler_pb2_grpc.SchedulerServiceStub(self.channel), config.security.mesh_token,
-                                    channel=self.channel, wait_s=cfg.scheduler_wait_s)
+        scheduler = SchedulerClient(self.schedulers, config.security.mesh_token,
+                                    max_failovers=cfg.max_scheduler_failovers)
         # A/B statistics per version and alias arm, summed over replicas in Redis (common/experiments.py).
         self.stats = ExperimentStats(self.redis, config.etcd.prefix)
         self.pipeline = pipeline = Pipeline(cfg, self.view, scheduler, cache, self.edge, self.tokens, self.stats)
@@ -59,6 +62,7 @@ class GatewayApp:
     async def start(self) -> int:
         self.journal.open()  # what a predecessor could not confirm is replayed by the accounting loop
         await self.view.start()
+        await self.schedulers.start()
         self.tokens.warm(self.view.versions.snapshot.values())
         # Listening only once the tokenizers are loaded: on a just-restarted replica, requests that need a token
         # count (budgets, token limits) waited seconds for them (bench/chaos.py) while another replica could serve.
@@ -73,7 +77,7 @@ class GatewayApp:
         await self.edge.stop()  # settles what the stopped streams left, flushes usage, closes the journal
         await self.stats.stop()
         await self.view.stop()
-        await self.channel.close()
+        await self.schedulers.stop()
         await self.redis.aclose()
         await self.cache_redis.aclose()
         await self.client.close()

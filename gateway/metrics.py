@@ -37,3 +37,7 @@ ARM_TTFT = Histogram("llmserve_gateway_arm_time_to_first_token_seconds", "Time t
                      ["alias", "model_version"], buckets=LATENCY_BUCKETS)
 ARM_CACHE_HITS = Counter("llmserve_gateway_arm_cache_hits", "Response-cache hits per alias arm",
                          ["alias", "model_version"])
+# Tasks whose scheduler failed them (gateway/scheduler_client.py): restarted on another (nothing had been sent),
+# resumed there from the tokens sent, or refused (cannot move: n > 1, no token ids, too many moves).
+SCHEDULER_FAILOVERS = Counter("llmserve_gateway_scheduler_failovers", "Tasks moved off a failed scheduler, by outcome",
+                              ["outcome"])

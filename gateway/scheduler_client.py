@@ -1,4 +1,6 @@
 """The scheduler hop: one Submit stream per task, all of a request's tasks concurrently, outputs merged as they come.
+A scheduler replica that fails a task (dies mid-stream, cannot be reached) hands it to another (gateway/schedulers.py
+picks which), resumed from the tokens the caller already has.
 
 What fails behind the gateway reaches the caller as its status code with a message the gateway chooses
 (public_error): the scheduler's and workers' own text can name workers, internal addresses or internals, so only
@@ -9,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import typing
 
 import grpc
 
 from llmserve.common import tracing
-from llmserve.common.errors import ServiceError, code_from_int
+from llmserve.common.errors import SCHEDULER_ANSWERED, ServiceError, code_from_int
 from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import mesh_metadata
-from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
+from llmserve.dispatch.v1 import scheduler_pb2, task_pb2
+from llmserve.gateway import metrics
+from llmserve.gateway.schedulers import Scheduler, SchedulerPool
 
 log = get_logger(__name__)
 
@@ -59,53 +64,136 @@ def public_error(code: grpc.StatusCode, detail: str, task: task_pb2.Task, *, dis
                                                   f"or report request id {request_id}")
 
 
-class SchedulerClient:
-    def __init__(self, scheduler: scheduler_pb2_grpc.SchedulerServiceStub, mesh_token: str = "",
-                 channel: grpc.aio.Channel | None = None, wait_s: float = 0.0):
-        self.scheduler = scheduler
-        self.mesh_metadata = mesh_metadata(mesh_token)  # the scheduler refuses callers outside the mesh
-        self.channel, self.wait_s = channel, wait_s  # see _wait_for_scheduler
+class SchedulerLost(Exception):
+    """A task's scheduler failed it with UNAVAILABLE (it died, cannot be reached, is shutting down, or has no worker
+    for it right now) other than by refusing to migrate it: another scheduler may run it."""
 
-    async def _wait_for_scheduler(self, remaining: float | None) -> None:
-        """A scheduler that restarts is back in seconds: rather than failing every request meanwhile (bench/chaos.py
-        saw 75 UNAVAILABLE in 2 s), a request waits up to wait_s (and its deadline) for the channel to be ready."""
-        if self.channel is None or self.wait_s <= 0:
-            return
-        if self.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
-            return
-        with contextlib.suppress(TimeoutError):  # not back: the call below fails with UNAVAILABLE at once
-            await asyncio.wait_for(self.channel.channel_ready(), min(self.wait_s, remaining or self.wait_s))
+    def __init__(self, code: grpc.StatusCode, detail: str, *, answered: bool):
+        super().__init__(detail)
+        self.code, self.detail, self.answered = code, detail, answered  # answered: the scheduler itself said so
+
+
+@dataclasses.dataclass
+class Sent:
+    """What of a task reached the gateway (so the caller): what a failover resumes from, as the scheduler's
+    Entry.note_sent keeps it for a migration (choice 0's token ids and text length in code points)."""
+    num_outputs: int = 0
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    text_length: int = 0
+    completion_tokens: int = 0
+    is_dispatched: bool = False
+
+    def note(self, output: task_pb2.TaskOutput) -> None:
+        self.num_outputs += 1
+        if output.index == 0:
+            self.token_ids.extend(output.token_ids)
+            self.text_length += len(output.text_delta)
+            self.completion_tokens = max(self.completion_tokens, output.completion_tokens)
+
+
+def resume_task(task: task_pb2.Task, sent: Sent, failovers: int) -> task_pb2.Task:
+    """The task for its next scheduler: as submitted, resuming from what was sent (GenerateInput.resume, as the
+    dispatcher builds it for a migration; the worker continues prompt + those tokens, seeded draws skipped). It runs
+    under a request id of its own: the worker may not have dropped the task of the lost scheduler yet (its stream
+    broke at the same moment), and an engine refuses an id it is still running."""
+    attempt = task_pb2.Task()
+    attempt.CopyFrom(task)
+    attempt.request_id = f"{task.request_id}.{failovers}"  # public_error still finds the request id before "-"
+    if sent.num_outputs:
+        attempt.generate.resume.token_ids[:] = sent.token_ids
+        attempt.generate.resume.text_length = sent.text_length
+    return attempt
+
+
+class SchedulerClient:
+    def __init__(self, pool: SchedulerPool, mesh_token: str = "", max_failovers: int = 0):
+        self.pool = pool
+        self.mesh_metadata = mesh_metadata(mesh_token)  # the scheduler refuses callers outside the mesh
+        self.max_failovers = max_failovers
 
     async def run_task(self, task: task_pb2.Task, context, on_dispatched: OnDispatched
                        ) -> typing.AsyncIterator[task_pb2.TaskOutput]:
-        """The task's outputs until the finished one; a task error is raised as its status."""
+        """The task's outputs until the finished one; a task error is raised as its status. A scheduler that fails
+        it (SchedulerLost) hands it to another, up to max_failovers times: started over when nothing reached the
+        gateway yet, else resumed from what did (resume_task), so the caller's stream goes on uninterrupted."""
         remaining = context.time_remaining()
         if remaining is not None:
             task.deadline_unix_ms = int((time.time() + remaining) * 1000)
-        await self._wait_for_scheduler(remaining)
-        if remaining is not None:
-            remaining = context.time_remaining()
-        call = self.scheduler.Submit(timeout=remaining,
-                                     metadata=(*tracing.inject().items(), *self.mesh_metadata))
-        dispatched = False
+        sent, failed_on, failovers, attempt = Sent(), set[str](), 0, task
+        while True:
+            scheduler = await self.pool.pick(failed_on, context.time_remaining())
+            try:
+                with self.pool.running(scheduler):
+                    async with contextlib.aclosing(self._submit(scheduler, attempt, task, context, on_dispatched,
+                                                                sent)) as outputs:
+                        async for output in outputs:
+                            yield output
+                return
+            except SchedulerLost as lost:
+                failed_on.add(scheduler.address)
+                if not lost.answered:
+                    self.pool.note_failed(scheduler)
+                why = self._why_not_resumable(task, sent, failovers)
+                if why is not None:
+                    if not why:  # nothing to add to the scheduler's own reason
+                        raise public_error(lost.code, lost.detail, task, dispatched=sent.is_dispatched) from None
+                    log.warning("scheduler lost; task not moved", request_id=task.request_id, why=why)
+                    metrics.SCHEDULER_FAILOVERS.labels("refused").inc()
+                    raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                       f"the scheduler running this request on model version {task.model_version!r} "
+                                       f"went away and the request {MIGRATION_REFUSED}{why}") from None
+                failovers += 1
+                attempt = resume_task(task, sent, failovers)
+                metrics.SCHEDULER_FAILOVERS.labels("resumed" if sent.num_outputs else "restarted").inc()
+                log.info("scheduler lost; task moved", request_id=task.request_id, answered=lost.answered,
+                         resumed_tokens=len(sent.token_ids), failovers=failovers)
+
+    def _why_not_resumable(self, task: task_pb2.Task, sent: Sent, failovers: int) -> str | None:
+        """None: move the task to another scheduler; "": fail it with the scheduler's own status; else why it
+        cannot move (the caller is told), as the scheduler's dispatcher says for a lost worker."""
+        if failovers >= self.max_failovers:
+            if not sent.num_outputs or not self.max_failovers:
+                return ""
+            return (f"it was moved {failovers} time(s) already (gateway.max_scheduler_failovers="
+                    f"{self.max_failovers}); retry it")
+        if not sent.num_outputs:
+            return None  # nothing reached the caller: any scheduler can start it over
+        if task.WhichOneof("input") != "generate":
+            return "an embeddings call that had answered is not migrated; retry it"
+        if task.generate.n > 1:
+            return f"streams of n={task.generate.n} choices are not migrated; retry it"
+        if sent.completion_tokens > len(sent.token_ids):
+            return "the worker did not report the ids of the tokens it sent; retry it"
+        return None
+
+    async def _submit(self, scheduler: Scheduler, attempt: task_pb2.Task, task: task_pb2.Task, context,
+                      on_dispatched: OnDispatched, sent: Sent) -> typing.AsyncGenerator[task_pb2.TaskOutput, None]:
+        """One Submit stream of the task on one scheduler (attempt: the task as sent, task: as the caller made it)."""
+        remaining = context.time_remaining()
+        call = scheduler.stub.Submit(timeout=remaining, metadata=(*tracing.inject().items(), *self.mesh_metadata))
         try:
-            await call.write(scheduler_pb2.SubmitRequest(task=task))
+            await call.write(scheduler_pb2.SubmitRequest(task=attempt))
             async for response in call:
                 if response.HasField("dispatched"):
-                    dispatched = True
+                    sent.is_dispatched = True
                     on_dispatched(response.dispatched)
                 elif response.HasField("output"):
                     output = response.output
                     if output.HasField("error"):
                         raise public_error(code_from_int(output.error.code), output.error.message, task,
-                                           dispatched=dispatched)
+                                           dispatched=sent.is_dispatched)
+                    sent.note(output)
                     yield output
                     if output.finished:
                         return
-            raise public_error(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the task without a result", task,
-                               dispatched=dispatched)
+            raise SchedulerLost(grpc.StatusCode.UNAVAILABLE, "the scheduler ended the task without a result",
+                                answered=True)
         except grpc.aio.AioRpcError as exc:
-            raise public_error(exc.code(), exc.details() or "", task, dispatched=dispatched) from None
+            detail = exc.details() or ""
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and MIGRATION_REFUSED not in detail:
+                trailers = tuple(exc.trailing_metadata() or ())
+                raise SchedulerLost(exc.code(), detail, answered=SCHEDULER_ANSWERED in trailers) from None
+            raise public_error(exc.code(), detail, task, dispatched=sent.is_dispatched) from None
         finally:
             call.cancel()  # no-op when finished; otherwise the scheduler frees the worker's slot
 

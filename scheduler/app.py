@@ -1,16 +1,21 @@
-"""Scheduler process: watches worker membership in etcd and serves SchedulerService."""
+"""Scheduler process: watches worker membership in etcd, serves SchedulerService, and registers itself so that
+gateways find it (several can run at once: gateway/schedulers.py)."""
 
 from __future__ import annotations
 
 import functools
+import socket
+import time
 
 from llmserve.common import etcd, tls
 from llmserve.common.config import MeshConfig
 from llmserve.common.meshauth import MeshTokenInterceptor
 from llmserve.common.server import Service
+from llmserve.common.state.store import Store
 from llmserve.common.state.views import RegistryView
-from llmserve.dispatch.v1 import scheduler_pb2_grpc
+from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc
 from llmserve.scheduler.dispatcher import Dispatcher
+from llmserve.scheduler.registration import SchedulerRegistration
 from llmserve.scheduler.service import SchedulerServicer, scheduler_service_name
 from llmserve.scheduler.workers import WorkerConnection
 
@@ -40,6 +45,8 @@ class SchedulerApp:
         servicer = SchedulerServicer(self.dispatcher, max_backlog=cfg.max_backlog_per_request,
                                      slow_consumer_timeout_s=cfg.slow_consumer_timeout_s)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, self.service.server)
+        self.registration: SchedulerRegistration | None = None
+        self.scheduler_id = ""
 
     def _engine_of(self, version: str) -> tuple[str, str]:
         """An adapter version runs on its base's engine, its blocks salted with its name (KV-aware routing)."""
@@ -54,9 +61,19 @@ class SchedulerApp:
     async def start(self) -> int:
         self.dispatcher.start()
         await self.view.start()
-        return await self.service.start()
+        port = await self.service.start()
+        cfg = self.config.scheduler
+        self.scheduler_id = cfg.scheduler_id or f"{socket.gethostname()}-{port}"
+        info = scheduler_pb2.SchedulerInfo(scheduler_id=self.scheduler_id, started=int(time.time()),
+                                           address=cfg.advertise_address or f"{cfg.host}:{port}")
+        self.registration = SchedulerRegistration(Store(self.client, self.config.etcd.prefix), cfg.lease_ttl_s,
+                                                  info)
+        await self.registration.start()  # listening first: a gateway may dial it as soon as it sees the key
+        return port
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        if self.registration is not None:
+            await self.registration.stop()  # gateways pick another scheduler for new tasks while these drain
         await self.service.stop(grace_s)
         await self.view.stop()
         await self.dispatcher.stop()

@@ -9,7 +9,7 @@ import grpc
 from opentelemetry import trace
 
 from llmserve.common import priority, tracing
-from llmserve.common.errors import ServiceError, invalid_argument
+from llmserve.common.errors import SCHEDULER_ANSWERED, ServiceError, invalid_argument
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc
 from llmserve.scheduler.dispatcher import Dispatcher
 from llmserve.scheduler.queue import Entry
@@ -23,6 +23,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.max_backlog, self.slow_consumer_timeout_s = max_backlog, slow_consumer_timeout_s
 
     async def Submit(self, request_iterator, context) -> typing.AsyncIterator[scheduler_pb2.SubmitResponse]:
+        context.set_trailing_metadata((SCHEDULER_ANSWERED,))  # whatever ends the stream, this scheduler said it
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("kind") != "task":
             raise invalid_argument("the first message of Submit must be a task")

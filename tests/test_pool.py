@@ -1,8 +1,11 @@
 """A pool of workers under `llmserve run`: launch.workers processes on their own ports, per-worker model sets, and
-the x-llmserve-worker trailer naming the worker that served each request (tiny models: text does not matter)."""
+the x-llmserve-worker trailer naming the worker that served each request; launch.schedulers scheduler replicas, of
+which one may die (tiny models: text does not matter)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
 import pytest
@@ -29,7 +32,8 @@ def _models_file(path, tiny_llama_dir):
 def pool(tmp_path_factory, tiny_llama_dir):
     directory = tmp_path_factory.mktemp("pool")
     mesh = LocalMesh(directory, models_file=_models_file(directory / "models.yaml", tiny_llama_dir), workers=2,
-                     worker={"models": [TINY], "lease_ttl_s": 3}, worker_models=[[TINY], [TINY, TINY_B]]).start()
+                     worker={"models": [TINY], "lease_ttl_s": 3}, worker_models=[[TINY], [TINY, TINY_B]],
+                     schedulers=2).start()
     yield mesh
     mesh.stop()
 
@@ -63,6 +67,19 @@ def test_responses_name_the_worker_that_served_them(pool):
                 metadata=client.metadata, timeout=60)
             seen.add(_worker_of(call))
         assert seen <= {f"{host}-{pool.ports['worker']}", f"{host}-{pool.ports['worker-2']}"} and seen
+
+
+def test_launch_starts_the_schedulers_and_serves_through_one_dying(pool):
+    banner = "".join(pool.output)
+    for name in ("scheduler", "scheduler-2"):
+        assert f"scheduler        127.0.0.1:{pool.ports[name]}" in banner
+    assert pool.pid("scheduler") and pool.pid("scheduler-2") and pool.pid("scheduler") != pool.pid("scheduler-2")
+    request = pb.CreateCompletionRequest(model="tiny", prompt="hello", **_params(max_tokens=2, skip_cache=True))
+    with Client(pool.gateway, pool.api_key, timeout_s=60) as client:
+        client.stub.CreateCompletion(request, metadata=client.metadata, timeout=60)
+        os.kill(pool.pid("scheduler-2"), signal.SIGKILL)  # the gateway moves its tasks to scheduler 1
+        for _ in range(10):
+            assert client.stub.CreateCompletion(request, metadata=client.metadata, timeout=60).choices
 
 
 def test_launch_settings_from_the_environment():

@@ -12,9 +12,10 @@
   keys/<sha256 of key>         ApiKey
   admin_keys/<sha256 of key>   AdminKey
   workers/<worker_id>          WorkerInfo (attached to the worker's lease)
+  schedulers/<scheduler_id>    SchedulerInfo (attached to the scheduler's lease)
 
-The registry service writes versions, aliases, tenants and keys; workers write their own entry; everyone else
-reads through watches (views.RegistryView).
+The registry service writes versions, aliases, tenants and keys; workers and schedulers write their own entry;
+everyone else reads through watches (views.RegistryView).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Paths:
         self.admin_keys = f"{root}/admin_keys/"
         self.tenants = f"{root}/tenants/"
         self.workers = f"{root}/workers/"
+        self.schedulers = f"{root}/schedulers/"
         self.assignments = f"{root}/registry/assignments/"
         self.faults = f"{root}/registry/faults/"
         self.rollouts = f"{root}/registry/rollouts/"

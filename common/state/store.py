@@ -7,7 +7,7 @@ import aetcd
 from llmserve.admin.v1 import keys_pb2, registry_pb2, tenants_pb2
 from llmserve.common.state.collection import Collection
 from llmserve.common.state.layout import Paths
-from llmserve.dispatch.v1 import worker_pb2
+from llmserve.dispatch.v1 import scheduler_pb2, worker_pb2
 
 
 class Store:
@@ -24,6 +24,8 @@ class Store:
         self.admin_keys = Collection(client, self.paths.admin_keys, keys_pb2.AdminKey, lambda k: k.key_hash,
                                      order=lambda k: (k.created, k.key_id))
         self.workers = Collection(client, self.paths.workers, worker_pb2.WorkerInfo, lambda w: w.worker_id)
+        self.schedulers = Collection(client, self.paths.schedulers, scheduler_pb2.SchedulerInfo,
+                                     lambda s: s.scheduler_id)
         self.assignments = Collection(client, self.paths.assignments, registry_pb2.Assignment, lambda a: a.name)
         self.placements = Collection(client, self.paths.placements, registry_pb2.Placement,
                                      lambda p: f"{p.worker_id}/{p.version}")

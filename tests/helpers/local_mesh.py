@@ -54,19 +54,21 @@ class LocalMesh:
     def __init__(self, directory: str | pathlib.Path, *, models_file: str | pathlib.Path | None = None,
                  worker: dict | None = None, gateway: dict | None = None, gateways: int = 1,
                  cache_redis: bool = False, start_timeout_s: float = 600, workers: int = 1,
-                 worker_models: list[list[str]] | None = None, launch_gateways: bool = False):
+                 worker_models: list[list[str]] | None = None, launch_gateways: bool = False, schedulers: int = 1):
         """gateways: gateway processes (the first on ports["gateway"], replicas on ports["gateway-2"], ...);
         cache_redis: a response-cache Redis of its own (ports["redis-cache"]), as `make run` has;
         workers: worker processes (launch.workers: ports["worker"], ports["worker-2"], ...), worker i serving
         worker_models[i] when given (launch.worker_models);
         launch_gateways: the gateways are launch.gateways behind HAProxy on ports["gateway"] (`front`), each on
-        ports["gateway-1"], ports["gateway-2"], ... (`gateways`)."""
+        ports["gateway-1"], ports["gateway-2"], ... (`gateways`);
+        schedulers: scheduler processes (launch.schedulers: ports["scheduler"], ports["scheduler-2"], ...)."""
         self.launch_gateways = launch_gateways
         self.dir = pathlib.Path(directory)
         self.state = self.dir / "state"
         replicas = [f"gateway-{i}" for i in range(1 if launch_gateways else 2, gateways + 1)]
         extra_workers = [f"worker-{i}" for i in range(2, workers + 1)]
-        extra = [*replicas, *extra_workers, *(["redis-cache"] if cache_redis else [])]
+        extra_schedulers = [f"scheduler-{i}" for i in range(2, schedulers + 1)]
+        extra = [*replicas, *extra_workers, *extra_schedulers, *(["redis-cache"] if cache_redis else [])]
         self.ports = {name: free_port() for name in ("etcd", "redis", "rest", *SERVICES, *extra)}
         self.metrics_ports = {name: free_port() for name in SERVICES}
         p, m = self.ports, self.metrics_ports
@@ -91,7 +93,9 @@ class LocalMesh:
                 **({"workers": workers, "worker_ports": [p["worker"], *(p[w] for w in extra_workers)],
                     "worker_models": [" ".join(models) for models in worker_models or []]} if workers > 1 else {}),
                 **({"gateways": gateways, "gateway_ports": [p[name] for name in replicas]}
-                   if launch_gateways else {})},
+                   if launch_gateways else {}),
+                **({"schedulers": schedulers, "scheduler_ports": [p["scheduler"], *(p[s] for s in extra_schedulers)]}
+                   if schedulers > 1 else {})},
         }))
         self.models_file = pathlib.Path(models_file or REPO / "deploy" / "local" / "models.yaml")
         self.start_timeout_s = start_timeout_s

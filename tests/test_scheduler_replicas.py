@@ -1,0 +1,197 @@
+"""Scheduler replicas behind one gateway: schedulers register in etcd under a lease and the gateway spreads tasks over
+the live ones; a scheduler SIGKILLed with streams in flight costs no text (the gateway resumes each stream on the
+other scheduler from the tokens already sent), one that registers later is picked up and one whose lease lapses is
+dropped (real scheduler processes, in-process gateway and worker, tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+import yaml
+
+from llmserve.clients.client import _params
+from llmserve.common.config import LaunchConfig, load_config
+from llmserve.common.net import free_port
+from llmserve.gateway import metrics
+from llmserve.inference.v1 import inference_pb2 as pb
+from tests.conftest import REPO
+from tests.helpers.mesh import generate_version, start_mesh
+
+TINY = "tiny-llama-v1"
+PROMPT = "Once upon a time, in a land far away, there lived"
+MAX_TOKENS = 200
+
+
+class SchedulerProcess:
+    def __init__(self, config, directory, name: str):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        settings = dataclasses.asdict(config)
+        settings["scheduler"].update(port=self.port, metrics_port=0, scheduler_id=f"replica-{name}")
+        path = directory / f"scheduler-{name}.yaml"
+        path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if k in ("etcd", "scheduler", "log")}))
+        self.log = open(directory / f"scheduler-{name}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "llmserve.scheduler", "--config", str(path)], cwd=REPO,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "LLMSERVE_SECURITY__MESH_TOKEN": config.security.mesh_token})
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def _failovers(outcome: str) -> float:
+    return metrics.SCHEDULER_FAILOVERS.labels(outcome)._value.get()
+
+
+async def _stream(mesh, on_chunk=None, **params) -> tuple[str, str]:
+    """(text, finish reason) of one streamed completion."""
+    call = mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
+        model="tiny", prompt=PROMPT, **_params(**{"max_tokens": MAX_TOKENS, "skip_cache": True, "ignore_eos": True,
+                                                   "temperature": 0.0, **params})),
+        metadata=mesh.auth, timeout=120)
+    text, reason, chunks = "", "", 0
+    async for chunk in call:
+        for choice in chunk.choices:
+            text += choice.text
+            reason = choice.finish_reason or reason
+        chunks += 1
+        if on_chunk is not None:
+            on_chunk(chunks)
+    return text, reason
+
+
+async def _wait_serving(mesh, replica: SchedulerProcess, timeout_s: float = 60) -> None:
+    """Until the replica is in the gateway's pool, READY, and serves tasks (it answers UNAVAILABLE, which the
+    gateway moves to the other scheduler, until its Serve stream to the worker is up)."""
+    pool = mesh.gateway.schedulers
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert time.monotonic() < deadline, "the replica did not start serving"
+        found = pool.schedulers.get(replica.address)
+        if found is not None and found.ids and found.is_ready:
+            before = _failovers("restarted")
+            for _ in range(4):  # in turns over the two idle schedulers
+                await _stream(mesh, max_tokens=1)
+            if _failovers("restarted") == before:
+                return
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+async def replicas(make_config, tiny_llama_dir, tmp_path):
+    """The mesh's in-process scheduler and one scheduler process, both registered, both serving the worker."""
+    config = make_config()
+    config.security.mesh_token = "replicas-test-token"
+    config.scheduler.lease_ttl_s = 2
+    config.gateway.scheduler_cooldown_s = 2.0
+    mesh = await start_mesh(config, versions=[generate_version(TINY, f"file:{tiny_llama_dir}")],
+                            aliases={"tiny": [(TINY, 1)]}, worker_models=[[TINY]])
+    replica = SchedulerProcess(config, tmp_path, "b")
+    try:
+        await _wait_serving(mesh, replica)
+        yield mesh, replica
+    finally:
+        replica.stop()
+        await mesh.stop()
+
+
+async def test_a_scheduler_killed_with_streams_in_flight_costs_no_text(replicas):
+    mesh, replica = replicas
+    expected, reason = await _stream(mesh)
+    assert reason == "length"
+    pool = mesh.gateway.schedulers
+    on_replica: list[int] = []
+
+    def kill_once_under_way(n: int) -> None:
+        if n == 5 and not on_replica:  # every stream is under way: SIGKILL the scheduler process serving some
+            on_replica.append(pool.schedulers[replica.address].num_inflight)
+            replica.proc.kill()
+
+    resumed = _failovers("resumed")
+    results = await asyncio.gather(*(_stream(mesh, on_chunk=kill_once_under_way) for _ in range(4)))
+    assert on_replica and on_replica[0] >= 1, "no stream ran on the killed scheduler"  # least in flight: 2 of 4
+    assert results == [(expected, "length")] * 4  # each one uninterrupted, the undisturbed text
+    assert _failovers("resumed") - resumed == on_replica[0]
+    for _ in range(3):  # new requests keep being served, by the scheduler left
+        assert (await _stream(mesh, max_tokens=4))[1] == "length"
+
+
+async def test_a_stream_that_cannot_move_fails_unavailable_saying_why(replicas):
+    """n > 1 is not resumed (a choice's tokens but choice 0's are not kept): UNAVAILABLE saying why."""
+    mesh, replica = replicas
+    pool = mesh.gateway.schedulers
+    pool.schedulers[mesh.config.gateway.scheduler_address].num_inflight += 1  # the stream goes to the replica
+
+    def kill(n: int) -> None:
+        if n == 3:
+            replica.proc.kill()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _stream(mesh, on_chunk=kill, n=2)
+    finally:
+        pool.schedulers[mesh.config.gateway.scheduler_address].num_inflight -= 1
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "cannot be migrated: streams of n=2 choices are not migrated" in err.value.details()
+    assert replica.address not in err.value.details() and str(replica.port) not in err.value.details()
+
+
+async def test_the_gateway_picks_up_a_later_scheduler_and_drops_one_whose_lease_lapsed(make_config, tiny_llama_dir,
+                                                                                       tmp_path):
+    config = make_config()
+    config.security.mesh_token = "replicas-test-token"
+    config.scheduler.lease_ttl_s = 2
+    mesh = await start_mesh(config, versions=[generate_version(TINY, f"file:{tiny_llama_dir}")],
+                            aliases={"tiny": [(TINY, 1)]}, worker_models=[[TINY]])
+    pool = mesh.gateway.schedulers
+    replica = SchedulerProcess(config, tmp_path, "late")
+    try:
+        assert list(pool.schedulers) == [config.gateway.scheduler_address]
+        await _wait_serving(mesh, replica)  # registered after the gateway started: found by the watch
+        assert pool.schedulers[replica.address].ids == {"replica-late"}
+        # Hung (SIGSTOP): its channel stays READY, but its lease lapses and the gateway drops it.
+        replica.proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        while replica.address in pool.schedulers:
+            assert time.monotonic() - stopped < config.scheduler.lease_ttl_s + 3, "the lapsed scheduler stayed"
+            await asyncio.sleep(0.05)
+        for _ in range(4):  # nothing goes to the hung one
+            assert (await _stream(mesh, max_tokens=2))[1] == "length"
+        replica.proc.send_signal(signal.SIGCONT)  # it registers again and is picked up again
+        await _wait_serving(mesh, replica, timeout_s=15)
+    finally:
+        replica.stop()
+        await mesh.stop()
+
+
+def test_replica_settings_are_validated_and_read_from_the_environment():
+    config = load_config(env={"LLMSERVE_LAUNCH__SCHEDULERS": "2", "LLMSERVE_LAUNCH__SCHEDULER_PORTS": "50052,50054",
+                              "LLMSERVE_GATEWAY__SCHEDULER_ADDRESSES": "10.0.0.2:50052,sched-b:7000",
+                              "LLMSERVE_GATEWAY__MAX_SCHEDULER_FAILOVERS": "3"})
+    assert (config.launch.schedulers, config.launch.scheduler_ports) == (2, [50052, 50054])
+    assert config.gateway.scheduler_addresses == ["10.0.0.2:50052", "sched-b:7000"]
+    assert config.gateway.max_scheduler_failovers == 3 and config.gateway.discover_schedulers
+    for bad in (LaunchConfig(schedulers=0), LaunchConfig(schedulers=1, scheduler_ports=[9000, 9001]),
+                LaunchConfig(schedulers=2, scheduler_ports=[9000, 9000]),
+                LaunchConfig(schedulers=2, scheduler_ports=[50052, 50061])):  # worker 0's port
+        with pytest.raises(ValueError, match="launch.scheduler"):
+            bad.validate(50061)
+    for env, match in [({"LLMSERVE_GATEWAY__SCHEDULER_ADDRESSES": "nohost"}, "must be host:port"),
+                       ({"LLMSERVE_GATEWAY__SCHEDULER_ADDRESS": "h:99999"}, "must be host:port"),
+                       ({"LLMSERVE_GATEWAY__MAX_SCHEDULER_FAILOVERS": "-1"}, "max_scheduler_failovers=-1"),
+                       ({"LLMSERVE_GATEWAY__SCHEDULER_COOLDOWN_S": "-1"}, "scheduler_cooldown_s=-1"),
+                       ({"LLMSERVE_SCHEDULER__LEASE_TTL_S": "1"}, "scheduler.lease_ttl_s=1")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(env=env)
