@@ -171,7 +171,8 @@ class SchedulerConfig:
     # request (0: never; the request then fails UNAVAILABLE saying why).
     max_migrations: int = 2
     # Registration in etcd (schedulers/<scheduler_id>), which gateways watch: the id (default "<hostname>-<port>"),
-    # the address gateways dial (default host:port) and the lease, refreshed every third of it.
+    # the address gateways dial (default host:port; a scheduler on 0.0.0.0 without one does not register, gateways
+    # reach it at their configured addresses) and the lease, refreshed every third of it.
     scheduler_id: str = ""
     advertise_address: str = ""
     lease_ttl_s: int = 5

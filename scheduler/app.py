@@ -9,6 +9,7 @@ import time
 
 from llmserve.common import etcd, tls
 from llmserve.common.config import MeshConfig
+from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import MeshTokenInterceptor
 from llmserve.common.server import Service
 from llmserve.common.state.store import Store
@@ -18,6 +19,10 @@ from llmserve.scheduler.dispatcher import Dispatcher
 from llmserve.scheduler.registration import SchedulerRegistration
 from llmserve.scheduler.service import SchedulerServicer, scheduler_service_name
 from llmserve.scheduler.workers import WorkerConnection
+
+log = get_logger(__name__)
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
 class SchedulerApp:
@@ -64,8 +69,11 @@ class SchedulerApp:
         port = await self.service.start()
         cfg = self.config.scheduler
         self.scheduler_id = cfg.scheduler_id or f"{socket.gethostname()}-{port}"
-        info = scheduler_pb2.SchedulerInfo(scheduler_id=self.scheduler_id, started=int(time.time()),
-                                           address=cfg.advertise_address or f"{cfg.host}:{port}")
+        address = cfg.advertise_address or ("" if cfg.host in WILDCARD_HOSTS else f"{cfg.host}:{port}")
+        if not address:  # 0.0.0.0 is no address to dial: gateways reach it at their gateway.scheduler_address
+            log.info("not registered for discovery: set scheduler.advertise_address", host=cfg.host)
+            return port
+        info = scheduler_pb2.SchedulerInfo(scheduler_id=self.scheduler_id, address=address, started=int(time.time()))
         self.registration = SchedulerRegistration(Store(self.client, self.config.etcd.prefix), cfg.lease_ttl_s,
                                                   info)
         await self.registration.start()  # listening first: a gateway may dial it as soon as it sees the key

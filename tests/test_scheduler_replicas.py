@@ -19,10 +19,13 @@ import pytest
 import yaml
 
 from llmserve.clients.client import _params
+from llmserve.common import etcd as etcd_mod
 from llmserve.common.config import LaunchConfig, load_config
 from llmserve.common.net import free_port
+from llmserve.common.state.store import Store
 from llmserve.gateway import metrics
 from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.scheduler.app import SchedulerApp
 from tests.conftest import REPO
 from tests.helpers.mesh import generate_version, start_mesh
 
@@ -174,6 +177,27 @@ async def test_the_gateway_picks_up_a_later_scheduler_and_drops_one_whose_lease_
     finally:
         replica.stop()
         await mesh.stop()
+
+
+async def test_a_scheduler_registers_an_address_gateways_can_dial(make_config):
+    """Its listening address, or scheduler.advertise_address; on 0.0.0.0 without one it stays out of etcd (gateways
+    would dial themselves) and is reached at the gateways' configured addresses. A clean stop revokes the lease."""
+    config = make_config()
+    store = Store(etcd_mod.connect(config.etcd), config.etcd.prefix)
+    try:
+        for host, advertise, expected in [("127.0.0.1", "", "127.0.0.1:{port}"), ("0.0.0.0", "", None),
+                                          ("0.0.0.0", "sched-b.internal:7000", "sched-b.internal:7000")]:
+            config.scheduler.host, config.scheduler.advertise_address = host, advertise
+            scheduler = SchedulerApp(config)
+            port = await scheduler.start()
+            try:
+                found = [r.address for r in await store.schedulers.list()]
+                assert found == ([expected.format(port=port)] if expected else []), (host, advertise)
+            finally:
+                await scheduler.stop(0)
+            assert await store.schedulers.list() == []
+    finally:
+        await store.client.close()
 
 
 def test_replica_settings_are_validated_and_read_from_the_environment():
