@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -117,14 +118,17 @@ async def test_a_scheduler_killed_with_streams_in_flight_costs_no_text(replicas)
     assert reason == "length"
     pool = mesh.gateway.schedulers
     on_replica: list[int] = []
+    chunks = [0] * 4
 
-    def kill_once_under_way(n: int) -> None:
-        if n == 5 and not on_replica:  # every stream is under way: SIGKILL the scheduler process serving some
+    def kill_once_under_way(stream: int, n: int) -> None:
+        chunks[stream] = n
+        if min(chunks) >= 5 and not on_replica:  # every stream is under way: SIGKILL the scheduler serving some
             on_replica.append(pool.schedulers[replica.address].num_inflight)
             replica.proc.kill()
 
     resumed = _failovers("resumed")
-    results = await asyncio.gather(*(_stream(mesh, on_chunk=kill_once_under_way) for _ in range(4)))
+    results = await asyncio.gather(*(_stream(mesh, on_chunk=functools.partial(kill_once_under_way, i))
+                                     for i in range(4)))
     assert on_replica and on_replica[0] >= 1, "no stream ran on the killed scheduler"  # least in flight: 2 of 4
     assert results == [(expected, "length")] * 4  # each one uninterrupted, the undisturbed text
     assert _failovers("resumed") - resumed == on_replica[0]
