@@ -37,7 +37,7 @@ from prometheus_client import REGISTRY
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.routing import WorkerProcess, percentile
+from bench.routing import WorkerProcess, bench_config, percentile
 from llmserve.common.config import MeshConfig
 from llmserve.common.logs import configure_logging
 from llmserve.common.meshauth import mesh_metadata
@@ -45,7 +45,7 @@ from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 from llmserve.scheduler.app import SchedulerApp
 from tests.helpers.mesh import generate_version, start_mesh
 from tests.helpers.servers import etcd_server, redis_server, running
-from tests.helpers.tiny_models import SMOLLM2_SOURCE, model_cache_dir, smollm2_tokenizer
+from tests.helpers.tiny_models import SMOLLM2_SOURCE, smollm2_tokenizer
 
 VERSION = "smollm2-priority"
 INTERACTIVE, STANDARD, BATCH = 1, 2, 3
@@ -173,17 +173,7 @@ async def main(args) -> dict:
     configure_logging("warning")
     tokenizer = smollm2_tokenizer()
     with running(etcd_server()) as etcd, running(redis_server()) as redis, tempfile.TemporaryDirectory() as tmp:
-        config = MeshConfig()
-        config.etcd.port, config.etcd.prefix = etcd.port, "/bench-priority"
-        config.redis.url = f"redis://127.0.0.1:{redis.port}/0"
-        config.gateway.journal_dir = tmp
-        for section in (config.gateway, config.scheduler, config.worker, config.registry):
-            section.port, section.metrics_port = 0, 0
-        config.worker.model_cache_dir = str(model_cache_dir())
-        config.worker.dtype = "float32"
-        config.security.mesh_token = "bench-priority"
-        config.scheduler.worker_wait_s = 0
-        config.log.level = "warning"
+        config = bench_config(etcd, redis, tmp, "priority")
         mesh = await start_mesh(config, versions=[generate_version(VERSION, SMOLLM2_SOURCE, context_length=2048,
                                                                    family="smollm2")], aliases={}, worker_models=[])
         directory = pathlib.Path(tmp)

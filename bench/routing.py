@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 
 import grpc
-import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -42,6 +37,7 @@ from llmserve.common.net import free_port
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
 from llmserve.scheduler.app import SchedulerApp
 from tests.helpers.mesh import generate_version, start_mesh
+from tests.helpers.processes import ServiceProcess
 from tests.helpers.servers import etcd_server, redis_server, running
 from tests.helpers.tiny_models import SMOLLM2_SOURCE, model_cache_dir, smollm2_tokenizer
 
@@ -74,29 +70,33 @@ def workload(tokenizer, args) -> list[tuple[int, list[int]]]:
     return requests
 
 
-class WorkerProcess:
+class WorkerProcess(ServiceProcess):
     def __init__(self, config: MeshConfig, directory: pathlib.Path, name: str, models: list[str], kv_blocks: int,
                  threads: int):
         self.port = free_port()
-        settings = dataclasses.asdict(config)
-        settings["worker"].update(port=self.port, metrics_port=0, worker_id=f"bench-{name}", models=models,
-                                  num_kv_blocks=kv_blocks, num_threads=threads, max_num_seqs=8)
-        path = directory / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if k in ("etcd", "worker", "log")}))
         self.worker_id = f"bench-{name}"
-        self.log = open(directory / f"{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llmserve.worker", "--config", str(path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "LLMSERVE_SECURITY__MESH_TOKEN": config.security.mesh_token})
+        super().__init__(config, directory, "worker", name, port=self.port, metrics_port=0, worker_id=self.worker_id,
+                         models=models, num_kv_blocks=kv_blocks, num_threads=threads, max_num_seqs=8)
 
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+    def stop(self, graceful: bool = True) -> None:
+        super().stop(graceful)
+
+
+def bench_config(etcd, redis, journal_dir: str, name: str) -> MeshConfig:
+    """The mesh's config for a bench on the test servers: services on free ports without metrics, SmolLM2 in
+    float32 from the model cache, a mesh token, warnings only."""
+    config = MeshConfig()
+    config.etcd.port, config.etcd.prefix = etcd.port, f"/bench-{name}"
+    config.redis.url = f"redis://127.0.0.1:{redis.port}/0"
+    config.gateway.journal_dir = journal_dir
+    for section in (config.gateway, config.scheduler, config.worker, config.registry):
+        section.port, section.metrics_port = 0, 0
+    config.worker.model_cache_dir = str(model_cache_dir())
+    config.worker.dtype = "float32"
+    config.security.mesh_token = f"bench-{name}"
+    config.scheduler.worker_wait_s = 0
+    config.log.level = "warning"
+    return config
 
 
 async def run_one(stub, token, version: str, salt: str, prompt: list[int], max_tokens: int) -> dict:
@@ -160,17 +160,7 @@ async def main(args) -> dict:
     kv_blocks = math.ceil(args.kv_share * args.prefixes * per_prefix_blocks) + headroom
     with running(etcd_server()) as etcd, running(redis_server()) as redis, \
             tempfile.TemporaryDirectory() as tmp:
-        config = MeshConfig()
-        config.etcd.port, config.etcd.prefix = etcd.port, "/bench-routing"
-        config.redis.url = f"redis://127.0.0.1:{redis.port}/0"
-        config.gateway.journal_dir = tmp
-        for section in (config.gateway, config.scheduler, config.worker, config.registry):
-            section.port, section.metrics_port = 0, 0
-        config.worker.model_cache_dir = str(model_cache_dir())
-        config.worker.dtype = "float32"
-        config.security.mesh_token = "bench-routing"
-        config.scheduler.worker_wait_s = 0
-        config.log.level = "warning"
+        config = bench_config(etcd, redis, tmp, "routing")
         versions = [generate_version(v, SMOLLM2_SOURCE, context_length=4096, family="smollm2")
                     for v in (POOL, SINGLE)]
         mesh = await start_mesh(config, versions=versions, aliases={}, worker_models=[])

@@ -17,7 +17,7 @@ import typing
 
 import grpc
 
-from llmserve.common import tracing
+from llmserve.common import resume, tracing
 from llmserve.common.errors import SCHEDULER_ANSWERED, ServiceError, code_from_int
 from llmserve.common.logs import get_logger
 from llmserve.common.meshauth import mesh_metadata
@@ -74,21 +74,10 @@ class SchedulerLost(Exception):
 
 
 @dataclasses.dataclass
-class Sent:
-    """What of a task reached the gateway (so the caller): what a failover resumes from, as the scheduler's
-    Entry.note_sent keeps it for a migration (choice 0's token ids and text length in code points)."""
-    num_outputs: int = 0
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    text_length: int = 0
-    completion_tokens: int = 0
+class Sent(resume.Sent):
+    """What of a task reached the gateway (so the caller): what a failover resumes from, as the scheduler's Entry
+    keeps it for a migration."""
     is_dispatched: bool = False
-
-    def note(self, output: task_pb2.TaskOutput) -> None:
-        self.num_outputs += 1
-        if output.index == 0:
-            self.token_ids.extend(output.token_ids)
-            self.text_length += len(output.text_delta)
-            self.completion_tokens = max(self.completion_tokens, output.completion_tokens)
 
 
 def resume_task(task: task_pb2.Task, sent: Sent, failovers: int) -> task_pb2.Task:
@@ -96,12 +85,8 @@ def resume_task(task: task_pb2.Task, sent: Sent, failovers: int) -> task_pb2.Tas
     dispatcher builds it for a migration; the worker continues prompt + those tokens, seeded draws skipped). It runs
     under a request id of its own: the worker may not have dropped the task of the lost scheduler yet (its stream
     broke at the same moment), and an engine refuses an id it is still running."""
-    attempt = task_pb2.Task()
-    attempt.CopyFrom(task)
+    attempt = sent.resumed(task)
     attempt.request_id = f"{task.request_id}.{failovers}"  # public_error still finds the request id before "-"
-    if sent.num_outputs:
-        attempt.generate.resume.token_ids[:] = sent.token_ids
-        attempt.generate.resume.text_length = sent.text_length
     return attempt
 
 
@@ -156,15 +141,7 @@ class SchedulerClient:
                 return ""
             return (f"it was moved {failovers} time(s) already (gateway.max_scheduler_failovers="
                     f"{self.max_failovers}); retry it")
-        if not sent.num_outputs:
-            return None  # nothing reached the caller: any scheduler can start it over
-        if task.WhichOneof("input") != "generate":
-            return "an embeddings call that had answered is not migrated; retry it"
-        if task.generate.n > 1:
-            return f"streams of n={task.generate.n} choices are not migrated; retry it"
-        if sent.completion_tokens > len(sent.token_ids):
-            return "the worker did not report the ids of the tokens it sent; retry it"
-        return None
+        return sent.why_not_resumable(task) or None  # nothing sent: any scheduler can start it over
 
     async def _submit(self, scheduler: Scheduler, attempt: task_pb2.Task, task: task_pb2.Task, context,
                       on_dispatched: OnDispatched, sent: Sent) -> typing.AsyncGenerator[task_pb2.TaskOutput, None]:

@@ -21,7 +21,7 @@ import grpc
 from llmserve.common import kvhash, priority
 from llmserve.common.errors import ServiceError, resource_exhausted, unavailable
 from llmserve.common.logs import get_logger
-from llmserve.dispatch.v1 import scheduler_pb2, task_pb2, worker_pb2
+from llmserve.dispatch.v1 import scheduler_pb2, worker_pb2
 from llmserve.scheduler import metrics
 from llmserve.scheduler.kvindex import KvIndex
 from llmserve.scheduler.queue import Entry, ModelQueue
@@ -386,11 +386,7 @@ class Dispatcher:
             return
         original = entry.original or entry.task
         entry.original = original
-        task = task_pb2.Task()
-        task.CopyFrom(original)
-        if entry.num_outputs:
-            task.generate.resume.token_ids[:] = entry.sent_token_ids
-            task.generate.resume.text_length = entry.sent_text_length
+        task = entry.sent.resumed(original)
         entry.task, entry.worker, entry.is_done = task, None, False
         entry.migrations += 1
         entry.kv_keys.clear()
@@ -398,7 +394,7 @@ class Dispatcher:
         queue.push_front(entry)
         metrics.MIGRATIONS.labels("migrated").inc()
         log.info("worker lost; request migrated", request_id=entry.request_id, reason=reason,
-                 resumed_tokens=len(entry.sent_token_ids), migrations=entry.migrations)
+                 resumed_tokens=len(entry.sent.token_ids), migrations=entry.migrations)
         self.wake()
 
     def _why_not_migratable(self, entry: Entry) -> str:
@@ -407,13 +403,4 @@ class Dispatcher:
         if entry.migrations >= self.max_migrations:
             return (f"it was moved {entry.migrations} time(s) already (scheduler.max_migrations="
                     f"{self.max_migrations}); retry it")
-        if not entry.num_outputs:
-            return ""  # nothing reached the caller: any worker can start it over
-        task = entry.task
-        if task.WhichOneof("input") != "generate":
-            return "an embeddings call that had answered is not migrated; retry it"
-        if task.generate.n > 1:
-            return f"streams of n={task.generate.n} choices are not migrated; retry it"
-        if entry.sent_completion_tokens > len(entry.sent_token_ids):
-            return "the lost worker did not report the ids of the tokens it sent; retry it"
-        return ""
+        return entry.sent.why_not_resumable(entry.task)

@@ -15,6 +15,7 @@ import time
 import typing
 
 from llmserve.common.priority import NUM_CLASSES
+from llmserve.common.resume import Sent
 from llmserve.dispatch.v1 import task_pb2
 
 if typing.TYPE_CHECKING:
@@ -38,10 +39,7 @@ class Entry:
     last_read: float = dataclasses.field(default_factory=time.monotonic)
     # Migration: what the submitter has of choice 0 (token ids and their text's length, in code points), how many
     # outputs it got, and how often the task moved; on_lost is the dispatcher's handler for a lost worker.
-    sent_token_ids: list[int] = dataclasses.field(default_factory=list)
-    sent_text_length: int = 0
-    sent_completion_tokens: int = 0
-    num_outputs: int = 0
+    sent: Sent = dataclasses.field(default_factory=Sent)
     migrations: int = 0
     on_lost: typing.Callable[[Entry, str], None] | None = None
     original: task_pb2.Task | None = None  # the task as submitted (task is its resumed form after a migration)
@@ -70,14 +68,6 @@ class Entry:
             return False
         self.outbox.put_nowait(item)
         return True
-
-    def note_sent(self, output: task_pb2.TaskOutput) -> None:
-        """An output went to the submitter: keep what a migration resumes from."""
-        self.num_outputs += 1
-        if output.index == 0:
-            self.sent_token_ids.extend(output.token_ids)
-            self.sent_text_length += len(output.text_delta)
-            self.sent_completion_tokens = max(self.sent_completion_tokens, output.completion_tokens)
 
     async def read(self) -> typing.Any:
         """The submitter's next item (noting when it last read, for deliver())."""

@@ -80,7 +80,7 @@ class WorkerConnection:
         """Prompt tokens this worker has still to compute for the tasks sent to it that have not answered yet
         (routing's estimates at dispatch): a worker with cold prefills queued is slower to a first token than its
         sequence count says."""
-        return sum(e.prefill_tokens for e in self.entries.values() if not e.num_outputs)
+        return sum(e.prefill_tokens for e in self.entries.values() if not e.sent.num_outputs)
 
     def room(self, version: str) -> int:
         """Sequences of the model the worker can take now."""
@@ -170,7 +170,7 @@ class WorkerConnection:
                     if not entry.deliver(output):
                         self._drop_slow_consumer(entry)
                         continue
-                    entry.note_sent(output)
+                    entry.sent.note(output)
                     if output.finished:
                         self._finish(entry)
                 elif kind == "kv_events":

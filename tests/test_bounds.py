@@ -144,6 +144,7 @@ async def test_an_unreachable_scheduler_is_not_named_to_the_caller(mesh):
         closed_port = sock.getsockname()[1]
     config = copy.deepcopy(mesh.config)
     config.gateway.scheduler_address = f"127.0.0.1:{closed_port}"
+    config.gateway.discover_schedulers = False  # only the closed port: the mesh's registered scheduler would answer
     gateway = GatewayApp(config)
     port = await gateway.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

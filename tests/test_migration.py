@@ -5,47 +5,28 @@ hung worker (SIGSTOP) leaves routing after scheduler.worker_silence_s and rejoin
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
-import yaml
 
 from llmserve.clients.client import _params
 from llmserve.common.net import free_port
 from llmserve.inference.v1 import inference_pb2 as pb
-from tests.conftest import REPO
 from tests.helpers.mesh import generate_version, start_mesh
+from tests.helpers.processes import ServiceProcess
 
 TINY = "tiny-llama-v1"
 PROMPT = "Once upon a time, in a land far away, there lived"
 MAX_TOKENS = 400
 
 
-class WorkerProcess:
+class WorkerProcess(ServiceProcess):
     def __init__(self, config, directory, name: str):
         self.port = free_port()
         self.worker_id = f"pool-{name}"
-        settings = dataclasses.asdict(config)
-        settings["worker"].update(port=self.port, metrics_port=0, worker_id=self.worker_id, models=[TINY])
-        path = directory / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if k in ("etcd", "worker", "log")}))
-        self.log = open(directory / f"{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llmserve.worker", "--config", str(path)], cwd=REPO,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "LLMSERVE_SECURITY__MESH_TOKEN": config.security.mesh_token})
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
+        super().__init__(config, directory, "worker", name, port=self.port, metrics_port=0, worker_id=self.worker_id,
+                         models=[TINY])
 
 
 @pytest.fixture

@@ -6,18 +6,12 @@ dropped (real scheduler processes, in-process gateway and worker, tiny model).""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import functools
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
-import yaml
 
 from llmserve.clients.client import _params
 from llmserve.common import etcd as etcd_mod
@@ -27,33 +21,20 @@ from llmserve.common.state.store import Store
 from llmserve.gateway import metrics
 from llmserve.inference.v1 import inference_pb2 as pb
 from llmserve.scheduler.app import SchedulerApp
-from tests.conftest import REPO
 from tests.helpers.mesh import generate_version, start_mesh
+from tests.helpers.processes import ServiceProcess
 
 TINY = "tiny-llama-v1"
 PROMPT = "Once upon a time, in a land far away, there lived"
 MAX_TOKENS = 200
 
 
-class SchedulerProcess:
+class SchedulerProcess(ServiceProcess):
     def __init__(self, config, directory, name: str):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        settings = dataclasses.asdict(config)
-        settings["scheduler"].update(port=self.port, metrics_port=0, scheduler_id=f"replica-{name}")
-        path = directory / f"scheduler-{name}.yaml"
-        path.write_text(yaml.safe_dump({k: v for k, v in settings.items() if k in ("etcd", "scheduler", "log")}))
-        self.log = open(directory / f"scheduler-{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "llmserve.scheduler", "--config", str(path)], cwd=REPO,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "LLMSERVE_SECURITY__MESH_TOKEN": config.security.mesh_token})
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
+        super().__init__(config, directory, "scheduler", name, port=self.port, metrics_port=0,
+                         scheduler_id=f"replica-{name}")
 
 
 def _failovers(outcome: str) -> float:
