@@ -387,6 +387,9 @@ class SecurityConfig:
     # The name the scheduler checks in workers' certificates. Workers are dialled at the address they register
     # (in Kubernetes a pod IP that no certificate names); empty: the host of that address.
     tls_worker_server_name: str = ""
+    # The same for schedulers that gateways find in etcd (scheduler replicas register their pod IPs too); the
+    # addresses in gateway.scheduler_address(es) are checked against their own host.
+    tls_scheduler_server_name: str = ""
 
     def validate(self) -> None:
         # YAML 1.1 reads a bare `tls: on` / `tls: off` as a boolean, which arrives here as "True" / "False".

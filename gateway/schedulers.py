@@ -73,7 +73,8 @@ class SchedulerPool:
     # ---- membership ----
 
     def _add(self, address: str, *, is_static: bool) -> Scheduler:
-        channel = tls.aio_channel(address, self.security, "gateway", CHANNEL_OPTIONS)
+        channel = tls.aio_channel(address, self.security, "gateway", CHANNEL_OPTIONS,
+                                  server_name="" if is_static else self.security.tls_scheduler_server_name)
         channel.get_state(try_to_connect=True)  # dial now, not on its first task
         scheduler = Scheduler(address, channel, scheduler_pb2_grpc.SchedulerServiceStub(channel), is_static)
         self.schedulers[address] = scheduler

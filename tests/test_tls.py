@@ -5,6 +5,8 @@ another CA at the TLS handshake (UNAVAILABLE, not even health answers), and mesh
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from google.protobuf import wrappers_pb2 as w
@@ -155,3 +157,49 @@ def test_files_of_each_mode(tmp_path):
     on.tls_cert, on.tls_key, on.tls_ca = "c", "k", "ca"
     on.validate()
     assert on.tls == "on"
+
+
+@pytest.mark.parametrize("server_name, served", [("scheduler", True), ("", False)])
+async def test_a_discovered_scheduler_at_an_address_no_certificate_names_needs_its_server_name(mesh, server_name,
+                                                                                              served):
+    # As in Kubernetes: a replica registers a pod IP (here 127.0.0.2, which certificates do not name); gateways
+    # check its certificate against security.tls_scheduler_server_name instead of that address.
+    import copy
+    import socket
+
+    from llmserve.gateway.app import GatewayApp
+    from llmserve.scheduler.app import SchedulerApp
+    if mesh.scheduler.registration is not None:
+        await mesh.scheduler.registration.stop()  # only the replica is discovered
+    config = copy.deepcopy(mesh.config)
+    config.scheduler.host, config.scheduler.port, config.scheduler.scheduler_id = "127.0.0.2", 0, "replica"
+    replica = SchedulerApp(config)
+    await replica.start()
+    with socket.socket() as sock:  # the static address: a closed port
+        sock.bind(("127.0.0.1", 0))
+        config.gateway.scheduler_address = f"127.0.0.1:{sock.getsockname()[1]}"
+    config.gateway.port, config.gateway.scheduler_wait_s = 0, 3.0
+    config.security.tls_scheduler_server_name = server_name
+    gateway = GatewayApp(config)
+    port = await gateway.start()
+    channel = tls.aio_channel(f"127.0.0.1:{port}", config.security, "client")
+    try:
+        await gateway.view.keys.wait_for(lambda s: len(s) >= 1, 5)
+        await gateway.view.tenants.wait_for(lambda s: "test-tenant" in s, 5)
+        for _ in range(100):  # the replica has dialled the worker (over mTLS too)
+            if any(conn.is_ready for conn in replica.dispatcher.workers.values()):
+                break
+            await asyncio.sleep(0.1)
+        call = inference_pb2_grpc.InferenceServiceStub(channel).CreateCompletion(
+            pb.CreateCompletionRequest(model="tiny", prompt="hi", max_tokens=w.Int32Value(value=2), skip_cache=True),
+            metadata=mesh.auth, timeout=30)
+        if served:
+            assert (await call).choices
+        else:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await replica.stop(0)
