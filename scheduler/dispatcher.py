@@ -149,6 +149,7 @@ class Dispatcher:
         conn = self.connect(info, self._on_worker_change)
         conn.on_kv_events = self.index.apply  # the new stream starts with a snapshot, which resets the worker's
         conn.on_finished = self._on_finished
+        conn.engine_of = lambda version: self.engine_of(version)[0]
         return conn
 
     def _on_finished(self, entry: Entry) -> None:

@@ -44,6 +44,7 @@ class Entry:
     on_lost: typing.Callable[[Entry, str], None] | None = None
     original: task_pb2.Task | None = None  # the task as submitted (task is its resumed form after a migration)
     kv_keys: dict[int, list[bytes]] = dataclasses.field(default_factory=dict)  # block size -> prompt block keys
+    engine: str = ""  # the version whose engine runs it on its worker (its slots are that engine's)
     prefill_tokens: int = 0  # prompt tokens its worker computes before its first output (routing's estimate)
 
     @property

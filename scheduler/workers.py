@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import typing
 
@@ -34,9 +35,12 @@ class WorkerConnection:
         self._metadata = mesh_metadata(mesh_token)  # workers refuse callers outside the mesh
         self.worker_id = info.worker_id
         self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
-        self.num_inflight = {m.model_version: 0 for m in info.models}
-        # The same sequences by priority class (index class - 1): what a higher class may take from lower ones.
-        self.num_inflight_by_class = {m.model_version: [0] * NUM_CLASSES for m in info.models}
+        # Sequences in flight per engine (a LoRA adapter's version shares its base's engine, and so its slots:
+        # engine_of, set by the dispatcher, maps a version to the version whose engine runs it), and the same by
+        # priority class (index class - 1): what a higher class may take from lower ones.
+        self.engine_of: typing.Callable[[str], str] = lambda version: version
+        self.num_inflight: collections.Counter[str] = collections.Counter()
+        self.num_inflight_by_class: dict[str, list[int]] = collections.defaultdict(lambda: [0] * NUM_CLASSES)
         self.load: dict[str, task_pb2.ModelLoad] = {}
         self.entries: dict[str, Entry] = {}
         self.is_alive = True
@@ -58,9 +62,6 @@ class WorkerConnection:
         flight keep their counts until they finish."""
         self.info = info
         self.capacity = {m.model_version: m.max_num_seqs for m in info.models}
-        for version in self.capacity:
-            self.num_inflight.setdefault(version, 0)
-            self.num_inflight_by_class.setdefault(version, [0] * NUM_CLASSES)
 
     def serves(self, version: str) -> bool:
         return version in self.capacity
@@ -86,7 +87,7 @@ class WorkerConnection:
         """Sequences of the model the worker can take now."""
         if not (self.is_alive and self.is_ready):
             return 0
-        return self.capacity.get(version, 0) - self.num_inflight.get(version, 0)
+        return self.capacity.get(version, 0) - self.num_inflight[self.engine_of(version)]
 
     def room_by_preemption(self, version: str, priority: int) -> int:
         """Sequences of a class-`priority` task the worker can start now if it preempts lower classes: its slots
@@ -94,7 +95,7 @@ class WorkerConnection:
         the slot of a running lower-class one, which recomputes later with the same output)."""
         if not (self.is_alive and self.is_ready):
             return 0
-        held = self.num_inflight_by_class.get(version, [0] * NUM_CLASSES)[:priority]
+        held = self.num_inflight_by_class.get(self.engine_of(version), [0] * NUM_CLASSES)[:priority]
         return self.capacity.get(version, 0) - sum(held)
 
     def fits(self, entry: Entry, preempting: bool = False) -> bool:
@@ -107,7 +108,7 @@ class WorkerConnection:
     def utilization(self, version: str) -> float:
         """Busy share of the model's slots: our own count, or the worker's last report when that says more
         (sequences sent by another scheduler, or still held by the worker after we counted them finished)."""
-        busy = self.num_inflight.get(version, 0)
+        busy = self.num_inflight[self.engine_of(version)]
         reported = self.load.get(version)
         if reported is not None:
             busy = max(busy, reported.num_running + reported.num_waiting)
@@ -116,8 +117,9 @@ class WorkerConnection:
     def dispatch(self, entry: Entry) -> None:
         entry.worker = self
         self.entries[entry.request_id] = entry
-        self.num_inflight[entry.task.model_version] += entry.weight
-        self.num_inflight_by_class[entry.task.model_version][entry.priority - 1] += entry.weight
+        entry.engine = self.engine_of(entry.task.model_version)
+        self.num_inflight[entry.engine] += entry.weight
+        self.num_inflight_by_class[entry.engine][entry.priority - 1] += entry.weight
         self._outbox.put_nowait(worker_pb2.ServeRequest(task=entry.task))
 
     def cancel(self, entry: Entry) -> None:
@@ -137,8 +139,8 @@ class WorkerConnection:
 
     def _finish(self, entry: Entry) -> None:
         if self.entries.pop(entry.request_id, None) is not None:
-            self.num_inflight[entry.task.model_version] -= entry.weight
-            self.num_inflight_by_class[entry.task.model_version][entry.priority - 1] -= entry.weight
+            self.num_inflight[entry.engine] -= entry.weight
+            self.num_inflight_by_class[entry.engine][entry.priority - 1] -= entry.weight
             entry.is_done = True
             if self.on_finished is not None:
                 self.on_finished(entry)

@@ -326,3 +326,27 @@ async def test_a_backlog_left_unread_past_the_timeout_cancels_but_a_reader_keeps
         assert isinstance(await fast.read(), task_pb2.TaskOutput)  # read as it arrives: never cancelled
     cancels = [r.cancel.request_id for r in w.sent if r.WhichOneof("kind") == "cancel"]
     assert cancels == ["slow"]
+
+
+async def test_an_adapter_and_its_base_share_their_engine_s_slots():
+    # A LoRA adapter's version runs on its base's engine: the worker lists both with the engine's max_num_seqs,
+    # but they are one set of slots, not two.
+    adapter = "m-v1-lora"
+    h = Harness(engine_of=lambda version: (MODEL, version) if version == adapter else (version, ""))
+    h.dispatcher.start()
+    try:
+        h.dispatcher.sync_members({"a": worker_pb2.WorkerInfo(worker_id="a", address="127.0.0.1:1000", models=[
+            worker_pb2.WorkerModel(model_version=MODEL, max_num_seqs=2),
+            worker_pb2.WorkerModel(model_version=adapter, max_num_seqs=2)])})
+        w = h.dispatcher.workers["a"]
+        h.submit("base0"), h.submit("base1")
+        task = task_pb2.Task(request_id="lora0", model_version=adapter, priority=2,
+                             generate=task_pb2.GenerateInput(prompt="hi"))
+        h.dispatcher.submit(Entry(task, priority=2))
+        await settle()
+        assert w.task_ids == ["base0", "base1"] and w.room(adapter) == 0  # the engine is full
+        w.finish("base0")
+        await settle()
+        assert w.task_ids[-1] == "lora0" and w.room(MODEL) == 0
+    finally:
+        await h.dispatcher.stop()
