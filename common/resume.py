@@ -1,7 +1,8 @@
 """What of a generation task reached its caller, and resuming it from there elsewhere: the scheduler migrates a
-stream off a lost worker, the gateway moves one off a lost scheduler, both the same way (GenerateInput.resume:
-choice 0's token ids and their text's length in code points; the worker computes prompt + those tokens, counts
-them as generated, and a seeded generator skips their draws)."""
+stream off a lost worker, the gateway moves one off a lost scheduler, both the same way (GenerateInput.resume, or
+resume_choices for n > 1: each choice's token ids and their text's length in code points; the worker computes
+prompt + those tokens, counts them as generated, and a seeded generator skips their draws; a finished choice is
+not run again)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,36 @@ from llmserve.dispatch.v1 import task_pb2
 
 
 @dataclasses.dataclass
+class ChoiceSent:
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    text_length: int = 0  # of the choice's text, in code points
+    completion_tokens: int = 0
+    finished: bool = False
+
+    def state(self) -> task_pb2.ResumeState:
+        return task_pb2.ResumeState(token_ids=self.token_ids, text_length=self.text_length, finished=self.finished)
+
+
+@dataclasses.dataclass
 class Sent:
     num_outputs: int = 0
-    token_ids: list[int] = dataclasses.field(default_factory=list)  # of choice 0
-    text_length: int = 0  # of choice 0's text, in code points
-    completion_tokens: int = 0
+    choices: dict[int, ChoiceSent] = dataclasses.field(default_factory=dict)
+
+    def choice(self, index: int) -> ChoiceSent:
+        return self.choices.setdefault(index, ChoiceSent())
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Choice 0's."""
+        return self.choice(0).token_ids
 
     def note(self, output: task_pb2.TaskOutput) -> None:
         self.num_outputs += 1
-        if output.index == 0:
-            self.token_ids.extend(output.token_ids)
-            self.text_length += len(output.text_delta)
-            self.completion_tokens = max(self.completion_tokens, output.completion_tokens)
+        choice = self.choice(output.index)
+        choice.token_ids.extend(output.token_ids)
+        choice.text_length += len(output.text_delta)
+        choice.completion_tokens = max(choice.completion_tokens, output.completion_tokens)
+        choice.finished = choice.finished or bool(output.finish_reason)
 
     def why_not_resumable(self, task: task_pb2.Task) -> str:
         """Why the task cannot resume elsewhere (written for the caller), or "" when it can: from where it is, or
@@ -31,9 +50,7 @@ class Sent:
             return ""
         if task.WhichOneof("input") != "generate":
             return "an embeddings call that had answered is not migrated; retry it"
-        if task.generate.n > 1:
-            return f"streams of n={task.generate.n} choices are not migrated; retry it"
-        if self.completion_tokens > len(self.token_ids):
+        if any(c.completion_tokens > len(c.token_ids) for c in self.choices.values()):
             return "the worker did not report the ids of the tokens it sent; retry it"
         return ""
 
@@ -41,7 +58,12 @@ class Sent:
         """A copy of the task (as submitted) that resumes from what was sent."""
         copy = task_pb2.Task()
         copy.CopyFrom(task)
-        if self.num_outputs:
-            copy.generate.resume.token_ids[:] = self.token_ids
-            copy.generate.resume.text_length = self.text_length
+        if not self.num_outputs:
+            return copy
+        n = max(1, copy.generate.n)
+        if n == 1:
+            copy.generate.resume.CopyFrom(self.choice(0).state())
+            copy.generate.resume.ClearField("finished")
+        else:
+            copy.generate.resume_choices.extend(self.choice(j).state() for j in range(n))
         return copy

@@ -62,20 +62,21 @@ async def _stream(mesh, on_chunk=None, **params) -> tuple[str, str, list[str]]:
         model="tiny", prompt=PROMPT, **_params(**{"max_tokens": MAX_TOKENS, "skip_cache": True, "ignore_eos": True,
                                                    **params})),
         metadata=mesh.auth, timeout=120)
-    text, reason, chunks = "", "", 0
+    texts: dict[int, str] = {}  # per choice: with n > 1 the choices' chunks interleave in any order
+    reason, chunks = "", 0
     async for chunk in call:
         for choice in chunk.choices:
-            text += choice.text
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
             reason = choice.finish_reason or reason
         chunks += 1
         if on_chunk is not None:
             on_chunk(chunks)
     trailer = dict(await call.trailing_metadata()).get("x-llmserve-worker", "")
-    return text, reason, trailer.split(",") if trailer else []
+    return " | ".join(texts[j] for j in sorted(texts)), reason, trailer.split(",") if trailer else []
 
 
-@pytest.mark.parametrize("params", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 42}],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize("params", [{"temperature": 0.0}, {"temperature": 1.0, "seed": 42},
+                                    {"temperature": 1.0, "seed": 42, "n": 2}], ids=["greedy", "seeded", "n=2"])
 async def test_a_worker_killed_mid_stream_costs_no_text(pool, params):
     mesh, workers = pool
     expected, reason, served = await _stream(mesh, **params)

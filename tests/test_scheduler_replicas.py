@@ -10,7 +10,6 @@ import functools
 import signal
 import time
 
-import grpc
 import pytest
 
 from llmserve.clients.client import _params
@@ -41,21 +40,28 @@ def _failovers(outcome: str) -> float:
     return metrics.SCHEDULER_FAILOVERS.labels(outcome)._value.get()
 
 
-async def _stream(mesh, on_chunk=None, **params) -> tuple[str, str]:
-    """(text, finish reason) of one streamed completion."""
+async def _choices(mesh, on_chunk=None, **params) -> dict[int, tuple[str, str]]:
+    """choice index -> (text, finish reason) of one streamed completion."""
     call = mesh.stub.StreamCompletion(pb.StreamCompletionRequest(
         model="tiny", prompt=PROMPT, **_params(**{"max_tokens": MAX_TOKENS, "skip_cache": True, "ignore_eos": True,
                                                    "temperature": 0.0, **params})),
         metadata=mesh.auth, timeout=120)
-    text, reason, chunks = "", "", 0
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    chunks = 0
     async for chunk in call:
         for choice in chunk.choices:
-            text += choice.text
-            reason = choice.finish_reason or reason
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index, "")
         chunks += 1
         if on_chunk is not None:
             on_chunk(chunks)
-    return text, reason
+    return {j: (texts[j], reasons.get(j, "")) for j in sorted(texts)}
+
+
+async def _stream(mesh, on_chunk=None, **params) -> tuple[str, str]:
+    """(text, finish reason) of one streamed completion of one choice."""
+    return (await _choices(mesh, on_chunk, **params))[0]
 
 
 async def _wait_serving(mesh, replica: SchedulerProcess, timeout_s: float = 60) -> None:
@@ -117,23 +123,24 @@ async def test_a_scheduler_killed_with_streams_in_flight_costs_no_text(replicas)
         assert (await _stream(mesh, max_tokens=4))[1] == "length"
 
 
-async def test_a_stream_that_cannot_move_fails_unavailable_saying_why(replicas):
-    """n > 1 is not resumed (a choice's tokens but choice 0's are not kept): UNAVAILABLE saying why."""
+async def test_a_stream_of_n_choices_moves_too_each_choice_from_where_it_was(replicas):
     mesh, replica = replicas
+    params = dict(n=2, temperature=1.0, seed=5)
+    expected = await _choices(mesh, **params)
+    assert [reason for _, reason in expected.values()] == ["length", "length"]
     pool = mesh.gateway.schedulers
     pool.schedulers[mesh.config.gateway.scheduler_address].num_inflight += 1  # the stream goes to the replica
 
     def kill(n: int) -> None:
-        if n == 3:
+        if n == 6:
             replica.proc.kill()
+    resumed = _failovers("resumed")
     try:
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await _stream(mesh, on_chunk=kill, n=2)
+        moved = await _choices(mesh, on_chunk=kill, **params)
     finally:
         pool.schedulers[mesh.config.gateway.scheduler_address].num_inflight -= 1
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "cannot be migrated: streams of n=2 choices are not migrated" in err.value.details()
-    assert replica.address not in err.value.details() and str(replica.port) not in err.value.details()
+    assert replica.proc.poll() is not None and _failovers("resumed") - resumed == 1
+    assert moved == expected  # both choices, seeded, with the undisturbed texts
 
 
 async def test_the_gateway_picks_up_a_later_scheduler_and_drops_one_whose_lease_lapsed(make_config, tiny_llama_dir,

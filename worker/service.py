@@ -314,19 +314,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         labels = (model.version.version,)
         metrics.PROMPT_TOKENS.labels(*labels).inc(num_prompt)
 
+        # A migrated stream: each choice's state (choice 0's in resume when n is 1); finished choices do not run.
+        resumes = list(gen.resume_choices) if num_choices > 1 else [gen.resume]
+        if len(resumes) not in (0, num_choices):
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"task.generate.resume_choices has {len(resumes)} entries for n={num_choices}")
+        resumes += [task_pb2.ResumeState()] * (num_choices - len(resumes))
+        if any(r.token_ids for r in resumes) and not getattr(engine, "supports_resume", False):
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                               f"this worker cannot resume a migrated stream of model {model.version.version!r} "
+                               "(an engine without resume)")
+        pending = [j for j in range(num_choices) if not resumes[j].finished]
+
         def request(j: int) -> GenerationRequest:
             request_id = task.request_id if num_choices == 1 else f"{task.request_id}#{j}"
             return GenerationRequest(request_id, prompt_ids, sampling_from_pb(s, max_tokens, choice=j,
                                                                               structured=compiled),
                                      priority=priority.from_pb(task.priority), cache_salt=task.cache_salt,
-                                     adapter=model.adapter, resume_token_ids=resume if j == 0 else [],
-                                     resume_text_length=gen.resume.text_length if j == 0 else 0)
-
-        resume = list(gen.resume.token_ids)
-        if resume and (num_choices > 1 or not getattr(engine, "supports_resume", False)):
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE,
-                               f"this worker cannot resume a migrated stream of model {model.version.version!r} "
-                               "(n > 1, or an engine without resume)")
+                                     adapter=model.adapter, resume_token_ids=list(resumes[j].token_ids),
+                                     resume_text_length=resumes[j].text_length)
 
         outputs: asyncio.Queue[tuple[int, GenerationOutput] | BaseException] = asyncio.Queue()
         prefilled = asyncio.Event()
@@ -343,19 +349,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         choices: list[asyncio.Task] = []
 
         async def start_choices() -> None:
-            first = asyncio.create_task(run_choice(0))
+            first = asyncio.create_task(run_choice(pending[0]))
             choices.append(first)
-            if num_choices > 1:
-                # Choices 1..n-1 start once choice 0 has prefilled, so that an engine with a prefix cache computes
-                # the prompt once and the others read its cached blocks.
+            if len(pending) > 1:
+                # The other choices start once the first has prefilled, so that an engine with a prefix cache
+                # computes the prompt once and the others read its cached blocks.
                 if getattr(engine, "caches_prefixes", False):
                     waiter = asyncio.create_task(prefilled.wait())
                     await asyncio.wait([first, waiter], return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
-                choices.extend(asyncio.create_task(run_choice(j)) for j in range(1, num_choices))
+                choices.extend(asyncio.create_task(run_choice(j)) for j in pending[1:])
 
+        if not pending:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "every choice of the resumed task had finished")
         starter = asyncio.create_task(start_choices())
-        running = num_choices
+        running = len(pending)
         try:
             while running:
                 item = await outputs.get()

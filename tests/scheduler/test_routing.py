@@ -129,10 +129,11 @@ def test_the_index_follows_snapshots_stores_evictions_and_departures():
     assert len(index) == 0
 
 
-def output(request_id: str, text: str, token_ids: list[int], completion: int, finished=False):
+def output(request_id: str, text: str, token_ids: list[int], completion: int, finished=False, index: int = 0,
+           finish_reason: str = ""):
     return worker_pb2.ServeResponse(output=task_pb2.TaskOutput(
-        request_id=request_id, text_delta=text, token_ids=token_ids, completion_tokens=completion,
-        finished=finished, finish_reason="length" if finished else ""))
+        request_id=request_id, text_delta=text, token_ids=token_ids, completion_tokens=completion, index=index,
+        finished=finished, finish_reason=finish_reason or ("length" if finished else "")))
 
 
 async def outputs_until_dispatched(entry: Entry, timeout_s: float = 2.0) -> list:
@@ -184,19 +185,25 @@ async def test_a_stream_whose_worker_is_lost_resumes_on_another_with_the_tokens_
     assert "cannot be migrated: it was moved 1 time(s) already (scheduler.max_migrations=1)" in error.message
 
 
-async def test_n_choice_streams_are_not_migrated_once_they_answered(make):
+async def test_an_n_choice_stream_resumes_each_choice_and_does_not_rerun_a_finished_one(make):
     h = make(max_migrations=2)
-    w = h.workers(a=4, b=4)
-    entry = submit(h, "n", n=2)
+    h.workers(a=4, b=4)
+    entry = submit(h, "n", n=3)
     await settle()
     conn = h.dispatcher.workers[(await next_any(entry)).worker_id]
-    conn.responses.put_nowait(output("n", "x", [1], 1))
+    for out in (output("n", "ab", [1, 2], 2), output("n", "c", [3], 1, index=1),
+                output("n", "d", [4], 1, index=2, finish_reason="stop")):
+        conn.responses.put_nowait(out)
     await settle()
     conn.break_stream()
-    assert (await next_any(entry)).text_delta == "x"
-    error = await next_item(entry)
-    assert error.code == grpc.StatusCode.UNAVAILABLE and "n=2 choices are not migrated" in error.message
-    assert w  # both workers stayed registered
+    items = await outputs_until_dispatched(entry)
+    assert [i.text_delta for i in items[:-1]] == ["ab", "c", "d"]
+    other = h.dispatcher.workers[items[-1].worker_id]
+    assert other is not conn
+    resumed = [r.task for r in other.sent if r.WhichOneof("kind") == "task"][0]
+    states = [(list(r.token_ids), r.text_length, r.finished) for r in resumed.generate.resume_choices]
+    assert states == [([1, 2], 2, False), ([3], 1, False), ([4], 1, True)]
+    assert not resumed.generate.resume.token_ids  # n > 1: per choice only
 
 
 async def test_a_silent_worker_leaves_routing_and_rejoins_when_it_speaks(make):

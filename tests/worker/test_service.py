@@ -83,6 +83,35 @@ async def test_a_task_samples_its_n_choices_and_ends_once(engine):
     assert len(set(texts)) > 1
 
 
+def _by_choice(outputs) -> dict[int, list[task_pb2.TaskOutput]]:
+    by_choice: dict[int, list[task_pb2.TaskOutput]] = {}
+    for o in outputs:
+        by_choice.setdefault(o.index, []).append(o)
+    return by_choice
+
+
+async def test_a_migrated_task_of_n_choices_resumes_each_and_skips_the_finished_one(engine):
+    # The undisturbed run: 3 seeded choices of 12 tokens.
+    full = _by_choice(await run(servicer(engine), task("t", max_tokens=12, n=3, seed=7)))
+    texts = {j: "".join(o.text_delta for o in outs) for j, outs in full.items()}
+    ids = {j: [t for o in outs for t in o.token_ids] for j, outs in full.items()}
+    # The lost worker had sent choice 0's first 4 tokens, choice 1's first 7, and all of choice 2.
+    cut = {0: 4, 1: 7}
+    resumed = task("t2", max_tokens=12, n=3, seed=7)
+    for j in range(3):
+        sent = ids[j][:cut[j]] if j in cut else ids[j]
+        text = engine.tokenizer.decode(sent, skip_special_tokens=True) if j in cut else texts[j]
+        resumed.generate.resume_choices.append(task_pb2.ResumeState(token_ids=sent, text_length=len(text),
+                                                                    finished=j not in cut))
+    outputs = await run(servicer(engine), resumed)
+    rest = _by_choice(outputs)
+    assert sorted(rest) == [0, 1] and outputs[-1].finished  # choice 2 had finished: not run again
+    for j in (0, 1):
+        sent_text = engine.tokenizer.decode(ids[j][:cut[j]], skip_special_tokens=True)
+        assert sent_text + "".join(o.text_delta for o in rest[j]) == texts[j]
+        assert rest[j][-1].completion_tokens == 12 and rest[j][-1].finish_reason == "length"
+
+
 async def test_the_gateways_token_ids_are_used_as_they_are(engine):
     ids = engine.encode("The quick brown fox jumps")
     outputs = await run(servicer(engine), task("t", max_tokens=3, prompt="ignored text", token_ids=ids))

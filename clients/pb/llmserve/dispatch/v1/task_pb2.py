@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from llmserve.inference.v1 import inference_pb2 as llmserve_dot_inference_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmserve/dispatch/v1/task.proto\x12\x14llmserve.dispatch.v1\x1a%llmserve/inference/v1/inference.proto\"\xb1\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x15max_tokens_is_default\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12>\n\nstructured\x18\r \x01(\x0b\x32*.llmserve.dispatch.v1.StructuredConstraint\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12G\n\nlogit_bias\x18\x11 \x03(\x0b\x32\x33.llmserve.dispatch.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x13 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa4\x01\n\x14StructuredConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x32\n\x06\x63hoice\x18\x04 \x01(\x0b\x32 .llmserve.dispatch.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\xd1\x02\n\rGenerateInput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".llmserve.inference.v1.ChatMessage\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.llmserve.dispatch.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\x12\x1e\n\x16omit_generation_prompt\x18\x07 \x01(\x08\x12*\n\x05tools\x18\x08 \x03(\x0b\x32\x1b.llmserve.inference.v1.Tool\x12\x31\n\x06resume\x18\x14 \x01(\x0b\x32!.llmserve.dispatch.v1.ResumeState\"P\n\x0bResumeState\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0btext_length\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\x12-\n\x03top\x18\x04 \x03(\x0b\x32 .llmserve.dispatch.v1.TopLogprob\"U\n\nEmbedInput\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x38\n\ttoken_ids\x18\x02 \x03(\x0b\x32%.llmserve.inference.v1.PromptTokenIds\"\x81\x03\n\x04Task\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x31\n\x08priority\x18\x03 \x01(\x0e\x32\x1f.llmserve.inference.v1.Priority\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x43\n\rtrace_context\x18\x07 \x03(\x0b\x32,.llmserve.dispatch.v1.Task.TraceContextEntry\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x37\n\x08generate\x18\x05 \x01(\x0b\x32#.llmserve.dispatch.v1.GenerateInputH\x00\x12\x31\n\x05\x65mbed\x18\x06 \x01(\x0b\x32 .llmserve.dispatch.v1.EmbedInputH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\" \n\nCancelTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9d\x03\n\nTaskOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12.\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1f.llmserve.dispatch.v1.TaskError\x12\x30\n\nembeddings\x18\x08 \x03(\x0b\x32\x1c.llmserve.dispatch.v1.Vector\x12\x15\n\rcached_tokens\x18\t \x01(\x05\x12\r\n\x05index\x18\n \x01(\x05\x12\x34\n\x08logprobs\x18\x0b \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\x12\x11\n\ttoken_ids\x18\x14 \x03(\x05\"\x95\x01\n\tModelLoad\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x1a\n\x12num_free_kv_blocks\x18\x06 \x01(\x05\"P\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x06models\x18\x02 \x03(\x0b\x32\x1f.llmserve.dispatch.v1.ModelLoadB1Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllmserve/dispatch/v1/task.proto\x12\x14llmserve.dispatch.v1\x1a%llmserve/inference/v1/inference.proto\"\xb1\x04\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x10\n\x08has_seed\x18\x04 \x01(\x08\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x15max_tokens_is_default\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x0c \x01(\x08\x12>\n\nstructured\x18\r \x01(\x0b\x32*.llmserve.dispatch.v1.StructuredConstraint\x12\x18\n\x10presence_penalty\x18\x0e \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0f \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x10 \x01(\x02\x12G\n\nlogit_bias\x18\x11 \x03(\x0b\x32\x33.llmserve.dispatch.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x13 \x03(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\xa4\x01\n\x14StructuredConstraint\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x32\n\x06\x63hoice\x18\x04 \x01(\x0b\x32 .llmserve.dispatch.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x8c\x03\n\rGenerateInput\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x34\n\x08messages\x18\x02 \x03(\x0b\x32\".llmserve.inference.v1.ChatMessage\x12\x36\n\x08sampling\x18\x03 \x01(\x0b\x32$.llmserve.dispatch.v1.SamplingParams\x12\t\n\x01n\x18\x04 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x1e\n\x16\x63ontinue_final_message\x18\x06 \x01(\x08\x12\x1e\n\x16omit_generation_prompt\x18\x07 \x01(\x08\x12*\n\x05tools\x18\x08 \x03(\x0b\x32\x1b.llmserve.inference.v1.Tool\x12\x31\n\x06resume\x18\x14 \x01(\x0b\x32!.llmserve.dispatch.v1.ResumeState\x12\x39\n\x0eresume_choices\x18\x15 \x03(\x0b\x32!.llmserve.dispatch.v1.ResumeState\"b\n\x0bResumeState\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0btext_length\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\x0c\x12-\n\x03top\x18\x04 \x03(\x0b\x32 .llmserve.dispatch.v1.TopLogprob\"U\n\nEmbedInput\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x38\n\ttoken_ids\x18\x02 \x03(\x0b\x32%.llmserve.inference.v1.PromptTokenIds\"\x81\x03\n\x04Task\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x31\n\x08priority\x18\x03 \x01(\x0e\x32\x1f.llmserve.inference.v1.Priority\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x43\n\rtrace_context\x18\x07 \x03(\x0b\x32,.llmserve.dispatch.v1.Task.TraceContextEntry\x12\x12\n\ncache_salt\x18\x08 \x01(\t\x12\x37\n\x08generate\x18\x05 \x01(\x0b\x32#.llmserve.dispatch.v1.GenerateInputH\x00\x12\x31\n\x05\x65mbed\x18\x06 \x01(\x0b\x32 .llmserve.dispatch.v1.EmbedInputH\x00\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\" \n\nCancelTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x9d\x03\n\nTaskOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ntext_delta\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12.\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1f.llmserve.dispatch.v1.TaskError\x12\x30\n\nembeddings\x18\x08 \x03(\x0b\x32\x1c.llmserve.dispatch.v1.Vector\x12\x15\n\rcached_tokens\x18\t \x01(\x05\x12\r\n\x05index\x18\n \x01(\x05\x12\x34\n\x08logprobs\x18\x0b \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\x12;\n\x0fprompt_logprobs\x18\x0c \x03(\x0b\x32\".llmserve.dispatch.v1.TokenLogprob\x12\x11\n\ttoken_ids\x18\x14 \x03(\x05\"\x95\x01\n\tModelLoad\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x04 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\x05\x12\x1a\n\x12num_free_kv_blocks\x18\x06 \x01(\x05\"P\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x06models\x18\x02 \x03(\x0b\x32\x1f.llmserve.dispatch.v1.ModelLoadB1Z/llmserve/gen/go/llmserve/dispatch/v1;dispatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,29 +46,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRUCTUREDCONSTRAINT']._serialized_start=692
   _globals['_STRUCTUREDCONSTRAINT']._serialized_end=856
   _globals['_GENERATEINPUT']._serialized_start=859
-  _globals['_GENERATEINPUT']._serialized_end=1196
-  _globals['_RESUMESTATE']._serialized_start=1198
-  _globals['_RESUMESTATE']._serialized_end=1278
-  _globals['_TOPLOGPROB']._serialized_start=1280
-  _globals['_TOPLOGPROB']._serialized_end=1342
-  _globals['_TOKENLOGPROB']._serialized_start=1344
-  _globals['_TOKENLOGPROB']._serialized_end=1455
-  _globals['_EMBEDINPUT']._serialized_start=1457
-  _globals['_EMBEDINPUT']._serialized_end=1542
-  _globals['_TASK']._serialized_start=1545
-  _globals['_TASK']._serialized_end=1930
-  _globals['_TASK_TRACECONTEXTENTRY']._serialized_start=1870
-  _globals['_TASK_TRACECONTEXTENTRY']._serialized_end=1921
-  _globals['_CANCELTASK']._serialized_start=1932
-  _globals['_CANCELTASK']._serialized_end=1964
-  _globals['_TASKERROR']._serialized_start=1966
-  _globals['_TASKERROR']._serialized_end=2008
-  _globals['_VECTOR']._serialized_start=2010
-  _globals['_VECTOR']._serialized_end=2034
-  _globals['_TASKOUTPUT']._serialized_start=2037
-  _globals['_TASKOUTPUT']._serialized_end=2450
-  _globals['_MODELLOAD']._serialized_start=2453
-  _globals['_MODELLOAD']._serialized_end=2602
-  _globals['_LOADREPORT']._serialized_start=2604
-  _globals['_LOADREPORT']._serialized_end=2684
+  _globals['_GENERATEINPUT']._serialized_end=1255
+  _globals['_RESUMESTATE']._serialized_start=1257
+  _globals['_RESUMESTATE']._serialized_end=1355
+  _globals['_TOPLOGPROB']._serialized_start=1357
+  _globals['_TOPLOGPROB']._serialized_end=1419
+  _globals['_TOKENLOGPROB']._serialized_start=1421
+  _globals['_TOKENLOGPROB']._serialized_end=1532
+  _globals['_EMBEDINPUT']._serialized_start=1534
+  _globals['_EMBEDINPUT']._serialized_end=1619
+  _globals['_TASK']._serialized_start=1622
+  _globals['_TASK']._serialized_end=2007
+  _globals['_TASK_TRACECONTEXTENTRY']._serialized_start=1947
+  _globals['_TASK_TRACECONTEXTENTRY']._serialized_end=1998
+  _globals['_CANCELTASK']._serialized_start=2009
+  _globals['_CANCELTASK']._serialized_end=2041
+  _globals['_TASKERROR']._serialized_start=2043
+  _globals['_TASKERROR']._serialized_end=2085
+  _globals['_VECTOR']._serialized_start=2087
+  _globals['_VECTOR']._serialized_end=2111
+  _globals['_TASKOUTPUT']._serialized_start=2114
+  _globals['_TASKOUTPUT']._serialized_end=2527
+  _globals['_MODELLOAD']._serialized_start=2530
+  _globals['_MODELLOAD']._serialized_end=2679
+  _globals['_LOADREPORT']._serialized_start=2681
+  _globals['_LOADREPORT']._serialized_end=2761
 # @@protoc_insertion_point(module_scope)

@@ -234,6 +234,7 @@ class GenerateInput(_message.Message):
     OMIT_GENERATION_PROMPT_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     RESUME_FIELD_NUMBER: _builtins.int
+    RESUME_CHOICES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Raw prompt; used when messages is empty."""
     n: _builtins.int
@@ -266,6 +267,12 @@ class GenerateInput(_message.Message):
     def resume(self) -> Global___ResumeState:
         """Set by the scheduler when it migrates the task from a lost worker: what the client already has."""
 
+    @_builtins.property
+    def resume_choices(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResumeState]:
+        """The same for a task of n > 1 choices: choice j's state at index j (resume is then unused). A choice that had
+        finished is not run again.
+        """
+
     def __init__(
         self,
         *,
@@ -278,10 +285,11 @@ class GenerateInput(_message.Message):
         omit_generation_prompt: _builtins.bool = ...,
         tools: _abc.Iterable[_inference_pb2.Tool] | None = ...,
         resume: Global___ResumeState | None = ...,
+        resume_choices: _abc.Iterable[Global___ResumeState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_final_message", b"continue_final_message", "messages", b"messages", "n", b"n", "omit_generation_prompt", b"omit_generation_prompt", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "resume", b"resume", "sampling", b"sampling", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continue_final_message", b"continue_final_message", "messages", b"messages", "n", b"n", "omit_generation_prompt", b"omit_generation_prompt", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "resume", b"resume", "resume_choices", b"resume_choices", "sampling", b"sampling", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,13 +308,16 @@ class ResumeState(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     TEXT_LENGTH_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
     text_length: _builtins.int
     """Unicode code points of their text already streamed."""
     completion_tokens: _builtins.int
     """Completion tokens the client already counts: outputs of the resumed task count on from here."""
+    finished: _builtins.bool
+    """The choice had finished (its last output reached the client): it is not run again."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Tokens generated so far (choice 0), in order."""
+        """Tokens generated so far (choice 0, or this choice of resume_choices), in order."""
 
     def __init__(
         self,
@@ -314,10 +325,11 @@ class ResumeState(_message.Message):
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         text_length: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
+        finished: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "text_length", b"text_length", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finished", b"finished", "text_length", b"text_length", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
