@@ -68,6 +68,8 @@ class GatewayApp:
         # count (budgets, token limits) waited seconds for them (bench/chaos.py) while another replica could serve.
         if not await self.tokens.wait_warm(TOKENIZER_WARM_TIMEOUT_S):
             log.warning("serving before every tokenizer is loaded", timeout_s=TOKENIZER_WARM_TIMEOUT_S)
+        else:
+            await self.pipeline.warm_grammars(self.view.versions.snapshot.values())
         self.edge.start()
         self.stats.start()
         return await self.service.start()

@@ -143,14 +143,27 @@ class Pipeline:
                                            f"{version.version!r}: token ids are below {vocab}")
         if s.structured is None:
             return
-        compiler = self._grammars.get(version.version)
-        if compiler is None:
-            # The first constraint for a version builds llguidance's tokenizer (about a second, holding the GIL).
-            compiler = self._grammars[version.version] = GrammarCompiler(tokenizer, validation_only=True)
         try:
-            await asyncio.to_thread(compiler.compile, s.structured)
+            await asyncio.to_thread(self._grammar_compiler(version, tokenizer).compile, s.structured)
         except ConstraintError as exc:
             raise invalid_argument(str(exc)) from None
+
+    def _grammar_compiler(self, version: registry_pb2.ModelVersion, tokenizer) -> GrammarCompiler:
+        compiler = self._grammars.get(version.version)
+        if compiler is None:
+            compiler = self._grammars[version.version] = GrammarCompiler(tokenizer, validation_only=True)
+        return compiler
+
+    async def warm_grammars(self, versions) -> None:
+        """Builds llguidance's tokenizer for each generation version now (a third of a second to a second per
+        tokenizer, holding the GIL, so every request on this gateway would wait for it): at start, not at the
+        first constrained request."""
+        for version in versions:
+            if version.kind != registry_pb2.MODEL_KIND_GENERATE:
+                continue
+            tokenizer = await self.tokens.tokenizer(version)
+            if tokenizer is not None:
+                await asyncio.to_thread(self._grammar_compiler(version, tokenizer).warm)
 
     async def run(self, ctx: RequestContext, context, on_output: OnOutput | None = None) -> Result:
         """The request's Result; on_output(choice index, output, delta) sees live outputs (not on a cache hit). With

@@ -60,6 +60,13 @@ def completion(**kw) -> pb.CreateCompletionRequest:
     return pb.CreateCompletionRequest(**fields)
 
 
+async def test_the_gateway_builds_the_grammar_tokenizer_at_start_not_at_the_first_constraint(mesh):
+    # (first in this module: no constrained request has run yet) Building it holds the GIL for up to a second, so
+    # every request on the gateway would stall at the first constrained one.
+    compiler = mesh.gateway.pipeline._grammars[TINY]
+    assert compiler._tokenizer is not None and compiler.num_compiled == 0
+
+
 async def test_json_schema_output_validates_for_each_choice_unary_and_streamed(mesh):
     rf = pb.ResponseFormat(type="json_schema", json_schema=pb.JsonSchemaFormat(name="city", schema=struct(SCHEMA),
                                                                                strict=True))
