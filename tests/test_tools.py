@@ -369,7 +369,12 @@ async def test_rest_tool_refusals_are_400_naming_the_problem(mesh, rest):
             "tool_choice": {"type": "function", "function": {"name": "nope"}}}
     status, raw = await raw_http(rest, "POST", "/v1/chat/completions", body, mesh.api_key)
     error = json.loads(raw)["error"]
-    assert status == 400 and "which is not among the tools" in error["message"]
+    assert status == 400 and "which is not among the tools" in error["message"] and error["param"] == "tool_choice"
+    for bad, param in [({"tools": [*TOOLS_JSON, TOOLS_JSON[0]]}, f"tools[{len(TOOLS_JSON)}].function.name"),
+                       ({"tools": [{"type": "function", "function": {"name": "a", "parameters": {
+                           "type": "object", "required": "city"}}}]}, "tools[0].function.parameters.required")]:
+        status, raw = await raw_http(rest, "POST", "/v1/chat/completions", {**body, **bad}, mesh.api_key)
+        assert status == 400 and json.loads(raw)["error"]["param"] == param, raw
     for bad, text in [({"tools": "get_weather"}, "Invalid type for 'tools'"),
                       ({"tool_choice": 3}, "Invalid type for 'tool_choice'"),
                       ({"tools": [{"type": "function", "function": {"name": "a", "parameters": "x"}}]},

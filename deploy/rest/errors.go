@@ -149,10 +149,13 @@ func grpcMessage(s *status.Status, state *requestState) string {
 
 // The gateway's validation messages start with the field they are about: "temperature=5 is out of range ...",
 // "messages[0].role='x' is invalid ...", "prompts has 40 entries ...", "model 'x' not found ...".
-var leadingField = regexp.MustCompile(`^([a-z_]+)((?:\[\d+\]){0,2}(?:\.[a-z_]+)?)(?:=| is | has | must | and | '[^']*' )`)
+// The field a gateway message starts with ("tools[1].function.name 'x' is already ...", "tool_choice names ..."): up
+// to two indexes, then up to three dotted (optionally indexed) parts.
+var leadingField = regexp.MustCompile(
+	`^([a-z_]+)((?:\[\d+\]){0,2}(?:\.[a-z_]+(?:\[\d+\])?){0,3})(?:=| is | has | must | and | names | needs | '[^']*' )`)
 
 var requestFields = func() map[string]bool {
-	known := map[string]bool{"messages": true, "prompt": true, "input": true}
+	known := map[string]bool{"messages": true, "prompt": true, "input": true, "tools": true, "tool_choice": true}
 	for _, fields := range fieldsByKind {
 		for name := range fields {
 			known[name] = true
