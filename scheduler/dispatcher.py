@@ -2,11 +2,12 @@
 migration of streams whose worker was lost.
 
 Dispatch is event-driven: a submit, a finished task, a load report or a membership change wakes it, and it pops
-tasks while some worker serving their model has room. Among those, routing picks one: KV-aware (the score in
-SchedulerConfig.routing's comment: cached prompt prefix from the workers' KV events against load and KV pressure),
-least loaded, or round-robin. A task whose worker is lost mid-stream is queued again at the head of its class with
-the tokens already sent (GenerateInput.resume), up to max_migrations times. Connections to workers come from a
-factory (WorkerConnection by default), so the rules here are unit-tested without channels.
+tasks while some worker serving their model has room, or has room that a lower priority class holds (the worker's
+engine preempts that sequence). Among those, routing picks one: KV-aware (the score in SchedulerConfig.routing's
+comment: cached prompt prefix from the workers' KV events against load, KV pressure and queued prefill work), least
+loaded, or round-robin. A task whose worker is lost mid-stream is queued again at the head of its class with the
+tokens already sent per choice (GenerateInput.resume, resume_choices), up to max_migrations times. Connections
+to workers come from a factory (WorkerConnection by default), so the rules here are unit-tested without channels.
 """
 
 from __future__ import annotations

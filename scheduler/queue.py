@@ -37,8 +37,8 @@ class Entry:
     max_backlog: int = 1024
     slow_consumer_timeout_s: float = 30.0
     last_read: float = dataclasses.field(default_factory=time.monotonic)
-    # Migration: what the submitter has of choice 0 (token ids and their text's length, in code points), how many
-    # outputs it got, and how often the task moved; on_lost is the dispatcher's handler for a lost worker.
+    # Migration: what the submitter has of each choice (token ids and their text's length, in code points; the
+    # outputs it got) and how often the task moved; on_lost is the dispatcher's handler for a lost worker.
     sent: Sent = dataclasses.field(default_factory=Sent)
     migrations: int = 0
     on_lost: typing.Callable[[Entry, str], None] | None = None
