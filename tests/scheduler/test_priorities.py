@@ -17,19 +17,12 @@ BATCH, STANDARD, INTERACTIVE = 3, 2, 1
 
 
 @pytest.fixture
-async def make_harness():
-    made: list[Harness] = []
-
-    def make(**kwargs) -> Harness:
+def make_harness(make):
+    """As tests/scheduler/conftest.py's make, with room in the model's queue for every test here."""
+    def build(**kwargs) -> Harness:
         kwargs.setdefault("max_queue_per_model", 64)
-        h = Harness(**kwargs)
-        h.dispatcher.start()
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        await h.dispatcher.stop()
+        return make(**kwargs)
+    return build
 
 
 async def test_an_interactive_task_takes_a_slot_batch_sequences_hold(make_harness):

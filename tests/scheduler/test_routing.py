@@ -19,20 +19,6 @@ PROMPT = list(range(100, 164))  # 64 tokens: 3 full blocks of 16 can hit (the la
 SALT = "tenant-a"
 
 
-@pytest.fixture
-async def make():
-    made = []
-
-    def build(**kwargs) -> Harness:
-        h = Harness(**kwargs)
-        h.dispatcher.start()
-        made.append(h)
-        return h
-    yield build
-    for h in made:
-        await h.dispatcher.stop()
-
-
 def submit(h: Harness, request_id: str, tokens=PROMPT, salt=SALT, n: int = 1) -> Entry:
     task = task_pb2.Task(request_id=request_id, model_version=MODEL, cache_salt=salt,
                          generate=task_pb2.GenerateInput(prompt_token_ids=tokens, n=n))
