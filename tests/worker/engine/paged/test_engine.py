@@ -84,7 +84,8 @@ async def test_batched_greedy_equals_generate_alone(tiny, max_num_batched_tokens
         texts = await collect_all(engine, PROMPTS, max_tokens=24)
         assert texts == [generate_alone(*tiny, p, 24) for p in PROMPTS]
         if max_num_batched_tokens == 512:
-            assert engine.num_steps <= 24, "the prompts should have run as one batch"
+            # One batch: about 24 steps, not 5 x 24 (a prompt added while the first step runs joins the next one).
+            assert engine.num_steps <= 24 + len(PROMPTS), "the prompts should have run as one batch"
         else:
             assert engine.num_steps > 24, "a 7-token budget must have chunked the prompts"
         assert engine.stats().num_free_kv_blocks == 256
