@@ -3,6 +3,7 @@ against the same interactive requests on the idle mesh; batch throughput kept; a
 The same real worker processes serve every phase. Prints JSON.
 
     python bench/priority.py [--workers 2] [--duration 20] [--batch-clients 20] [--interactive-every 0.5]
+    python bench/priority.py --through-run    # idle vs mixed through `llmserve run`'s gateway (what users get)
 
 Phases, in order:
   idle          the interactive requests alone (TTFT p50/p95: the reference)
@@ -38,11 +39,15 @@ from prometheus_client import REGISTRY
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.routing import WorkerProcess, bench_config, percentile
+from llmserve.clients.client import _params
 from llmserve.common.config import MeshConfig
 from llmserve.common.logs import configure_logging
 from llmserve.common.meshauth import mesh_metadata
 from llmserve.dispatch.v1 import scheduler_pb2, scheduler_pb2_grpc, task_pb2
+from llmserve.inference.v1 import inference_pb2 as pb
+from llmserve.inference.v1 import inference_pb2_grpc
 from llmserve.scheduler.app import SchedulerApp
+from tests.helpers.local_mesh import LocalMesh
 from tests.helpers.mesh import generate_version, start_mesh
 from tests.helpers.servers import etcd_server, redis_server, running
 from tests.helpers.tiny_models import SMOLLM2_SOURCE, smollm2_tokenizer
@@ -234,6 +239,66 @@ async def main(args) -> dict:
     }
 
 
+async def gateway_stream(stub, auth, prompt: str, max_tokens: int, priority: str) -> float | None:
+    """One streamed completion through the gateway; its time to the first text."""
+    started, ttft = time.perf_counter(), None
+    call = stub.StreamCompletion(pb.StreamCompletionRequest(model="smollm2", prompt=prompt, **_params(
+        max_tokens=max_tokens, temperature=0.0, skip_cache=True, ignore_eos=True, priority=priority)),
+        metadata=auth, timeout=300)
+    async for chunk in call:
+        if ttft is None and any(c.text for c in chunk.choices):
+            ttft = time.perf_counter() - started
+    return ttft
+
+
+async def through_run(args) -> dict:
+    """Idle against mixed interactive TTFT through `llmserve run` as a user starts it (every service its own
+    process, requests through the gateway with an API key), --workers workers of 8 slots and --threads each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mesh = LocalMesh(tmp, workers=args.workers, worker={"max_num_seqs": 8, "num_threads": args.threads,
+                                                             "dtype": "float32"}).start()
+        try:
+            channel = grpc.aio.insecure_channel(mesh.gateway)
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)
+            auth = (("authorization", f"Bearer {mesh.api_key}"),)
+            await asyncio.gather(*(gateway_stream(stub, auth, f"Warm {i}", 4, "standard") for i in range(4)))
+
+            async def interactive(tag: str) -> list[float]:
+                tasks = []
+                for i in range(int(args.duration / args.interactive_every)):
+                    prompt = f"Interactive {tag} request {i} ({uuid.uuid4().hex[:8]}): write about rivers and lanterns"
+                    tasks.append(asyncio.create_task(gateway_stream(stub, auth, prompt, args.interactive_tokens,
+                                                                    "interactive")))
+                    await asyncio.sleep(args.interactive_every)
+                return [t for t in await asyncio.gather(*tasks) if t is not None]
+
+            idle = await interactive("idle")
+            stop = asyncio.Event()
+
+            async def batch(c: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    await gateway_stream(stub, auth, f"Batch {c} request {i} ({uuid.uuid4().hex[:8]}): write about "
+                                         "rivers, lanterns, orbits, copper, meadows, harbors and quartz",
+                                         args.batch_tokens, "batch")
+                    i += 1
+            clients = [asyncio.create_task(batch(c)) for c in range(args.batch_clients)]
+            await asyncio.sleep(args.warmup)
+            mixed = await interactive("mixed")
+            stop.set()
+            for c in clients:
+                c.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+            await channel.close()
+        finally:
+            mesh.stop()
+    figures = {name: {"ttft_p50_ms": round(statistics.median(v) * 1000, 1),
+                      "ttft_p95_ms": round(percentile(v, 0.95) * 1000, 1), "requests": len(v)}
+               for name, v in (("idle", idle), ("mixed", mixed))}
+    return {"benchmark": "priority, through llmserve run", "results": figures,
+            "interactive_p95_over_idle": round(figures["mixed"]["ttft_p95_ms"] / figures["idle"]["ttft_p95_ms"], 2)}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -247,4 +312,7 @@ if __name__ == "__main__":
     parser.add_argument("--fairness-tokens", type=int, default=8)
     parser.add_argument("--kv-blocks", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    print(json.dumps(asyncio.run(main(parser.parse_args())), indent=2))
+    parser.add_argument("--through-run", action="store_true",
+                        help="idle vs mixed only, through the gateway of `llmserve run` (separate processes)")
+    parsed = parser.parse_args()
+    print(json.dumps(asyncio.run(through_run(parsed) if parsed.through_run else main(parsed)), indent=2))
